@@ -1,0 +1,24 @@
+"""lightning: retnet's recurrence with ALiBi-style per-head slopes (Lightning Attention, Qin et al., 2024).
+
+`g_gamma_h = -s_h` with `s_h = 2^(-8 (h + 1) / H)`: the first heads forget fastest.
+"""
+from __future__ import annotations
+
+import torch
+
+from lsm.rules.base import register
+from lsm.rules.retnet import _ConstantDecay
+
+
+def lightning_gamma(num_heads: int) -> torch.Tensor:
+    """Log-decays `-2^(-8 (h + 1) / H)`, `[H]`."""
+    h = torch.arange(num_heads, dtype=torch.float64)
+    return (-(2.0 ** (-8.0 * (h + 1) / num_heads))).float()
+
+
+@register
+class Lightning(_ConstantDecay):
+    name = "lightning"
+
+    def default_gamma(self, num_heads):
+        return lightning_gamma(num_heads)

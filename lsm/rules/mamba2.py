@@ -1,0 +1,48 @@
+"""mamba2: `S_t = a_t S_{t-1} + k_t v_t^T` with a data-dependent scalar decay per head (Mamba-2 / SSD, Dao & Gu, 2024)."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lsm.rules._diag import diag_chunk, diag_step
+from lsm.rules._fla import fla_chunk
+from lsm.rules.base import GateSpec, UpdateRule, register
+
+
+class Mamba2Gate(nn.Module):
+    """`g = -exp(A_log) * softplus(x W + dt_bias)`, `[B, T, H]` (Mamba-2's discretised decay, log space)."""
+
+    def __init__(self, hidden_size: int, num_heads: int, head_dim: int, dt_min: float = 1e-3, dt_max: float = 0.1):
+        super().__init__()
+        self.proj = nn.Linear(hidden_size, num_heads, bias=False)
+        self.A_log = nn.Parameter(torch.log(torch.empty(num_heads).uniform_(1, 16)))
+        dt = torch.exp(torch.rand(num_heads) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+        self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))   # inverse softplus
+        self.A_log._no_weight_decay = True
+        self.dt_bias._no_weight_decay = True
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        return {"g": -self.A_log.float().exp() * F.softplus(self.proj(x).float() + self.dt_bias)}
+
+
+@register
+class Mamba2(UpdateRule):
+    name = "mamba2"
+    gates = {"g": GateSpec(per="head", kind="log_decay")}
+    has_fla = True
+
+    def _step(self, q, k, v, state, scale, g):
+        o, S = diag_step(q, k, v, state[0], scale, g)
+        return o, (S,)
+
+    def _chunk_torch(self, q, k, v, initial_state, scale, layout, g):
+        return diag_chunk(q, k, v, initial_state, scale, layout, g)
+
+    def _chunk_fla(self, q, k, v, initial_state, output_final_state, scale, cu_seqlens, g):
+        return fla_chunk("simple_gla", q, k, v, initial_state, output_final_state, scale, cu_seqlens, g=g)
+
+    def gate_module(self, hidden_size, num_heads, head_dim):
+        return Mamba2Gate(hidden_size, num_heads, head_dim)
