@@ -96,12 +96,11 @@ class UpdateRule:
             want = tuple(q.shape[:-1]) + ((q.shape[-1],) if spec.per == "key" else ())
             _check(tuple(t.shape) == want, ValueError,
                    f"{self.name}: gate `{g}` must be {self._gate_shape(g, single_step)} = {want}, got {tuple(t.shape)}")
-            if t.device.type == "cpu" and spec.kind == "log_decay":
-                _check(not bool((t > 0).any()), ValueError,
-                       f"{self.name}: gate `{g}` holds log-decays and must be <= 0 (g = log(alpha), alpha in (0, 1]); "
-                       f"got a maximum of {t.max().item():.4g}")
-            if t.device.type == "cpu" and spec.kind == "rate":
-                _check(not bool((t < 0).any()), ValueError, f"{self.name}: gate `{g}` must be >= 0, got a minimum of {t.min().item():.4g}")
+            if t.device.type == "cpu" and spec.kind == "log_decay" and bool((t > 0).any()):
+                raise ValueError(f"{self.name}: gate `{g}` holds log-decays and must be <= 0 (g = log(alpha), alpha in (0, 1]); "
+                                 f"got a maximum of {t.max().item():.4g}")
+            if t.device.type == "cpu" and spec.kind == "rate" and bool((t < 0).any()):
+                raise ValueError(f"{self.name}: gate `{g}` must be >= 0, got a minimum of {t.min().item():.4g}")
         if single_step:
             return
         B, T, H, K = q.shape
@@ -119,8 +118,8 @@ class UpdateRule:
             if cu_seqlens.device.type == "cpu":
                 c = cu_seqlens
                 _check(int(c[0]) == 0, ValueError, f"{self.name}: `cu_seqlens` must start at 0, got {int(c[0])}")
-                _check(bool((c[1:] >= c[:-1]).all()), ValueError,
-                       f"{self.name}: `cu_seqlens` must be non-decreasing (cumulative sequence lengths), got {c.tolist()}")
+                if not bool((c[1:] >= c[:-1]).all()):
+                    raise ValueError(f"{self.name}: `cu_seqlens` must be non-decreasing (cumulative sequence lengths), got {c.tolist()}")
                 _check(int(c[-1]) == T, ValueError, f"{self.name}: `cu_seqlens` must end at T={T} (the packed length), got {int(c[-1])}")
         if initial_state is not None:
             _check(isinstance(initial_state, Tensor) and initial_state.is_floating_point(), TypeError,

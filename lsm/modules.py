@@ -1,0 +1,77 @@
+"""Building blocks shared by the single-memory layer and the MoM wrapper."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def seq_positions(cu_seqlens: Tensor, T: int) -> Tensor:
+    """Position of every packed token inside its own sequence, `[T]` (on the device, no sync)."""
+    t = torch.arange(T, device=cu_seqlens.device)
+    seq = torch.searchsorted(cu_seqlens[1:].long(), t, right=True).clamp(max=cu_seqlens.numel() - 2)
+    return t - cu_seqlens.long()[seq]
+
+
+class ShortConv(nn.Module):
+    """Causal depthwise convolution over time (width W), SiLU after, as in Mamba / fla's ShortConvolution.
+
+    forward(x `[B, T, C]`, state `[B, C, W-1]` or None, cu_seqlens) -> (y `[B, T, C]`, new state `[B, C, W-1]`).
+    With `cu_seqlens` taps never reach across a sequence boundary.
+    """
+
+    def __init__(self, channels: int, kernel_size: int = 4, activation: bool = True):
+        super().__init__()
+        self.channels, self.kernel_size, self.activation = channels, kernel_size, activation
+        self.weight = nn.Parameter(torch.empty(channels, kernel_size))
+        self.bias = nn.Parameter(torch.zeros(channels))
+        nn.init.uniform_(self.weight, -1 / math.sqrt(kernel_size), 1 / math.sqrt(kernel_size))
+
+    def forward(self, x: Tensor, state: Tensor | None = None, cu_seqlens: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        B, T, C = x.shape
+        W = self.kernel_size
+        past = x.new_zeros(B, W - 1, C) if state is None else state.transpose(1, 2).to(x.dtype)
+        xp = torch.cat([past, x], 1)                                   # [B, W-1+T, C]
+        pos = seq_positions(cu_seqlens, T) if cu_seqlens is not None else None
+        y = self.bias.to(x.dtype).expand(B, T, C)
+        for j in range(W):  # over the W kernel taps; tap j looks back W-1-j tokens
+            tap = xp[:, j:j + T] * self.weight[:, j].to(x.dtype)
+            if pos is not None and j < W - 1:
+                tap = tap * (pos >= W - 1 - j).to(x.dtype)[None, :, None]
+            y = y + tap
+        if self.activation:
+            y = F.silu(y)
+        return y, xp[:, T:].transpose(1, 2).contiguous() if W > 1 else x.new_zeros(B, C, 0)
+
+
+class GatedRMSNorm(nn.Module):
+    """Per-head RMSNorm of the readout, times `silu(gate)` when a gate is given. x `[..., V]`."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor, gate: Tensor | None = None) -> Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.float()
+        if gate is not None:
+            x = x * F.silu(gate.float())
+        return x.to(dtype)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm over the last dim."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        dtype = x.dtype
+        x = x.float()
+        return (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.float()).to(dtype)

@@ -1,0 +1,297 @@
+"""Every registered rule: its chunked form equals its recurrence.
+
+Equal means: the same outputs and final state, for random T in 1..200 (not only multiples of the
+chunk size), chunk sizes 16/32/64, with and without an initial state, packed variable-length
+batches equal separate runs, and the same gradients for every input (gates, initial state).
+All comparisons run in float64 on CPU; tolerances are stated per test.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+
+import lsm.rules as R
+
+RULES = R.names()
+F64 = dict(dtype=torch.float64)
+# float64 arithmetic: the chunked and token-by-token forms differ only by reassociation
+ATOL, RTOL = 1e-9, 1e-7
+
+
+def make_inputs(rule, B, T, H, K, V, seed, dtype=torch.float64, requires_grad=False):
+    """Random q, k, v and the rule's gates (log-decays include strong decays down to ~exp(-8))."""
+    gen = torch.Generator().manual_seed(seed)
+    rnd = lambda *s: torch.randn(*s, generator=gen, dtype=dtype)
+    q, k, v = rnd(B, T, H, K), rnd(B, T, H, K), rnd(B, T, H, V)
+    if rule.normalize_keys:
+        k = F.normalize(k, dim=-1)
+    gates = {}
+    for name, spec in rule.gates.items():
+        if not spec.required:
+            continue
+        shape = (B, T, H, K) if spec.per == "key" else (B, T, H)
+        if spec.kind == "log_decay":
+            gates[name] = F.logsigmoid(rnd(*shape) * 2 + 2)
+        elif spec.kind == "rate":
+            gates[name] = torch.sigmoid(rnd(*shape))
+        else:
+            gates[name] = rnd(*shape)
+    tensors = {"q": q, "k": k, "v": v, **gates}
+    if requires_grad:
+        for t in tensors.values():
+            t.requires_grad_(True)
+    return tensors
+
+
+def grads(out, inputs: dict, seed: int):
+    """Gradients of a random linear functional of the outputs w.r.t. every input tensor."""
+    gen = torch.Generator().manual_seed(seed + 1)
+    loss = sum((o * torch.randn(o.shape, generator=gen, dtype=o.dtype)).sum() for o in out if o is not None)
+    names = [n for n, t in inputs.items() if isinstance(t, torch.Tensor) and t.requires_grad]
+    gs = torch.autograd.grad(loss, [inputs[n] for n in names], allow_unused=True)
+    return dict(zip(names, gs))
+
+
+def assert_close(a, b, what, atol=ATOL, rtol=RTOL):
+    if a is None or b is None:
+        assert a is None and b is None, what
+        return
+    torch.testing.assert_close(a, b, atol=atol, rtol=rtol, msg=lambda m: f"{what}: {m}")
+
+
+def split_call(fn, rule, inputs, h0, **kw):
+    qkv = {n: inputs[n] for n in ("q", "k", "v")}
+    gates = {n: t for n, t in inputs.items() if n not in qkv}
+    return fn(qkv["q"], qkv["k"], qkv["v"], initial_state=h0, output_final_state=True, **gates, **kw)
+
+
+@pytest.mark.parametrize("name", RULES)
+@given(T=st.integers(1, 200), chunk_size=st.sampled_from([16, 32, 64]), with_h0=st.booleans(),
+       B=st.integers(1, 2), seed=st.integers(0, 2**16))
+def test_chunk_equals_recurrent(name, T, chunk_size, with_h0, B, seed):
+    """float64, atol 1e-9 / rtol 1e-7: outputs, final state and gradients of every input."""
+    rule = R.get(name)
+    H, K, V = 2, 8, 4
+    inputs = make_inputs(rule, B, T, H, K, V, seed, requires_grad=True)
+    h0 = torch.randn(B, H, K, V, **F64).requires_grad_() if with_h0 else None
+    all_inputs = {**inputs, "h0": h0}
+    o_r, S_r = split_call(rule.recurrent, rule, inputs, h0)
+    o_c, S_c = split_call(rule.chunk, rule, inputs, h0, chunk_size=chunk_size, backend="torch")
+    assert_close(o_c, o_r, f"{name} output")
+    assert_close(S_c, S_r, f"{name} final state")
+    g_r = grads((o_r, S_r), all_inputs, seed)
+    g_c = grads((o_c, S_c), all_inputs, seed)
+    for n in g_r:
+        assert g_r[n] is not None, f"{name}: no gradient reaches `{n}` in the reference"
+        assert_close(g_c[n], g_r[n], f"{name} grad of {n}")
+
+
+@pytest.mark.parametrize("name", RULES)
+@given(lens=st.lists(st.integers(0, 70), min_size=1, max_size=4), chunk_size=st.sampled_from([16, 32, 64]),
+       with_h0=st.booleans(), seed=st.integers(0, 2**16))
+def test_varlen_equals_separate_runs(name, lens, chunk_size, with_h0, seed):
+    """A packed batch (B=1, cu_seqlens) equals running each sequence alone; float64, atol 1e-9."""
+    rule = R.get(name)
+    H, K, V = 2, 8, 4
+    T = sum(lens)
+    inputs = make_inputs(rule, 1, T, H, K, V, seed, requires_grad=True)
+    cu = torch.tensor([0] + lens).cumsum(0)
+    N = len(lens)
+    h0 = torch.randn(N, H, K, V, **F64).requires_grad_() if with_h0 else None
+    o_p, S_p = split_call(rule.chunk, rule, inputs, h0, cu_seqlens=cu, chunk_size=chunk_size, backend="torch")
+    outs, finals = [], []
+    for n in range(N):
+        a, b = int(cu[n]), int(cu[n + 1])
+        part = {k: t[:, a:b] for k, t in inputs.items()}
+        o, S = split_call(rule.chunk, rule, part, None if h0 is None else h0[n:n + 1],
+                          chunk_size=chunk_size, backend="torch")
+        outs.append(o)
+        finals.append(S)
+    assert_close(o_p, torch.cat(outs, 1), f"{name} packed output")
+    assert_close(S_p, torch.cat(finals, 0), f"{name} packed final states")
+    # the packed recurrence is the reference for gradients
+    o_r, S_r = split_call(rule.recurrent, rule, inputs, h0, cu_seqlens=cu)
+    all_inputs = {**inputs, "h0": h0}
+    g_p = grads((o_p, S_p), all_inputs, seed)
+    g_r = grads((o_r, S_r), all_inputs, seed)
+    for n in g_r:
+        assert_close(g_p[n], g_r[n], f"{name} packed grad of {n}")
+
+
+@pytest.mark.parametrize("name", RULES)
+@given(T=st.integers(1, 40), seed=st.integers(0, 2**16))
+def test_step_decoding_equals_recurrent(name, T, seed):
+    """Decoding token by token with `step` from an empty state equals `recurrent`; float64, atol 1e-9."""
+    rule = R.get(name)
+    B, H, K, V = 2, 2, 8, 4
+    inputs = make_inputs(rule, B, T, H, K, V, seed)
+    o_r, S_r = split_call(rule.recurrent, rule, inputs, None)
+    state = rule.init_state(B, H, K, V, dtype=torch.float64)
+    outs = []
+    for t in range(T):
+        o, state = rule.step(**{n: x[:, t] for n, x in inputs.items()}, state=state)
+        outs.append(o)
+    assert_close(torch.stack(outs, 1), o_r, f"{name} decoded outputs")
+    assert_close(rule.final_from_state(state), S_r, f"{name} decoded final state")
+
+
+@pytest.mark.parametrize("name", RULES)
+def test_continuation_from_final_state(name):
+    """Prefix then continuation from the returned final state equals one run (prefix a multiple of 16)."""
+    rule = R.get(name)
+    B, T, H, K, V = 2, 57, 2, 8, 4
+    inputs = make_inputs(rule, B, T, H, K, V, 3)
+    o, S = split_call(rule.chunk, rule, inputs, None, backend="torch")
+    cut = 32
+    o1, S1 = split_call(rule.chunk, rule, {n: t[:, :cut] for n, t in inputs.items()}, None, backend="torch")
+    o2, S2 = split_call(rule.chunk, rule, {n: t[:, cut:] for n, t in inputs.items()}, S1, backend="torch")
+    assert_close(torch.cat([o1, o2], 1), o, f"{name} continued output")
+    assert_close(S2, S, f"{name} continued state")
+
+
+@pytest.mark.parametrize("name", RULES)
+def test_float32_state_and_output_dtype(name):
+    """bf16 inputs: outputs come back in bf16, states in float32."""
+    rule = R.get(name)
+    inputs = make_inputs(rule, 1, 20, 2, 8, 4, 0, dtype=torch.bfloat16)
+    o, S = split_call(rule.chunk, rule, inputs, None, backend="torch")
+    assert o.dtype == torch.bfloat16 and S.dtype == torch.float32
+
+
+# ------------------------------------------------------------------ bad input
+
+def _good(name):
+    rule = R.get(name)
+    return rule, make_inputs(rule, 1, 10, 2, 8, 4, 0)
+
+
+@pytest.mark.parametrize("name", RULES)
+@pytest.mark.parametrize("fn", ["recurrent", "chunk"])
+def test_bad_shapes_and_dtypes(name, fn):
+    rule, x = _good(name)
+    call = getattr(rule, fn)
+    q, k, v = x["q"], x["k"], x["v"]
+    gates = {n: t for n, t in x.items() if n not in "qkv"}
+    with pytest.raises(ValueError, match="`k`"):
+        call(q, k[..., :4], v, **gates)
+    with pytest.raises(ValueError, match="`v`"):
+        call(q, k, v[:, :5], **gates)
+    with pytest.raises(TypeError, match="one dtype"):
+        call(q, k, v.float(), **gates)
+    with pytest.raises(ValueError, match="`initial_state`"):
+        call(q, k, v, initial_state=torch.zeros(1, 2, 8, 5, **F64), **gates)
+    with pytest.raises(TypeError, match="unexpected argument `bogus`"):
+        call(q, k, v, bogus=torch.zeros(1), **gates)
+    for g, t in gates.items():
+        with pytest.raises(TypeError, match=f"gate `{g}`"):
+            call(q, k, v, **{**gates, g: t.long()})
+        with pytest.raises(ValueError, match=f"gate `{g}`"):
+            call(q, k, v, **{**gates, g: t[:, :3]})
+        if rule.gates[g].kind == "log_decay":
+            with pytest.raises(ValueError, match="<= 0"):
+                call(q, k, v, **{**gates, g: t.abs() + 0.1})
+    for g, spec in rule.gates.items():
+        if spec.required:
+            with pytest.raises(ValueError, match=f"gate `{g}` is required"):
+                call(q, k, v, **{n: t for n, t in gates.items() if n != g})
+
+
+@pytest.mark.parametrize("name", RULES)
+def test_bad_cu_seqlens(name):
+    rule, x = _good(name)
+    q, k, v = x["q"], x["k"], x["v"]
+    gates = {n: t for n, t in x.items() if n not in "qkv"}
+    two = {n: torch.cat([t, t]) for n, t in x.items()}
+    with pytest.raises(ValueError, match="batch size must be 1"):
+        rule.chunk(two["q"], two["k"], two["v"], cu_seqlens=torch.tensor([0, 10]),
+                   **{n: t for n, t in two.items() if n not in "qkv"})
+    with pytest.raises(ValueError, match="non-decreasing"):
+        rule.chunk(q, k, v, cu_seqlens=torch.tensor([0, 7, 3, 10]), **gates)
+    with pytest.raises(ValueError, match="start at 0"):
+        rule.chunk(q, k, v, cu_seqlens=torch.tensor([-2, 10]), **gates)
+    with pytest.raises(ValueError, match="end at T"):
+        rule.chunk(q, k, v, cu_seqlens=torch.tensor([0, 4]), **gates)
+    with pytest.raises(TypeError, match="int32/int64"):
+        rule.chunk(q, k, v, cu_seqlens=torch.tensor([0.0, 10.0]), **gates)
+    with pytest.raises(ValueError, match="backend"):
+        rule.chunk(q, k, v, backend="cuda", **gates)
+
+
+def test_unknown_rule_lists_valid_ones():
+    with pytest.raises(ValueError, match="Valid rules: .*gated_deltanet") as e:
+        R.get("gated_delta_net")
+    assert "Did you mean 'gated_deltanet'" in str(e.value)
+    assert isinstance(e.value, KeyError)
+
+
+def test_registry_has_the_required_rules():
+    required = {"linear_attention", "retnet", "gla", "mamba2", "deltanet", "gated_deltanet", "ttt", "lightning", "hgrn2"}
+    assert required <= set(R.names())
+
+
+# ------------------------------------------------------------------ against fla's plain-PyTorch references
+
+def _fla_naive():
+    try:
+        from fla.ops.gla.naive import naive_recurrent_gla
+        from fla.ops.linear_attn.naive import naive_recurrent_linear_attn
+        from fla.ops.simple_gla.naive import naive_recurrent_simple_gla
+    except Exception as e:  # pragma: no cover - fla missing entirely
+        pytest.fail(f"fla's naive references must import on CPU: {e}")
+    return naive_recurrent_linear_attn, naive_recurrent_simple_gla, naive_recurrent_gla
+
+
+@pytest.mark.parametrize("name", ["linear_attention", "retnet", "lightning", "mamba2", "gla", "hgrn2"])
+def test_diag_family_matches_fla_naive(name):
+    """Our chunked form against fla's float32 recurrences: float32, atol 1e-4 / rtol 1e-4."""
+    lin, simple, gla = _fla_naive()
+    rule = R.get(name)
+    B, T, H, K, V = 2, 45, 3, 16, 8
+    x = make_inputs(rule, B, T, H, K, V, 7, dtype=torch.float32)
+    h0 = torch.randn(B, H, K, V)
+    o, S = split_call(rule.chunk, rule, x, h0, chunk_size=16, backend="torch")
+    if name == "linear_attention":
+        o_f, S_f = lin(x["q"], x["k"], x["v"], initial_state=h0, output_final_state=True)
+    elif name in ("retnet", "lightning"):
+        g = rule._fill(x["q"], {})["g_gamma"].view(1, 1, H).expand(B, T, H)
+        o_f, S_f = simple(x["q"], x["k"], x["v"], g, initial_state=h0, output_final_state=True)
+    elif name == "mamba2":
+        o_f, S_f = simple(x["q"], x["k"], x["v"], x["g"], initial_state=h0, output_final_state=True)
+    else:
+        o_f, S_f = gla(x["q"], x["k"], x["v"], x["g"], initial_state=h0, output_final_state=True)
+    torch.testing.assert_close(o, o_f, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(S, S_f, atol=1e-4, rtol=1e-4)
+
+
+# ------------------------------------------------------------------ GPU: fla's Triton kernels
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", [n for n in RULES if R.get(n).has_fla])
+@pytest.mark.parametrize("varlen", [False, True])
+def test_fla_backend_matches_torch_on_gpu(name, varlen):
+    """bf16 fla kernels against our float32 torch chunked form on the GPU: relative error < 2e-2."""
+    rule = R.get(name)
+    B, T, H, K, V = (1, 1000, 4, 64, 64) if varlen else (2, 777, 4, 64, 64)
+    x = {n: t.cuda() for n, t in make_inputs(rule, B, T, H, K, V, 11, dtype=torch.float32).items()}
+    cu = torch.tensor([0, 100, 101, 613, 1000], device="cuda") if varlen else None
+    N = 4 if varlen else B
+    h0 = torch.randn(N, H, K, V, device="cuda")
+    for t in x.values():
+        t.requires_grad_(True)
+    h0.requires_grad_(True)
+    ref = split_call(rule.chunk, rule, x, h0, cu_seqlens=cu, backend="torch")
+    xb = {n: t.detach().bfloat16().requires_grad_() for n, t in x.items()}
+    h0b = h0.detach().clone().requires_grad_()
+    out = split_call(rule.chunk, rule, xb, h0b, cu_seqlens=cu, backend="fla")
+
+    def rel(a, b):
+        return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
+
+    assert rel(out[0], ref[0]) < 2e-2 and rel(out[1], ref[1]) < 2e-2
+    g_ref = grads(ref, {**x, "h0": h0}, 5)
+    g_out = grads(tuple(o.float() for o in out), {**xb, "h0": h0b}, 5)
+    for n in g_ref:
+        assert rel(g_out[n], g_ref[n]) < 5e-2, f"{name} grad {n}: {rel(g_out[n], g_ref[n])}"
