@@ -1,0 +1,236 @@
+"""Mixture-of-Memories (MoM, arXiv 2502.13685) around any update rule.
+
+    x [B, T, D] -> router: softmax(x W_r) -> top-K memories, weights renormalised to sum to 1
+               -> shared q `[B, T, H, K]`; per-memory k, v, gates `[B, T, Ms, H, *]` from ONE matmul each
+                  (Ms = M memories + the shared one), short conv over the token stream
+               -> dispatch: the (token, memory) pairs packed by (sequence, memory) segment, in time
+                  order, into one variable-length batch of R = B*T*(K + shared) rows
+               -> ONE rule.chunk(..., cu_seqlens=segments, initial_state=[N*Ms, H, K, V])
+               -> combine: o_t = sum_{m in topK(t)} w_{t,m} read(S_m, q_t) + read(S_shared, q_t)
+               -> the single-memory layer's readout (per-head norm, output gate, projection)
+
+Memory m sees exactly the sub-sequence of tokens routed to it, so a token not routed to m leaves
+S_m unchanged (no decay either): that is the packing, not extra code. The shared memory is
+memory index M, chosen by every token with weight 1, so it rides in the same packed batch.
+
+Host synchronisation: none in this module (cumulative sums, gathers and static shapes only).
+The rule's backend may add one: fla's variable-length kernels build their chunk indices from
+`cu_seqlens` on the host (one sync per call); the torch backend builds its layout on the device.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lsm.layers import MixerOutput, RuleLayer
+from lsm.mixture.routing import Router, Routing, dispatch, load_balancing_loss
+from lsm.modules import ShortConv
+from lsm.rules.base import DecodeState
+
+
+@dataclass
+class MoMCache:
+    """Decoding cache of a `MixtureOfMemories`.
+
+    state: the rule's decode-state tuple, every tensor with leading dims `[B, Ms, H]`
+           (memory index M is the shared memory).
+    conv:  short-conv tails, name -> `[B, C, W-1]` (k and v tails hold every memory's channels).
+    seen:  tokens processed so far (host int, no sync).
+    config: the configuration the cache was built for, checked on every call.
+    """
+
+    state: DecodeState
+    conv: dict[str, Tensor] = field(default_factory=dict)
+    seen: int = 0
+    config: dict = field(default_factory=dict)
+
+
+class MixtureOfMemories(RuleLayer):
+    """Mixture-of-Memories token mixer for any registered update rule.
+
+    Args (beyond `RuleLayer`'s):
+        num_memories: M, routed memories per layer. topk: K memories per token (1 <= K <= M).
+        shared_memory: add an always-on memory that every token updates and reads with weight 1.
+        aux_loss_weight: weight of the load-balancing loss returned in `MixerOutput.aux_loss`.
+
+    It subclasses `RuleLayer` for the shared query projection and short conv, the output gate,
+    norm and projection (`readout`); keys, values and gates get `Ms = M + shared` times the heads.
+    The rule's gate module is built once for `Ms * H` heads, so every rule's parameterisation
+    works per memory without the wrapper knowing it.
+
+    forward(x `[B, T, D]`, cache=None, cu_seqlens=None, use_cache=False) -> MixerOutput(output, cache, aux_loss).
+    With `cu_seqlens` (B = 1, N packed sequences) segments are (sequence, memory) pairs.
+    A call with a cache and T = 1 is a decoding step: it gathers the K selected and the shared
+    memory's states, runs `rule.step` once on `[B * (K + shared)]` states and scatters them back.
+    Longer calls with a cache (prefill) run the chunked path from the cached per-memory states.
+    """
+
+    def __init__(self, rule, hidden_size: int, num_heads: int, head_dim: int | None = None,
+                 value_dim: int | None = None, num_memories: int = 4, topk: int = 2, shared_memory: bool = True,
+                 aux_loss_weight: float = 0.01, conv_size: int = 4, use_short_conv: bool = True,
+                 use_output_gate: bool = True, norm_eps: float = 1e-5, chunk_size: int = 64,
+                 backend: str = "auto", rule_options: dict | None = None):
+        _check_mixture_args(num_memories, topk, shared_memory, aux_loss_weight)
+        super().__init__(rule, hidden_size, num_heads, head_dim, value_dim, conv_size=conv_size,
+                         use_short_conv=use_short_conv, use_output_gate=use_output_gate, norm_eps=norm_eps,
+                         chunk_size=chunk_size, backend=backend, rule_options=rule_options)
+        self.num_memories, self.topk, self.shared_memory = num_memories, topk, bool(shared_memory)
+        self.aux_loss_weight = float(aux_loss_weight)
+        self.conv_size = conv_size
+        Ms = self.num_states
+        D, H, K, V = hidden_size, num_heads, self.head_dim, self.value_dim
+        # per-memory keys, values and gates: ONE projection for all Ms memories (memory-major channels)
+        if self.k_proj is not None:
+            self.k_proj = nn.Linear(D, Ms * H * K, bias=False)
+        self.v_proj = nn.Linear(D, Ms * H * V, bias=False)
+        self.gates = self.rule.gate_module(D, Ms * H, K)
+        for name, channels in (("k", Ms * H * K), ("v", Ms * H * V)):
+            if name in self.convs:
+                self.convs[name] = ShortConv(channels, conv_size)
+        self.router = Router(D, num_memories, topk)
+
+    @property
+    def num_states(self) -> int:
+        """Ms: memories per sequence, the shared one included."""
+        return self.num_memories + int(self.shared_memory)
+
+    @property
+    def config(self) -> dict:
+        """What a cache must agree with."""
+        return dict(rule=self.rule.name, num_memories=self.num_memories, shared_memory=self.shared_memory,
+                    num_heads=self.num_heads, head_dim=self.head_dim, value_dim=self.value_dim,
+                    conv_size=self.conv_size if self.convs else 0)
+
+    # ---------------------------------------------------------------- pieces
+    def project(self, x: Tensor, cache: MoMCache | None, cu_seqlens) -> tuple[Tensor, Tensor, Tensor, dict]:
+        """x `[B, T, D]` -> q `[B, T, H, K]` (shared), k `[B, T, Ms, H, K]`, v `[B, T, Ms, H, V]`,
+        and the rule's per-token gates `[B, T, Ms, H(, K)]`."""
+        B, T, _ = x.shape
+        Ms, H, K, V = self.num_states, self.num_heads, self.head_dim, self.value_dim
+        gates = {}
+        for name, g in self.gates(x).items():
+            if not (isinstance(g, Tensor) and g.dim() >= 3 and tuple(g.shape[:3]) == (B, T, Ms * H)):
+                raise ValueError(f"MixtureOfMemories: the gate module of rule {self.rule.name!r} returned `{name}` "
+                                 f"with shape {tuple(getattr(g, 'shape', ()))}; only per-token gates [B, T, H(, K)] "
+                                 f"can be routed to memories (pass fixed options through `rule_options`)")
+            gates[name] = g.unflatten(2, (Ms, H))                                   # [B, T, Ms, H(, K)]
+        q = F.normalize(self._conv("q", self.q_proj(x), cache, cu_seqlens).unflatten(-1, (H, K)), dim=-1)
+        v = self._conv("v", self.v_proj(x), cache, cu_seqlens).unflatten(-1, (Ms, H, V))
+        if self.key_from_gate:
+            k = -torch.expm1(gates["g"]).to(q.dtype)                                 # k = 1 - alpha
+        else:
+            k = F.normalize(self._conv("k", self.k_proj(x), cache, cu_seqlens).unflatten(-1, (Ms, H, K)), dim=-1)
+        return q, k, v, gates
+
+    def slots(self, routing: Routing) -> tuple[Tensor, Tensor]:
+        """The memories a token reads and writes, and their weights: `[B, T, S]` each, S = K + shared.
+        The shared memory is index M with weight 1."""
+        sel, w = routing.index, routing.weight
+        if self.shared_memory:
+            sel = torch.cat([sel, torch.full_like(sel[..., :1], self.num_memories)], -1)
+            w = torch.cat([w, torch.ones_like(w[..., :1])], -1)
+        return sel, w
+
+    def init_cache(self, batch_size: int, device=None, dtype=torch.float32) -> MoMCache:
+        """An empty cache: every memory's decode state from `rule.init_state`, `[B, Ms, ...]`."""
+        Ms = self.num_states
+        state = self.rule.init_state(batch_size * Ms, self.num_heads, self.head_dim, self.value_dim,
+                                     device=device, dtype=dtype)
+        return MoMCache(state=tuple(s.unflatten(0, (batch_size, Ms)) for s in state), config=self.config)
+
+    # ---------------------------------------------------------------- forward
+    def forward(self, x: Tensor, cache: MoMCache | None = None, cu_seqlens: Tensor | None = None,
+                use_cache: bool = False) -> MixerOutput:
+        self._check_inputs(x, cache, cu_seqlens)
+        B, T, _ = x.shape
+        if use_cache and cache is None:
+            cache = self.init_cache(B, x.device, torch.promote_types(x.dtype, torch.float32))
+        routing = self.router(x)
+        aux_loss = self.aux_loss_weight * load_balancing_loss(routing, self.num_memories)
+        sel, w = self.slots(routing)                                                # [B, T, S]
+        q, k, v, gates = self.project(x, cache, cu_seqlens)
+        if cache is not None and T == 1:
+            o = self._step(q, k, v, gates, sel, w, cache)
+        else:
+            o = self._chunk(q, k, v, gates, sel, w, cache, cu_seqlens)
+        if cache is not None:
+            cache.seen += T
+        return MixerOutput(self.readout(o, x), cache, aux_loss)
+
+    def _chunk(self, q, k, v, gates, sel, w, cache, cu_seqlens) -> Tensor:
+        """Training / prefill: one packed call of `rule.chunk`. Returns o `[B, T, H, V]`."""
+        B, T, H, _ = q.shape
+        Ms = self.num_states
+        d = dispatch(sel, Ms, cu_seqlens)
+        rows = lambda t: t.flatten(0, 2)[d.src][None]                               # [B, T, Ms, ...] -> [1, R, ...]
+        h0 = None if cache is None else self.rule.final_from_state(cache.state).flatten(0, 1)  # [B*Ms, H, K, V]
+        o, S = self.rule.chunk(q.flatten(0, 1)[d.tok][None], rows(k), rows(v), initial_state=h0,
+                               output_final_state=cache is not None, cu_seqlens=d.cu_seqlens,
+                               chunk_size=self.chunk_size, backend=self.backend,
+                               **{n: rows(g) for n, g in gates.items()}, **self.rule_options)
+        if cache is not None:
+            cache.state = tuple(s.unflatten(0, (B, Ms)) for s in self.rule.state_from_final(S))
+        o = o[0][d.dest]                                                            # [B*T, S, H, V]
+        return _mix(o, w.flatten(0, 1)).view(B, T, H, -1)
+
+    def _step(self, q, k, v, gates, sel, w, cache: MoMCache) -> Tensor:
+        """Decoding (T = 1): update only the K selected memories and the shared one. Returns `[B, 1, H, V]`."""
+        B, _, H, K = q.shape
+        S = sel.shape[-1]
+        sel = sel[:, 0]                                                             # [B, S]
+
+        def index(t: Tensor) -> Tensor:                                             # gather index for [B, Ms, ...]
+            return sel.view(B, S, *([1] * (t.dim() - 2))).expand(B, S, *t.shape[2:])
+
+        pick = lambda t: t.gather(1, index(t)).flatten(0, 1)                        # [B, Ms, ...] -> [B*S, ...]
+        o, new = self.rule.step(q[:, 0, None].expand(B, S, H, K).flatten(0, 1), pick(k[:, 0]), pick(v[:, 0]),
+                                tuple(pick(s) for s in cache.state),
+                                **{n: pick(g[:, 0]) for n, g in gates.items()}, **self.rule_options)
+        cache.state = tuple(s.scatter(1, index(s), n.unflatten(0, (B, S)).to(s.dtype))
+                            for s, n in zip(cache.state, new))
+        return _mix(o.unflatten(0, (B, S)), w[:, 0])[:, None]
+
+    def _check_inputs(self, x, cache, cu_seqlens) -> None:
+        name = type(self).__name__
+        if not isinstance(x, Tensor) or x.dim() != 3 or x.shape[-1] != self.hidden_size:
+            raise ValueError(f"{name}: `x` must be [B, T, {self.hidden_size}], got {tuple(getattr(x, 'shape', ()))}")
+        if cu_seqlens is not None:
+            if not (isinstance(cu_seqlens, Tensor) and cu_seqlens.dim() == 1 and not cu_seqlens.is_floating_point()):
+                raise TypeError(f"{name}: `cu_seqlens` must be a 1-D int32/int64 tensor [N+1]")
+            if x.shape[0] != 1:
+                raise ValueError(f"{name}: with `cu_seqlens` the sequences are packed along T, so the batch size "
+                                 f"must be 1, got B={x.shape[0]}")
+            if cache is not None:
+                raise ValueError(f"{name}: decoding with a cache takes a batch [B, T, D], not packed `cu_seqlens`")
+        if cache is None:
+            return
+        if not isinstance(cache, MoMCache):
+            raise TypeError(f"{name}: `cache` must be a MoMCache from this layer, got {type(cache).__name__}")
+        for key, want in self.config.items():
+            got = cache.config.get(key)
+            if got != want:
+                raise ValueError(f"{name}: the cache was built for {key}={got!r}, this layer has {key}={want!r}")
+        lead = tuple(cache.state[0].shape[:3])
+        if lead != (x.shape[0], self.num_states, self.num_heads):
+            raise ValueError(f"{name}: the cache holds states for batch size {lead[0]}, got a batch of {x.shape[0]}")
+
+
+def _mix(o: Tensor, w: Tensor) -> Tensor:
+    """Weighted sum over slots: o `[L, S, H, V]`, w `[L, S]` -> `[L, H, V]` in o's dtype (summed in >= float32)."""
+    ct = torch.promote_types(o.dtype, torch.float32)
+    return (o.to(ct) * w.to(ct)[..., None, None]).sum(1).to(o.dtype)
+
+
+def _check_mixture_args(num_memories, topk, shared_memory, aux_loss_weight) -> None:
+    for n, val in (("num_memories", num_memories), ("topk", topk)):
+        if not isinstance(val, int) or isinstance(val, bool) or val < 1:
+            raise ValueError(f"`{n}` must be a positive int, got {val!r}")
+    if topk > num_memories:
+        raise ValueError(f"`topk` ({topk}) must be <= `num_memories` ({num_memories})")
+    if not isinstance(shared_memory, bool):
+        raise TypeError(f"`shared_memory` must be a bool, got {type(shared_memory).__name__}")
+    if not isinstance(aux_loss_weight, (int, float)) or isinstance(aux_loss_weight, bool) or aux_loss_weight < 0:
+        raise ValueError(f"`aux_loss_weight` must be a non-negative float, got {aux_loss_weight!r}")

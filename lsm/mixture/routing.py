@@ -1,0 +1,103 @@
+"""Routing, dispatch and the load-balancing loss of the Mixture-of-Memories.
+
+Router: `r_t = x_t W_r` (`[M]`), `p_t = softmax(r_t)`, keep the top-K, renormalise them to sum to 1.
+
+Dispatch packs every (token, memory) pair into one variable-length batch for the rule's chunked
+kernel. A token occupies S "slots": its K routed memories, plus the shared memory (index M) with
+weight 1 when there is one. Segments are (sequence, memory) pairs, numbered `n * Ms + m`
+(Ms = M + shared); inside a segment rows keep time order, so memory m of sequence n sees exactly
+its own sub-sequence of tokens. All index arithmetic is cumulative sums and gathers on the
+device with static sizes (R = L * S rows for L tokens): no host synchronisation.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass
+class Routing:
+    """The router's decision for every token (`[B, T, ...]`)."""
+
+    probs: Tensor    # [B, T, M]  softmax of the router logits (float32, or float64 for float64 inputs)
+    index: Tensor    # [B, T, K]  the top-K memories (long)
+    weight: Tensor   # [B, T, K]  their probabilities renormalised to sum to 1
+
+
+class Router(nn.Module):
+    """Linear router: x `[B, T, D]` -> `Routing` over `num_memories` memories, top-`topk`."""
+
+    def __init__(self, hidden_size: int, num_memories: int, topk: int):
+        super().__init__()
+        self.num_memories, self.topk = num_memories, topk
+        self.proj = nn.Linear(hidden_size, num_memories, bias=False)
+
+    def forward(self, x: Tensor) -> Routing:
+        logits = self.proj(x)
+        probs = torch.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)  # [B, T, M]
+        top, index = probs.topk(self.topk, dim=-1)                              # [B, T, K]
+        return Routing(probs, index, top / top.sum(-1, keepdim=True))
+
+
+def load_balancing_loss(routing: Routing, num_memories: int) -> Tensor:
+    """Switch-style `M * sum_m f_m P_m`: f = fraction of routed (token, memory) assignments to m,
+    P = mean router probability of m, over every token of the batch. Equals 1 when balanced."""
+    M = num_memories
+    idx = routing.index.reshape(-1)
+    counts = routing.probs.new_zeros(M).index_add_(0, idx, routing.probs.new_ones(idx.numel()))  # [M]
+    f = counts / max(idx.numel(), 1)
+    P = routing.probs.reshape(-1, M).mean(0)                                    # [M]
+    return M * (f * P).sum()
+
+
+@dataclass
+class Dispatch:
+    """Index maps between token order and the packed (segment-major) order.
+
+    With L tokens, S slots per token and Ms memories per sequence, there are R = L * S rows.
+        src:  `[R]` flat index into `[L * Ms]` (token, memory) of every packed row
+        tok:  `[R]` flat token index of every packed row (for the shared query)
+        dest: `[L, S]` packed row of each (token, slot)
+        cu_seqlens: `[N * Ms + 1]` segment boundaries of the packed batch
+    """
+
+    src: Tensor
+    tok: Tensor
+    dest: Tensor
+    cu_seqlens: Tensor
+
+
+def dispatch(sel: Tensor, num_slots_memories: int, cu_seqlens: Tensor | None = None) -> Dispatch:
+    """Pack the (token, memory) pairs by segment.
+
+    Args:
+        sel: `[B, T, S]` long, the memory of each of a token's S slots (distinct per token).
+        num_slots_memories: Ms, the number of memories per sequence (shared one included).
+        cu_seqlens: `[N+1]` when the batch is packed (then B == 1), else sequences are the B rows.
+    """
+    B, T, S = sel.shape
+    Ms = num_slots_memories
+    L = B * T
+    dev = sel.device
+    # a batch is a packed batch of B sequences of length T: one code path for both
+    cu = (torch.arange(B + 1, device=dev) * T) if cu_seqlens is None else cu_seqlens.to(device=dev, dtype=torch.long)
+    N = cu.numel() - 1
+    sel = sel.reshape(L, S)
+    t = torch.arange(L, device=dev)
+    seq = torch.searchsorted(cu[1:], t, right=True).clamp(max=N - 1)           # [L] sequence of each token
+    # 1. how many tokens each memory received before each token, inside the token stream
+    mask = torch.zeros(L, Ms, dtype=torch.long, device=dev).scatter_(1, sel, 1)  # [L, Ms] routed?
+    csum = torch.cat([mask.new_zeros(1, Ms), mask.cumsum(0)])                   # [L+1, Ms] exclusive counts
+    # 2. per segment (n, m): its length and the rank of each routed token inside it
+    base = csum[cu[:-1]]                                                        # [N, Ms] count before sequence start
+    counts = csum[cu[1:]] - base                                                # [N, Ms] segment lengths
+    rank = csum[:-1] - base[seq]                                                # [L, Ms]
+    cu_seg = torch.cat([counts.new_zeros(1), counts.reshape(-1).cumsum(0)])     # [N*Ms+1]
+    # 3. packed row of each (token, slot), and its inverse
+    pos = cu_seg[:-1].view(N, Ms)[seq] + rank                                   # [L, Ms]
+    dest = pos.gather(1, sel)                                                   # [L, S]
+    pair = t[:, None] * Ms + sel                                                # [L, S] flat (token, memory)
+    src = torch.empty(L * S, dtype=torch.long, device=dev).scatter_(0, dest.reshape(-1), pair.reshape(-1))
+    return Dispatch(src=src, tok=src // Ms, dest=dest, cu_seqlens=cu_seg)
