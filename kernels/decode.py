@@ -21,7 +21,7 @@ from lsm_kernels.diag import GAMMA, NONE, SCALAR, VECTOR
 
 
 @triton.jit
-def _step_kernel(q, k, v, g, gamma, beta, S, idx, w, o, scale, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+def _step_kernel(q, k, v, g, gamma, beta, S, S_out, idx, w, o, scale, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                  M1: tl.constexpr, NS: tl.constexpr, TOPK: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                  DECAY: tl.constexpr, DELTA: tl.constexpr, ROUTED: tl.constexpr):
     i_v, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
@@ -44,8 +44,8 @@ def _step_kernel(q, k, v, g, gamma, beta, S, idx, w, o, scale, H: tl.constexpr, 
         else:
             slot = 0
             b_w = 1.0
-        p_S = S + ((i_b * M1 + slot) * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :]
-        b_S = tl.load(p_S, mask=m_kv, other=0.)
+        p_S = ((i_b * M1 + slot) * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :]
+        b_S = tl.load(S + p_S, mask=m_kv, other=0.)
         b_k = tl.load(k + (i_bs * H + i_h) * K + o_k, mask=m_k, other=0.).to(tl.float32)
         b_v = tl.load(v + (i_bs * H + i_h) * V + o_v, mask=m_v, other=0.).to(tl.float32)
         if DECAY == 1:
@@ -58,12 +58,12 @@ def _step_kernel(q, k, v, g, gamma, beta, S, idx, w, o, scale, H: tl.constexpr, 
             b_beta = tl.load(beta + i_bs * H + i_h).to(tl.float32)
             b_v = b_beta * (b_v - tl.sum(b_k[:, None] * b_S, axis=0))
         b_S += b_k[:, None] * b_v[None, :]
-        tl.store(p_S, b_S, mask=m_kv)
+        tl.store(S_out + p_S, b_S, mask=m_kv)
         b_o += b_w * tl.sum(b_q[:, None] * b_S, axis=0)
     tl.store(o + i_bh * V + o_v, (b_o * scale).to(o.dtype.element_ty), mask=m_v)
 
 
-def _launch(q, k, v, S, scale, g, g_gamma, beta, idx, w, NS, topk, routed):
+def _launch(q, k, v, S, S_out, scale, g, g_gamma, beta, idx, w, NS, topk, routed):
     B, H, K = q.shape
     V = v.shape[-1]
     if K > 256:
@@ -78,21 +78,26 @@ def _launch(q, k, v, S, scale, g, g_gamma, beta, idx, w, NS, topk, routed):
     o = torch.empty(B, H, V, device=q.device, dtype=v.dtype)
     c = lambda x: None if x is None else x.contiguous()
     _step_kernel[(triton.cdiv(V, BV), B * H)](
-        q.contiguous(), k.contiguous(), v.contiguous(), c(g), c(g_gamma), c(beta), S, c(idx), c(w), o, float(scale),
+        q.contiguous(), k.contiguous(), v.contiguous(), c(g), c(g_gamma), c(beta), S, S_out, c(idx), c(w), o, float(scale),
         H, K, V, S.shape[1] if routed else 1, NS, topk, BK, BV, kind, beta is not None, routed)
     return o
 
 
 def recurrent_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: torch.Tensor, scale: float | None = None,
                    g: torch.Tensor | None = None, g_gamma: torch.Tensor | None = None,
-                   beta: torch.Tensor | None = None) -> torch.Tensor:
-    """One token of a diag-family rule (beta None) or the delta rule (beta `[B, H]`); `state` updated in place.
+                   beta: torch.Tensor | None = None, inplace: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token of a diag-family rule (beta None) or the delta rule (beta `[B, H]`).
 
-    q, k `[B, H, K]`, v `[B, H, V]`, state `[B, H, K, V]` float32 contiguous, g None / `[B, H]` / `[B, H, K]`
-    (log-decays) or g_gamma `[H]`. Returns o `[B, H, V]` in v's dtype.
+    q, k `[B, H, K]`, v `[B, H, V]`, state `[B, H, K, V]`, g None / `[B, H]` / `[B, H, K]` (log-decays)
+    or g_gamma `[H]`. Returns (o `[B, H, V]` in v's dtype, the new state, float32). With `inplace` a
+    contiguous float32 state is updated in place and returned; otherwise the new state goes to a new
+    tensor (the same memory traffic: the kernel reads the old state once and writes the new one once).
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    return _launch(q, k, v, state, scale, g, g_gamma, beta, None, None, 1, 0, False)
+    if state.dtype != torch.float32 or not state.is_contiguous():
+        state = state.float().contiguous()
+    out = state if inplace else torch.empty_like(state)
+    return _launch(q, k, v, state, out, scale, g, g_gamma, beta, None, None, 1, 0, False), out
 
 
 def mom_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, states: torch.Tensor, indices: torch.Tensor,
@@ -112,4 +117,4 @@ def mom_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, states: torch.Te
     if k.shape[1] != NS or v.shape[1] != NS:
         raise ValueError(f"k and v must hold one row per updated memory ({NS} = topk{' + shared' if shared else ''}), "
                          f"got {k.shape[1]} and {v.shape[1]}")
-    return _launch(q, k, v, states, scale, g, g_gamma, beta, indices, weights, NS, topk, True)
+    return _launch(q, k, v, states, states, scale, g, g_gamma, beta, indices, weights, NS, topk, True)

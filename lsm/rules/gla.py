@@ -39,5 +39,16 @@ class GLA(UpdateRule):
     def _chunk_fla(self, q, k, v, initial_state, output_final_state, scale, cu_seqlens, g):
         return fla_chunk("gla", q, k, v, initial_state, output_final_state, scale, cu_seqlens, g=g)
 
+    has_triton_step = True
+
+    def _chunk_triton(self, q, k, v, initial_state, output_final_state, scale, cu_seqlens, chunk_size, g):
+        from lsm_kernels.diag import chunk_diag
+        return chunk_diag(q, k, v, g, None, scale, initial_state, output_final_state, cu_seqlens, chunk_size)
+
+    def _step_triton(self, q, k, v, state, scale, g):
+        from lsm_kernels.decode import recurrent_step
+        o, S = recurrent_step(q, k, v, state[0], scale, g=g, inplace=False)
+        return o, (S,)
+
     def gate_module(self, hidden_size, num_heads, head_dim):
         return GLAGate(hidden_size, num_heads, head_dim)

@@ -58,6 +58,17 @@ class _ConstantDecay(UpdateRule):
     def _chunk_fla(self, q, k, v, initial_state, output_final_state, scale, cu_seqlens, g_gamma):
         return fla_chunk("simple_gla", q, k, v, initial_state, output_final_state, scale, cu_seqlens, g_gamma=g_gamma)
 
+    has_triton_step = True
+
+    def _chunk_triton(self, q, k, v, initial_state, output_final_state, scale, cu_seqlens, chunk_size, g_gamma):
+        from lsm_kernels.diag import chunk_diag
+        return chunk_diag(q, k, v, None, g_gamma, scale, initial_state, output_final_state, cu_seqlens, chunk_size)
+
+    def _step_triton(self, q, k, v, state, scale, g_gamma):
+        from lsm_kernels.decode import recurrent_step
+        o, S = recurrent_step(q, k, v, state[0], scale, g_gamma=g_gamma, inplace=False)
+        return o, (S,)
+
 
 @register
 class RetNet(_ConstantDecay):
