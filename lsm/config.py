@@ -117,6 +117,7 @@ class TrainConfig:
     seed: int = 0                      # parameter init seed
     device: str = "auto"               # "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...
     precision: str = "auto"            # "auto" (bf16 autocast on GPU, fp32 on CPU), "fp32" or "bf16"
+    threads: int = 0                   # CPU threads for torch; 0 = torch's default (small models on busy CPUs: 1)
     out_dir: str = "runs/${name}"      # metrics, checkpoints and the resolved config go here
     log_every: int = 10                # metrics JSONL line every n steps
     eval_every: int = 0                # evaluate every n steps; 0 = at the end only
@@ -336,7 +337,7 @@ def validate(cfg: Config) -> None:
 
     for key in ("steps", "batch_size", "grad_accum", "log_every", "keep_checkpoints"):
         _positive(f"train.{key}", getattr(t, key))
-    for key in ("warmup_steps", "eval_every", "ckpt_every", "grad_clip", "weight_decay"):
+    for key in ("threads", "warmup_steps", "eval_every", "ckpt_every", "grad_clip", "weight_decay"):
         if getattr(t, key) < 0:
             raise ConfigError(f"train.{key}: must be >= 0, got {getattr(t, key)}")
     _positive("train.lr", t.lr)

@@ -1,0 +1,156 @@
+"""The `lsm` command: train, eval, ablate, generate, and `main` (the default experiment).
+
+    lsm main                                            # the MQAR recall experiment of configs/mqar_gdn_mom.yaml
+    lsm train configs/mqar_gdn_mom.yaml train.steps=200 # dot-list overrides after the config
+    lsm train configs/text_gdn.yaml --resume
+    lsm eval runs/text_gdn
+    lsm ablate configs/ablate_rules.yaml
+    lsm generate runs/text_gdn --prompt "def main("
+
+A bad config is one line on stderr and exit status 2; a diverged run exits with status 1.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+DEFAULT_EXPERIMENT = "mqar_gdn_mom.yaml"
+
+
+def _default_config() -> Path:
+    """configs/mqar_gdn_mom.yaml of the current folder, else of the source tree this package sits in."""
+    for root in (Path.cwd(), Path(__file__).resolve().parent.parent):
+        if (root / "configs" / DEFAULT_EXPERIMENT).is_file():
+            return root / "configs" / DEFAULT_EXPERIMENT
+    from lsm.config import ConfigError
+    raise ConfigError(f"configs/{DEFAULT_EXPERIMENT} not found: run from the repository root or give a config file")
+
+
+def _cmd_train(args) -> int:
+    from lsm.config import load_config
+    from lsm.evaluate import format_result
+    from lsm.train import train
+
+    cfg = load_config(args.config, args.overrides)
+    result = train(cfg, resume=args.resume, max_steps=args.max_steps)
+    if result.eval:
+        print(format_result(result.eval), end="")
+    print(f"{result.step} steps in {result.seconds:.1f} s; checkpoint {result.checkpoint}")
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    from lsm.evaluate import evaluate_checkpoint, format_result
+
+    cfg, result = evaluate_checkpoint(args.checkpoint, args.overrides, args.device)
+    print(format_result(result), end="")
+    return 0
+
+
+def _cmd_ablate(args, config=None) -> int:
+    from lsm.ablate import markdown_table, run_ablation
+    from lsm.config import load_config
+
+    cfg = load_config(config or args.config, args.overrides)
+    t0 = time.perf_counter()
+    rows = run_ablation(cfg)
+    print()
+    print(markdown_table(rows), end="")
+    out = Path(cfg.ablate.out_dir)
+    plot = out / "accuracy_vs_pairs.png"
+    print(f"\nwall time {time.perf_counter() - t0:.0f} s; table {out / 'results.md'}, {out / 'results.csv'}"
+          + (f"; plot {plot}" if plot.exists() else ""))
+    return 0
+
+
+def _cmd_main(args) -> int:
+    return _cmd_ablate(args, args.config or _default_config())
+
+
+def _cmd_generate(args) -> int:
+    import torch
+
+    from lsm.config import ConfigError
+    from lsm.train import load_trained, resolve_device
+
+    device = resolve_device(args.device)
+    cfg, model = load_trained(args.checkpoint, (), device)
+    if cfg.data.kind == "text":
+        ids = list(args.prompt.encode("utf-8")) or [10]
+    else:
+        try:
+            ids = [int(t) for t in args.prompt.split()]
+        except ValueError:
+            raise ConfigError(f"--prompt: an MQAR model takes token ids separated by spaces, got {args.prompt!r}") from None
+        if not ids:
+            raise ConfigError("--prompt: give at least one token id")
+    g = torch.Generator(device=device).manual_seed(args.seed)
+    prompt = torch.tensor([ids], device=device)
+    out = model.generate(prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, generator=g)
+    new = out[0, len(ids):].tolist()
+    if cfg.data.kind == "text":
+        sys.stdout.write(args.prompt + bytes(new).decode("utf-8", errors="replace") + "\n")
+    else:
+        print(" ".join(map(str, ids + new)))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lsm", description="Linear sequence models with Mixture-of-Memories.")
+    sub = p.add_subparsers(dest="command", required=True)
+    ov = dict(nargs="*", default=[], help="OmegaConf dot-list overrides, e.g. train.steps=200 model.mixer.rule=gla")
+
+    t = sub.add_parser("train", help="train the model a config declares")
+    t.add_argument("config")
+    t.add_argument("overrides", **ov)
+    t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in train.out_dir")
+    t.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (resume later)")
+    t.set_defaults(func=_cmd_train)
+
+    e = sub.add_parser("eval", help="evaluate a checkpoint (MQAR accuracy per pairs, or bits per byte)")
+    e.add_argument("checkpoint", help="a run folder or a checkpoint folder")
+    e.add_argument("overrides", **ov)
+    e.add_argument("--device", default="auto")
+    e.set_defaults(func=_cmd_eval)
+
+    a = sub.add_parser("ablate", help="rules x {single, MoM, same-state single}: train, evaluate, table, plot")
+    a.add_argument("config")
+    a.add_argument("overrides", **ov)
+    a.set_defaults(func=_cmd_ablate)
+
+    m = sub.add_parser("main", help=f"the default experiment (configs/{DEFAULT_EXPERIMENT}): "
+                                    "Gated DeltaNet, one memory vs MoM, on MQAR")
+    m.add_argument("--config", default=None, help=f"another experiment config (default configs/{DEFAULT_EXPERIMENT})")
+    m.add_argument("overrides", **ov)
+    m.set_defaults(func=_cmd_main)
+
+    g = sub.add_parser("generate", help="sample from a checkpoint")
+    g.add_argument("checkpoint")
+    g.add_argument("--prompt", default="", help="text (byte-level models) or token ids separated by spaces (MQAR)")
+    g.add_argument("--max-new-tokens", type=int, default=200)
+    g.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    g.add_argument("--top-k", type=int, default=None)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default="auto")
+    g.set_defaults(func=_cmd_generate)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from lsm.config import ConfigError
+    from lsm.train import TrainingDiverged
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"lsm {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except TrainingDiverged as e:
+        print(f"lsm {args.command}: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"lsm {args.command}: interrupted", file=sys.stderr)
+        return 130

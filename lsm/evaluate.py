@@ -1,0 +1,87 @@
+"""Evaluation: MQAR recall accuracy per (number of pairs, sequence length); bits per byte on text.
+
+    lsm eval runs/mqar_gdn_mom/gated_deltanet-mom        # a run folder or a checkpoint folder
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from lsm.config import Config
+from lsm.data import IGNORE, MQARData, TextData, build_data
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, cfg: Config, data: MQARData | TextData | None = None,
+             device: torch.device | str | None = None) -> dict:
+    """Score `model` on the test split of `cfg`'s data.
+
+    MQAR -> {"mqar": [{"num_pairs", "seq_len", "accuracy"}, ...], "accuracy": mean over cells}
+            (accuracy = fraction of queried values predicted exactly, by argmax).
+    text -> {"loss": nats per byte, "bpb": bits per byte}.
+    """
+    from lsm.train import autocast_context
+
+    data = data or build_data(cfg)
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    bs = cfg.eval.batch_size
+    was_training = model.training
+    model.eval()
+    try:
+        with autocast_context(cfg.train.precision, device):
+            if isinstance(data, MQARData):
+                cells = []
+                for n, T in data.test_cells():
+                    test = data.test_set(n, T)
+                    correct = total = 0
+                    for i in range(0, test.input_ids.shape[0], bs):
+                        ids, labels = test.input_ids[i:i + bs].to(device), test.labels[i:i + bs].to(device)
+                        pred = model(ids).logits.argmax(-1)                         # [b, T]
+                        mask = labels != IGNORE
+                        correct += int((pred == labels)[mask].sum())
+                        total += int(mask.sum())
+                    cells.append({"num_pairs": n, "seq_len": T, "accuracy": correct / total})
+                return {"mqar": cells, "accuracy": sum(c["accuracy"] for c in cells) / len(cells)}
+            nats = count = 0.0
+            for batch in data.test_batches(bs, cfg.eval.text_batches):
+                logits = model(batch.input_ids.to(device)).logits.float()
+                nats += float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch.labels.to(device).flatten(),
+                                                                reduction="sum"))
+                count += batch.labels.numel()
+            loss = nats / count
+            return {"loss": loss, "bpb": loss / math.log(2)}
+    finally:
+        model.train(was_training)
+
+
+def summary(result: dict) -> dict[str, float]:
+    """Flat scalars of an evaluation result, for logs: accuracy and acc@pairs[/len], or loss and bpb."""
+    if "mqar" not in result:
+        return dict(result)
+    lens = {c["seq_len"] for c in result["mqar"]}
+    out = {"accuracy": result["accuracy"]}
+    for c in result["mqar"]:
+        key = f"acc@{c['num_pairs']}" + (f"/T{c['seq_len']}" if len(lens) > 1 else "")
+        out[key] = c["accuracy"]
+    return out
+
+
+def format_result(result: dict) -> str:
+    """A Markdown table of an evaluation result."""
+    if "mqar" not in result:
+        return "| metric | value |\n|---|---|\n" + "".join(f"| {k} | {v:.4f} |\n" for k, v in result.items())
+    rows = ["| pairs | seq len | accuracy |", "|---:|---:|---:|"]
+    rows += [f"| {c['num_pairs']} | {c['seq_len']} | {c['accuracy']:.3f} |" for c in result["mqar"]]
+    rows.append(f"| mean | | {result['accuracy']:.3f} |")
+    return "\n".join(rows) + "\n"
+
+
+def evaluate_checkpoint(path: str, overrides: list[str] | tuple[str, ...] = (), device: str = "auto") -> tuple[Config, dict]:
+    """Load a checkpoint (or a run's latest) and evaluate it; overrides may change data/eval settings."""
+    from lsm.train import load_trained, resolve_device
+
+    dev = resolve_device(device)
+    cfg, model = load_trained(path, overrides, dev)
+    return cfg, evaluate(model, cfg, device=dev)

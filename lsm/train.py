@@ -1,0 +1,305 @@
+"""The trainer: AdamW, warm-up + cosine, clipping, autocast, accumulation, metrics, atomic checkpoints, exact resume.
+
+    result = train(load_config("configs/mqar_gdn_mom.yaml"), resume=True)
+
+It orchestrates only: the model comes from `lsm.model.build_model`, batches from `lsm.data`, scores
+from `lsm.evaluate`. Output folder (`train.out_dir`):
+
+    config.yaml                     the resolved config of the run
+    metrics.jsonl                   one JSON object per logged step / evaluation
+    checkpoints/step_000500/        model.safetensors, config.yaml, trainer_state.pt
+    checkpoints/latest              name of the newest complete checkpoint
+
+A checkpoint is written into a temporary folder and renamed into place (`os.replace`), so a crash
+never leaves a half-written one. Batches are a function of the step (see lsm.data), and the
+optimizer, scheduler and RNG states are restored, so a resumed run continues exactly.
+Logging and checkpointing happen on rank 0 only, so a DDP/FSDP-wrapped model can use this loop.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_model, save_model
+from torch import nn
+
+from lsm.config import Config, ConfigError, load_config, to_yaml
+from lsm.data import IGNORE, Batch, build_data
+from lsm.model import LanguageModel, build_model
+
+CHECKPOINT_FILES = ("model.safetensors", "config.yaml", "trainer_state.pt")
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the gradient norm became NaN/inf."""
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    step: int                                          # last completed optimizer step
+    losses: list[float] = field(default_factory=list)  # training loss of every step run by this call
+    eval: dict = field(default_factory=dict)           # the last evaluation (see lsm.evaluate.evaluate)
+    checkpoint: Path | None = None
+    seconds: float = 0.0
+
+
+# --------------------------------------------------------------------------- setup helpers
+def is_main_process() -> bool:
+    """Rank 0 (or not distributed): the process that logs and writes checkpoints."""
+    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or torch.distributed.get_rank() == 0
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"train.device: {name!r} asked for, but no CUDA device is available (use auto or cpu)")
+    return torch.device(name)
+
+
+def autocast_context(precision: str, device: torch.device):
+    """bf16 autocast on GPU (or when asked for), plain float32 otherwise."""
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only: not on norms, biases, embeddings or parameters flagged `_no_weight_decay`."""
+    decay, no_decay, seen = [], [], set()
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    for p in model.parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        skip = p.dim() < 2 or id(p) in embeddings or getattr(p, "_no_weight_decay", False)
+        (no_decay if skip else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Linear warm-up to 1 over `warmup` steps, then cosine down to `min_ratio` at `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over labelled positions (labels = -100 are skipped)."""
+    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE)
+
+
+# --------------------------------------------------------------------------- metrics
+class MetricsLogger:
+    """Appends JSON lines to `metrics.jsonl` and mirrors scalars to TensorBoard when it is installed."""
+
+    def __init__(self, out_dir: Path, tensorboard: bool, resume_step: int | None):
+        self.path = out_dir / "metrics.jsonl"
+        if resume_step is not None and self.path.exists():
+            # drop what an interrupted run logged after its last checkpoint: those steps are replayed
+            kept = [ln for ln in self.path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= resume_step]
+            self.path.write_text("".join(ln + "\n" for ln in kept))
+        elif resume_step is None and self.path.exists():
+            self.path.unlink()
+        self.tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.tb = SummaryWriter(str(out_dir / "tensorboard"))
+            except Exception:  # tensorboard is optional
+                self.tb = None
+
+    def log(self, record: dict) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for k, v in record.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self.tb.add_scalar(k, v, record["step"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+# --------------------------------------------------------------------------- checkpoints
+def save_checkpoint(out_dir: Path, model: nn.Module, optimizer, scheduler, step: int, cfg: Config, keep: int = 2) -> Path:
+    """Write `checkpoints/step_{step}` atomically, point `checkpoints/latest` at it, keep the newest `keep`."""
+    root = Path(out_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step:06d}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".step_{step:06d}.", dir=root))
+    save_model(getattr(model, "module", model), str(tmp / "model.safetensors"))
+    (tmp / "config.yaml").write_text(to_yaml(cfg))
+    rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng},
+               tmp / "trainer_state.pt")
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    pointer = root / ".latest.tmp"
+    pointer.write_text(final.name + "\n")
+    os.replace(pointer, root / "latest")
+    for old in sorted(root.glob("step_*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def find_checkpoint(path: str | os.PathLike) -> Path:
+    """A checkpoint folder from itself, a run folder, or a run's `checkpoints/` folder (its latest)."""
+    p = Path(path)
+    for candidate in (p, p / "checkpoints"):
+        if (candidate / "latest").is_file():
+            p = candidate / (candidate / "latest").read_text().strip()
+            break
+    missing = [f for f in CHECKPOINT_FILES if not (p / f).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{path}: not a checkpoint (no {', '.join(missing)}); give a run folder or "
+                                f"runs/NAME/checkpoints/step_N")
+    return p
+
+
+def load_trained(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = (),
+                 device: str | torch.device = "cpu") -> tuple[Config, LanguageModel]:
+    """(config, model with the checkpoint's weights) of a checkpoint or run folder."""
+    ckpt = find_checkpoint(path)
+    cfg = load_config(ckpt / "config.yaml", overrides)
+    model = build_model(cfg)
+    load_model(model, str(ckpt / "model.safetensors"), device=str(device))
+    return cfg, model.to(device).eval()
+
+
+# --------------------------------------------------------------------------- the loop
+def train(cfg: Config, resume: bool = False, max_steps: int | None = None, quiet: bool = False) -> TrainResult:
+    """Train the model `cfg` declares; evaluate at `eval_every` and at the end; checkpoint at `ckpt_every` and the end.
+
+    resume: continue from the newest checkpoint in `train.out_dir` (a fresh start if there is none).
+    max_steps: stop after this many steps in this call (the schedule still spans `train.steps`);
+    a checkpoint is written where it stops, so `resume=True` continues the same run.
+    """
+    from lsm.evaluate import evaluate, summary
+
+    t = cfg.train
+    out_dir = Path(t.out_dir)
+    main = is_main_process()
+    device = resolve_device(t.device)
+    ckpt = None
+    if resume:
+        try:
+            ckpt = find_checkpoint(out_dir)
+        except FileNotFoundError:
+            ckpt = None
+            if main and not quiet:
+                print(f"no checkpoint in {out_dir}: starting from step 0")
+    if ckpt is not None:
+        saved = load_config(ckpt / "config.yaml")
+        if saved.model != cfg.model:
+            raise ConfigError(f"--resume: the model in {ckpt}/config.yaml differs from this config's; "
+                              f"resume with the same model.* settings")
+
+    if t.threads:
+        torch.set_num_threads(t.threads)
+    torch.manual_seed(t.seed)
+    random.seed(t.seed)
+    model = build_model(cfg).to(device)
+    optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=tuple(t.betas),
+                                  fused=device.type == "cuda")
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, t.warmup_steps, t.steps, t.min_lr_ratio))
+    start = 0
+    if ckpt is not None:
+        load_model(model, str(ckpt / "model.safetensors"), device=str(device))
+        state = torch.load(ckpt / "trainer_state.pt", map_location=device, weights_only=False)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"]["torch"].cpu())
+        random.setstate(state["rng"]["python"])
+        if "cuda" in state["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all([s.cpu() for s in state["rng"]["cuda"]])
+        start = state["step"]
+
+    data = build_data(cfg)
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.yaml").write_text(to_yaml(cfg))
+    logger = MetricsLogger(out_dir, t.tensorboard, start if ckpt is not None else None) if main else None
+    end = t.steps if max_steps is None else min(t.steps, start + max_steps)
+    result = TrainResult(out_dir, start)
+    if main and not quiet:
+        print(f"{cfg.name}: {model.num_params() / 1e6:.3f}M parameters on {device}, steps {start} -> {end} of {t.steps}")
+
+    from tqdm.auto import tqdm
+    bar = tqdm(total=t.steps, initial=start, disable=not (t.progress and main) or quiet, dynamic_ncols=True,
+               desc=cfg.name, unit="step")
+    t0 = time.perf_counter()
+    tokens_since, time_since = 0, time.perf_counter()
+    step = start
+    try:
+        model.train()
+        for step in range(start, end):
+            loss_sum, aux_sum = 0.0, 0.0
+            for micro in range(t.grad_accum):
+                batch: Batch = data.train_batch(step, t.batch_size, micro).to(device)
+                with autocast_context(t.precision, device):
+                    out = model(batch.input_ids)
+                    lm_loss = loss_fn(out.logits, batch.labels)
+                    loss = lm_loss + out.aux_loss
+                (loss / t.grad_accum).backward()
+                loss_sum += lm_loss.item() / t.grad_accum
+                aux_sum += float(out.aux_loss.detach()) / t.grad_accum
+                tokens_since += batch.input_ids.numel()
+            if not math.isfinite(loss_sum):
+                raise TrainingDiverged(f"loss is {loss_sum} at step {step + 1}: training stopped "
+                                       f"(lower train.lr, raise train.warmup_steps, or set train.grad_clip)")
+            grad_norm = nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip if t.grad_clip > 0 else float("inf"))
+            if not math.isfinite(float(grad_norm)):
+                raise TrainingDiverged(f"gradient norm is {float(grad_norm)} at step {step + 1}: training stopped "
+                                       f"(lower train.lr or set train.grad_clip)")
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            result.losses.append(loss_sum)
+            result.step = step + 1
+            bar.update(1)
+            if main and ((step + 1) % t.log_every == 0 or step + 1 == end):
+                elapsed = time.perf_counter() - time_since
+                tok_s = tokens_since / max(elapsed, 1e-9)
+                tokens_since, time_since = 0, time.perf_counter()
+                rec = {"step": step + 1, "loss": round(loss_sum, 6), "aux_loss": round(aux_sum, 6),
+                       "lr": scheduler.get_last_lr()[0], "grad_norm": round(float(grad_norm), 6), "tok_per_s": round(tok_s, 1)}
+                logger.log(rec)
+                bar.set_postfix(loss=f"{loss_sum:.4f}", tok_s=f"{tok_s:,.0f}")
+            last = step + 1 == end
+            if (t.eval_every and (step + 1) % t.eval_every == 0) or (last and end == t.steps):
+                result.eval = evaluate(model, cfg, data, device)
+                model.train()
+                if main:
+                    logger.log({"step": step + 1, **{f"eval/{k}": v for k, v in summary(result.eval).items()}})
+                    bar.write(f"step {step + 1}: " + ", ".join(f"{k} {v:.4f}" for k, v in summary(result.eval).items()))
+            if main and ((t.ckpt_every and (step + 1) % t.ckpt_every == 0) or last):
+                result.checkpoint = save_checkpoint(out_dir, model, optimizer, scheduler, step + 1, cfg, t.keep_checkpoints)
+    except KeyboardInterrupt:
+        if main and result.step > start:
+            result.checkpoint = save_checkpoint(out_dir, model, optimizer, scheduler, result.step, cfg, t.keep_checkpoints)
+            bar.write(f"interrupted after step {result.step}: checkpoint {result.checkpoint}; continue with --resume")
+        raise
+    finally:
+        bar.close()
+        if logger is not None:
+            logger.close()
+    result.seconds = time.perf_counter() - t0
+    return result

@@ -1,0 +1,59 @@
+"""MQAR invariants (Zoology layout) and the byte-level text source."""
+import torch
+
+from lsm.config import MQARConfig, TextConfig
+from lsm.data import IGNORE, MQARData, TextData, mqar_examples
+
+
+def _gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def test_mqar_layout_and_answers():
+    V, n, T = 64, 6, 40
+    b = mqar_examples(32, n, T, V, _gen())
+    assert b.input_ids.shape == b.labels.shape == (32, T)
+    for ids, labels in zip(b.input_ids.tolist(), b.labels.tolist()):
+        keys, values = ids[0:2 * n:2], ids[1:2 * n:2]
+        assert len(set(keys)) == n and all(1 <= k < V // 2 for k in keys)          # distinct keys in [1, V/2)
+        assert all(V // 2 <= v < V for v in values)                                # values in [V/2, V)
+        answer = dict(zip(keys, values))
+        targets = [(t, y) for t, y in enumerate(labels) if y != IGNORE]
+        assert len(targets) == n                                                   # one target per query
+        assert all(t >= 2 * n for t, _ in targets)                                 # no loss on the key-value section
+        assert sorted(ids[t] for t, _ in targets) == sorted(keys)                  # every key is queried once
+        for t, y in targets:
+            assert answer[ids[t]] == y                                             # the label is the key's value
+            if t + 1 < T:
+                assert ids[t + 1] == y                                             # ...and comes next in the input
+        queried = {t for t, _ in targets} | {t + 1 for t, _ in targets}
+        assert all(ids[t] == 0 for t in range(2 * n, T) if t not in queried)       # filler elsewhere
+
+
+def test_mqar_is_seeded_and_splits_differ():
+    cfg = MQARConfig(vocab_size=64, seq_len=32, train_pairs=[2, 4, 8], test_pairs=[4, 8], num_test=16)
+    a, b = MQARData(cfg, seed=1), MQARData(cfg, seed=1)
+    assert torch.equal(a.train_batch(5, 8).input_ids, b.train_batch(5, 8).input_ids)
+    assert not torch.equal(a.train_batch(5, 8).input_ids, a.train_batch(6, 8).input_ids)
+    assert not torch.equal(a.train_batch(5, 8).input_ids, MQARData(cfg, seed=2).train_batch(5, 8).input_ids)
+    assert torch.equal(a.test_set(4, 32).input_ids, b.test_set(4, 32).input_ids)
+    train = {tuple(r) for s in range(4) for r in a.train_batch(s, 16).input_ids.tolist()}
+    assert not train & {tuple(r) for r in a.test_set(8, 32).input_ids.tolist()}
+    counts = (a.train_batch(0, 64).labels != IGNORE).sum(1)
+    assert set(counts.tolist()) <= {2, 4, 8} and len(set(counts.tolist())) > 1     # the batch mixes pair counts
+
+
+def test_mqar_sweep_cells():
+    cfg = MQARConfig(vocab_size=64, seq_len=32, train_pairs=[4], test_pairs=[4, 8, 16], test_seq_lens=[32, 64])
+    assert MQARData(cfg).test_cells() == [(4, 32), (8, 32), (4, 64), (8, 64), (16, 64)]
+
+
+def test_text_bytes(tmp_path):
+    (tmp_path / "a.txt").write_bytes(b"hello world " * 200)
+    (tmp_path / "b.txt").write_bytes(bytes(range(256)) * 4)
+    d = TextData(TextConfig(path=str(tmp_path), glob="*.txt", seq_len=16, test_fraction=0.25), seed=0)
+    b = d.train_batch(0, 4)
+    assert b.input_ids.shape == (4, 16) and torch.equal(b.input_ids[:, 1:], b.labels[:, :-1])
+    assert len(d.test) > 0 and len(d.train) + len(d.test) == 2400 + 1024
+    tb = list(d.test_batches(4, 2))
+    assert tb and all(x.input_ids.shape[1] == 16 for x in tb)

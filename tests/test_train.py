@@ -1,0 +1,100 @@
+"""Tiny end-to-end runs on CPU: train, evaluate, resume exactly, stop on NaN, ablate, CLI."""
+import json
+
+import pytest
+import torch
+
+import lsm.train
+from lsm.cli import main
+from lsm.config import load_config
+from lsm.train import TrainingDiverged, find_checkpoint, load_trained, train
+
+TINY = ["model.hidden_size=16", "model.num_layers=1", "model.mixer.num_heads=2", "model.mixer.backend=torch",
+        "data.mqar.vocab_size=32", "data.mqar.seq_len=16", "data.mqar.train_pairs=[2,4]", "data.mqar.test_pairs=[2,4]",
+        "data.mqar.num_test=16", "train.batch_size=4", "train.warmup_steps=2", "train.log_every=1",
+        "train.progress=false", "train.tensorboard=false", "eval.batch_size=16"]
+
+
+def _cfg(tmp_path, name, *extra):
+    return load_config(None, TINY + [f"name={name}", f"train.out_dir={tmp_path / name}", *extra])
+
+
+def _logged_losses(run_dir):
+    return [r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+
+
+def test_resume_continues_exactly(tmp_path):
+    extra = ["model.mixer.type=mom", "model.mixer.num_memories=2", "model.mixer.topk=1", "train.steps=6",
+             "train.grad_accum=2", "train.ckpt_every=2"]
+    full = train(_cfg(tmp_path, "full", *extra), quiet=True)
+    first = train(_cfg(tmp_path, "split", *extra), max_steps=3, quiet=True)
+    assert first.step == 3 and find_checkpoint(tmp_path / "split").name == "step_000003"
+    rest = train(_cfg(tmp_path, "split", *extra), resume=True, quiet=True)
+    assert rest.step == 6
+    assert first.losses + rest.losses == full.losses                     # bit-for-bit on CPU
+    assert _logged_losses(tmp_path / "split") == _logged_losses(tmp_path / "full")
+    assert rest.eval == full.eval
+    _, model = load_trained(tmp_path / "split")
+    _, ref = load_trained(tmp_path / "full")
+    for (n, p), q in zip(model.state_dict().items(), ref.state_dict().values()):
+        assert torch.equal(p, q), n
+
+
+def test_checkpoint_contents_and_eval(tmp_path):
+    res = train(_cfg(tmp_path, "run", "train.steps=2", "train.keep_checkpoints=1", "train.ckpt_every=1"), quiet=True)
+    ckpt = find_checkpoint(tmp_path / "run")
+    assert ckpt == res.checkpoint and sorted(p.name for p in ckpt.iterdir()) == \
+        ["config.yaml", "model.safetensors", "trainer_state.pt"]
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").glob("step_*")] == ["step_000002"]  # older ones pruned
+    assert not list((tmp_path / "run" / "checkpoints").glob(".*"))                                 # no temp leftovers
+    assert [c["num_pairs"] for c in res.eval["mqar"]] == [2, 4]
+    assert all(0 <= c["accuracy"] <= 1 for c in res.eval["mqar"])
+
+
+def test_stops_on_nan_naming_the_step(tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real = lsm.train.loss_fn
+
+    def poisoned(logits, labels):
+        calls["n"] += 1
+        loss = real(logits, labels)
+        return loss * float("nan") if calls["n"] == 3 else loss
+
+    monkeypatch.setattr(lsm.train, "loss_fn", poisoned)
+    with pytest.raises(TrainingDiverged, match="loss is nan at step 3"):
+        train(_cfg(tmp_path, "nan", "train.steps=5"), quiet=True)
+
+
+def test_cli_train_eval_generate_on_text(tmp_path, capsys):
+    text = tmp_path / "corpus.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 60)
+    run = tmp_path / "text"
+    args = ["train.steps=2", "data.kind=text", f"data.text.path={text}", "data.text.seq_len=16",
+            "eval.text_batches=2", f"train.out_dir={run}"] + [o for o in TINY if not o.startswith("data.mqar")]
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("name: text\n")
+    assert main(["train", str(cfg_file), *args]) == 0
+    assert "bpb" in capsys.readouterr().out
+    assert main(["eval", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "| bpb |" in out
+    bpb = float(out.split("| bpb |")[1].split("|")[0])
+    assert 0 < bpb < 9
+    assert main(["generate", str(run), "--prompt", "the ", "--max-new-tokens", "5"]) == 0
+    assert capsys.readouterr().out.startswith("the ")
+    assert main(["eval", str(tmp_path / "missing")]) == 2
+
+
+def test_ablate_writes_table_csv_and_plot(tmp_path, capsys):
+    cfg_file = tmp_path / "ab.yaml"
+    cfg_file.write_text("name: ab\nablate:\n  rules: [mamba2]\n  variants: [single, mom, single_same_state]\n")
+    assert main(["ablate", str(cfg_file), *TINY, "train.steps=1", "model.mixer.num_memories=2",
+                 "model.mixer.topk=1", f"ablate.out_dir={tmp_path / 'ab'}"]) == 0
+    out = capsys.readouterr().out
+    table = (tmp_path / "ab" / "results.md").read_text()
+    assert table in out and len(table.strip().splitlines()) == 2 + 3
+    assert "acc@2" in table and "MoM" in table
+    assert (tmp_path / "ab" / "results.csv").read_text().count("\n") == 4
+    assert (tmp_path / "ab" / "accuracy_vs_pairs.png").stat().st_size > 1000
+    states = [int(line.split("|")[4].replace(",", "")) for line in table.strip().splitlines()[2:]]
+    assert states[1] == states[2] == 3 * states[0]                      # same-state baseline matches MoM's state
