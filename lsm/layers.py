@@ -128,7 +128,6 @@ class RuleLayer(nn.Module):
         if use_cache and cache is None:
             cache = RuleCache()
         B, T, _ = x.shape
-        q, k, v, gates = self.project(x, cache, cu_seqlens)
         state = None if cache is None else cache.state
         if state is not None:
             S = self.rule.final_from_state(state)
@@ -136,6 +135,7 @@ class RuleLayer(nn.Module):
                 raise ValueError(f"RuleLayer: cache state has shape {tuple(S.shape)}, expected "
                                  f"{(B, self.num_heads, self.head_dim, self.value_dim)}: a cache from another "
                                  f"batch size or layer configuration")
+        q, k, v, gates = self.project(x, cache, cu_seqlens)
         if state is not None and T == 1:
             o, state = self.rule.step(q[:, 0], k[:, 0], v[:, 0], state, **{n: _at(t, 0, T) for n, t in gates.items()})
             o = o[:, None]

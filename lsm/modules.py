@@ -8,6 +8,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
+def _upcast(dtype: torch.dtype) -> torch.dtype:
+    """float32 for half types, the dtype itself for float32/float64 (so float64 tests stay exact)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def seq_positions(cu_seqlens: Tensor, T: int) -> Tensor:
     """Position of every packed token inside its own sequence, `[T]` (on the device, no sync)."""
     t = torch.arange(T, device=cu_seqlens.device)
@@ -56,10 +61,10 @@ class GatedRMSNorm(nn.Module):
 
     def forward(self, x: Tensor, gate: Tensor | None = None) -> Tensor:
         dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.float()
+        x = x.to(_upcast(dtype))
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.to(x.dtype)
         if gate is not None:
-            x = x * F.silu(gate.float())
+            x = x * F.silu(gate.to(x.dtype))
         return x.to(dtype)
 
 
@@ -73,5 +78,5 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         dtype = x.dtype
-        x = x.float()
-        return (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.float()).to(dtype)
+        x = x.to(_upcast(dtype))
+        return (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.to(x.dtype)).to(dtype)

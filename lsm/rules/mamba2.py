@@ -25,7 +25,9 @@ class Mamba2Gate(nn.Module):
         self.dt_bias._no_weight_decay = True
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
-        return {"g": -self.A_log.float().exp() * F.softplus(self.proj(x).float() + self.dt_bias)}
+        z = self.proj(x)
+        z = z.to(torch.promote_types(z.dtype, torch.float32))  # decays in at least float32
+        return {"g": -self.A_log.to(z.dtype).exp() * F.softplus(z + self.dt_bias.to(z.dtype))}
 
 
 @register
