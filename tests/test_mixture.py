@@ -1,0 +1,255 @@
+"""Mixture-of-Memories wrapper, for every registered rule.
+
+Properties: the packed wrapper equals the plain dense reference (lsm/mixture/reference.py);
+decoding token by token and prefix-then-continuation equal the full forward; causality; a packed
+variable-length batch equals separate runs; a memory no token is routed to keeps exactly its
+initial state; gradients reach the router, every memory's projections and the shared memory;
+bad input raises errors that name the parameter; the aux loss on a hand-computed case.
+
+float64 on CPU, tiny shapes. Tolerances: memory states atol 1e-7 / rtol 1e-6, layer outputs
+atol 1e-6 / rtol 1e-5. Not float64's 1e-9 because two float32 roundings sit in the layer: some
+gate modules compute their gates in float32 (Mamba2Gate, TTTGate), so projecting one token at a
+time or a whole sequence can round a gate one float32 ulp apart; and the output norm
+(`GatedRMSNorm`) computes in float32. A dispatch or routing error shows up at 1e-2 and above.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import lsm.rules as R
+from lsm.layers import RuleCache
+from lsm.mixture import MixtureOfMemories, MoMCache, load_balancing_loss
+from lsm.mixture.reference import mom_reference
+from lsm.mixture.routing import Routing
+
+RULES = R.names()
+D, H = 16, 2
+STATE_TOL = dict(atol=1e-7, rtol=1e-6)
+OUT_TOL = dict(atol=1e-6, rtol=1e-5)
+# ttt's mini-batch of 3 puts mini-batch boundaries inside the short per-memory segments
+OPTIONS = {"ttt": {"mini_batch_size": 3}}
+
+
+def make_layer(name, seed=0, num_memories=3, topk=2, shared_memory=True, options=None, **kw):
+    torch.manual_seed(seed)
+    opts = OPTIONS.get(name) if options is None else options
+    return MixtureOfMemories(name, D, H, num_memories=num_memories, topk=topk, shared_memory=shared_memory,
+                             chunk_size=4, backend="torch", rule_options=opts, **kw).double()
+
+
+def rand_x(B, T, seed):
+    return torch.randn(B, T, D, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def random_cache(layer, B, seed):
+    """A cache whose every memory starts from a random state (through `state_from_final`)."""
+    gen = torch.Generator().manual_seed(seed + 7)
+    S = 0.5 * torch.randn(B * layer.num_states, H, layer.head_dim, layer.value_dim, generator=gen, dtype=torch.float64)
+    state = tuple(s.unflatten(0, (B, layer.num_states)) for s in layer.rule.state_from_final(S))
+    return MoMCache(state=state, config=layer.config)
+
+
+def memory(layer, state):
+    """The `[B, Ms, H, K, V]` memories held in a decode state."""
+    return layer.rule.final_from_state(state)
+
+
+def close(a, b, what, tol):
+    torch.testing.assert_close(a, b, **tol, msg=lambda m: f"{what}: {m}")
+
+
+@pytest.mark.parametrize("name", RULES)
+@settings(max_examples=5)
+@given(B=st.integers(1, 2), T=st.integers(1, 14), topk=st.integers(1, 3), shared=st.booleans(),
+       with_state=st.booleans(), seed=st.integers(0, 2**16))
+def test_equals_dense_reference(name, B, T, topk, shared, with_state, seed):
+    """The packed wrapper (chunk path; the step path when T = 1 with a cache) equals the dense reference."""
+    layer = make_layer(name, seed, topk=topk, shared_memory=shared)
+    x = rand_x(B, T, seed)
+    cache = random_cache(layer, B, seed) if with_state else None
+    h0 = None if cache is None else cache.state
+    y_ref, state_ref = mom_reference(layer, x, h0)
+    out = layer(x, cache=cache, use_cache=True)
+    close(out.output, y_ref, f"{name} output", OUT_TOL)
+    close(memory(layer, out.cache.state), memory(layer, state_ref), f"{name} final memories", STATE_TOL)
+
+
+@pytest.mark.parametrize("name", RULES)
+@settings(max_examples=3)
+@given(T=st.integers(1, 12), seed=st.integers(0, 2**16))
+def test_decoding_token_by_token_equals_forward(name, T, seed):
+    """From an empty cache, T calls with one token each equal one forward over all T tokens."""
+    layer = make_layer(name, seed)
+    x = rand_x(2, T, seed)
+    full = layer(x, use_cache=True)
+    cache, ys = None, []
+    for t in range(T):
+        out = layer(x[:, t:t + 1], cache=cache, use_cache=True)
+        cache = out.cache
+        ys.append(out.output)
+    close(torch.cat(ys, 1), full.output, f"{name} decoded outputs", OUT_TOL)
+    close(memory(layer, cache.state), memory(layer, full.cache.state), f"{name} decoded memories", STATE_TOL)
+    assert cache.seen == T
+
+
+@pytest.mark.parametrize("name", RULES)
+@settings(max_examples=3)
+@given(T=st.integers(2, 14), split=st.floats(0.1, 0.9), seed=st.integers(0, 2**16))
+def test_prefix_then_continuation_equals_forward(name, T, split, seed):
+    """A prefill with a cache, then the rest (chunked, from the cached per-memory states), equals one forward."""
+    # ttt's decode state carries the position inside the current mini-batch, but a chunked prefill
+    # returns only the memory S, and a continuation from an initial state starts a fresh mini-batch
+    # (DESIGN: an initial state starts one). With mini-batches of one token the two agree exactly.
+    layer = make_layer(name, seed, options={"mini_batch_size": 1} if name == "ttt" else None)
+    x = rand_x(2, T, seed)
+    t0 = min(max(int(T * split), 1), T - 1)
+    full = layer(x, use_cache=True)
+    a = layer(x[:, :t0], use_cache=True)
+    b = layer(x[:, t0:], cache=a.cache)
+    close(torch.cat([a.output, b.output], 1), full.output, f"{name} continued outputs", OUT_TOL)
+    close(memory(layer, b.cache.state), memory(layer, full.cache.state), f"{name} continued memories", STATE_TOL)
+
+
+@pytest.mark.parametrize("name", RULES)
+@settings(max_examples=3)
+@given(T=st.integers(2, 14), cut=st.floats(0.0, 0.95), seed=st.integers(0, 2**16))
+def test_causality(name, T, cut, seed):
+    """Changing tokens from t0 on (and so their routing) changes no output before t0."""
+    layer = make_layer(name, seed)
+    x = rand_x(2, T, seed)
+    t0 = min(int(T * cut), T - 1)
+    x2 = x.clone()
+    x2[:, t0:] = rand_x(2, T - t0, seed + 1)
+    y1, y2 = layer(x).output, layer(x2).output
+    close(y2[:, :t0], y1[:, :t0], f"{name} outputs before t0", OUT_TOL)
+    assert not torch.allclose(y2[:, t0:], y1[:, t0:]), "the changed tokens should change their outputs"
+
+
+@pytest.mark.parametrize("name", RULES)
+@settings(max_examples=3)
+@given(lens=st.lists(st.integers(1, 9), min_size=1, max_size=4), seed=st.integers(0, 2**16))
+def test_varlen_equals_separate_runs(name, lens, seed):
+    """A packed batch (B = 1, cu_seqlens; segments are (sequence, memory) pairs) equals separate runs."""
+    layer = make_layer(name, seed)
+    x = rand_x(1, sum(lens), seed)
+    cu = torch.tensor([0] + lens).cumsum(0)
+    packed = layer(x, cu_seqlens=cu).output
+    separate = torch.cat([layer(x[:, int(cu[n]):int(cu[n + 1])]).output for n in range(len(lens))], 1)
+    close(packed, separate, f"{name} packed outputs", OUT_TOL)
+
+
+@pytest.mark.parametrize("name", RULES)
+@settings(max_examples=3)
+@given(B=st.integers(1, 2), T=st.integers(1, 12), topk=st.integers(1, 2), seed=st.integers(0, 2**16))
+def test_unrouted_memory_keeps_its_initial_state(name, B, T, topk, seed):
+    """Memory 0, which the router never picks, ends exactly (bit for bit) at its initial state."""
+    layer = make_layer(name, seed, topk=topk)
+    with torch.no_grad():  # token feature 0 is 1, and memory 0's logit is -100 * feature 0
+        layer.router.proj.weight[0] = 0.0
+        layer.router.proj.weight[0, 0] = -100.0
+    x = rand_x(B, T, seed)
+    x[..., 0] = 1.0
+    cache = random_cache(layer, B, seed)
+    initial = tuple(s.clone() for s in cache.state)
+    out = layer(x, cache=cache)
+    assert not bool((layer.router(x).index == 0).any())
+    for i, (s, s0) in enumerate(zip(out.cache.state, initial)):
+        assert torch.equal(s[:, 0], s0[:, 0]), f"{name}: state tensor {i} of the unrouted memory changed"
+    # and the routed ones did change
+    assert not torch.equal(memory(layer, out.cache.state)[:, -1], memory(layer, initial)[:, -1])
+
+
+@pytest.mark.parametrize("name", RULES)
+def test_gradients_reach_router_every_memory_and_shared(name):
+    layer = make_layer(name, 3)
+    x = rand_x(2, 16, 3).requires_grad_()
+    out = layer(x)
+    sel = layer.router(x).index
+    assert all(bool((sel == m).any()) for m in range(layer.num_memories)), "test setup: every memory gets a token"
+    w = torch.randn(out.output.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    ((out.output * w).sum() + out.aux_loss).backward()
+    for pname, p in layer.named_parameters():
+        assert p.grad is not None and bool(p.grad.abs().sum() > 0), f"{name}: no gradient reaches {pname}"
+        assert bool(torch.isfinite(p.grad).all()), f"{name}: non-finite gradient in {pname}"
+    Ms = layer.num_states
+    for pname in ("k_proj", "v_proj"):
+        proj = getattr(layer, pname)
+        if proj is None:  # hgrn2 derives its keys from the (per-memory) gate
+            continue
+        per_memory = proj.weight.grad.view(Ms, -1, D)
+        for m in range(Ms):
+            kind = "shared memory" if m == layer.num_memories else f"memory {m}"
+            assert bool(per_memory[m].abs().sum() > 0), f"{name}: no gradient reaches {pname} of {kind}"
+    assert x.grad is not None and bool(x.grad.abs().sum() > 0)
+
+
+def test_aux_loss_hand_computed():
+    """M = 2, top-1, three tokens with router probabilities (0.9, 0.1), (0.6, 0.4), (0.2, 0.8):
+    f = (2/3, 1/3), P = (1.7/3, 1.3/3), loss = 2 * (2/3 * 1.7/3 + 1/3 * 1.3/3) = 9.4 / 9."""
+    layer = MixtureOfMemories("linear_attention", 4, 2, num_memories=2, topk=1, aux_loss_weight=0.5,
+                              backend="torch").double()
+    p = torch.tensor([[0.9, 0.1], [0.6, 0.4], [0.2, 0.8]], dtype=torch.float64)
+    with torch.no_grad():
+        layer.router.proj.weight.zero_()
+        layer.router.proj.weight[:, :3] = p.log().T                 # logits of token t = log p_t
+    x = torch.eye(4, dtype=torch.float64)[None, :3]                  # token t = e_t
+    out = layer(x)
+    torch.testing.assert_close(out.aux_loss, torch.tensor(0.5 * 9.4 / 9, dtype=torch.float64), atol=1e-12, rtol=0)
+    # balanced routing gives exactly M * sum_m (1/M)(1/M) = 1
+    balanced = Routing(probs=torch.full((1, 4, 2), 0.5), index=torch.tensor([[[0], [1], [0], [1]]]),
+                       weight=torch.ones(1, 4, 1))
+    assert float(load_balancing_loss(balanced, 2)) == pytest.approx(1.0)
+
+
+def test_bad_input_names_the_parameter():
+    mk = lambda **kw: MixtureOfMemories(**{"rule": "gla", "hidden_size": 16, "num_heads": 2, **kw})
+    with pytest.raises(ValueError, match="topk"):
+        mk(num_memories=2, topk=3)
+    with pytest.raises(ValueError, match="num_memories"):
+        mk(num_memories=0, topk=1)
+    with pytest.raises(ValueError, match="topk"):
+        mk(topk=0)
+    with pytest.raises(ValueError, match="unknown update rule"):
+        mk(rule="no_such_rule")
+    with pytest.raises(ValueError, match="hidden_size"):
+        mk(hidden_size=10, num_heads=3)
+    with pytest.raises(ValueError, match="aux_loss_weight"):
+        mk(aux_loss_weight=-1.0)
+    layer = mk(num_memories=3)
+    x = torch.randn(2, 3, 16)
+    with pytest.raises(ValueError, match="x"):
+        layer(torch.randn(2, 3, 8))
+    cache = layer(x, use_cache=True).cache
+    for other, key in ((mk(num_memories=4), "num_memories"), (mk(num_memories=3, shared_memory=False), "shared_memory"),
+                       (mk(num_memories=3, head_dim=4), "head_dim"), (mk(rule="mamba2", num_memories=3), "rule")):
+        with pytest.raises(ValueError, match=key):
+            other(x[:, :1], cache=cache)
+    with pytest.raises(ValueError, match="batch size"):
+        layer(torch.randn(3, 1, 16), cache=cache)
+    with pytest.raises(TypeError, match="MoMCache"):
+        layer(x, cache=RuleCache())
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        layer(x, cu_seqlens=torch.tensor([0, 3]))
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        layer(x[:1], cache=cache, cu_seqlens=torch.tensor([0, 3]))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", [n for n in RULES if R.get(n).has_fla])
+def test_fla_backend_matches_torch_on_gpu(name):
+    """On a GPU the fla kernels (varlen, with per-memory initial states) agree with the torch backend.
+    float32, atol 2e-3 (tf32 / kernel reassociation)."""
+    torch.manual_seed(0)
+    layer = MixtureOfMemories(name, 64, 2, num_memories=4, topk=2, backend="fla").cuda()
+    x = torch.randn(2, 100, 64, device="cuda")
+    cache = layer.init_cache(2, device="cuda")
+    cache.state = tuple(torch.randn_like(s) * 0.1 for s in cache.state)
+    ref_cache = MoMCache(state=tuple(s.clone() for s in cache.state), config=cache.config)
+    y = layer(x, cache=cache)
+    layer.backend = "torch"
+    y_ref = layer(x, cache=ref_cache)
+    torch.testing.assert_close(y.output, y_ref.output, atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(memory(layer, y.cache.state), memory(layer, y_ref.cache.state), atol=2e-3, rtol=2e-3)
