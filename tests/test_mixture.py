@@ -24,6 +24,7 @@ from lsm.layers import RuleCache
 from lsm.mixture import MixtureOfMemories, MoMCache, load_balancing_loss
 from lsm.mixture.reference import mom_reference
 from lsm.mixture.routing import Routing
+from lsm.rules.base import UpdateRule
 
 RULES = R.names()
 D, H = 16, 2
@@ -239,6 +240,70 @@ def test_bad_input_names_the_parameter():
         layer(x, cu_seqlens=torch.tensor([0, 3]))
     with pytest.raises(ValueError, match="cu_seqlens"):
         layer(x[:1], cache=cache, cu_seqlens=torch.tensor([0, 3]))
+
+
+TRITON_RULES = [n for n in RULES if type(R.get(n))._chunk_triton is not UpdateRule._chunk_triton]
+
+
+def forced_pair(name, backend, device="cpu"):
+    """A float32 layer whose router never picks memory 0, an input, and two equal random caches."""
+    torch.manual_seed(0)
+    layer = MixtureOfMemories(name, D, H, num_memories=3, topk=2, chunk_size=16, backend=backend).to(device)
+    with torch.no_grad():
+        layer.router.proj.weight[0] = 0.0
+        layer.router.proj.weight[0, 0] = -100.0
+    x = torch.randn(2, 12, D, device=device)
+    x[..., 0] = 1.0
+    cache = layer.init_cache(2, device=device)
+    cache.state = tuple(0.5 * torch.randn_like(s) for s in cache.state)
+    twin = MoMCache(state=tuple(s.clone() for s in cache.state), config=cache.config)
+    return layer, x, cache, twin
+
+
+@pytest.mark.parametrize("name", TRITON_RULES)
+def test_triton_backend_matches_torch(name):
+    """backend="triton" (this project's kernels; TRITON_INTERPRET on CPU) equals backend="torch" through the
+    packed varlen batch with per-memory initial states and an empty segment; float32, atol 1e-5."""
+    layer, x, cache, twin = forced_pair(name, "triton", "cuda" if torch.cuda.is_available() else "cpu")
+    y = layer(x, cache=cache)
+    layer.backend = "torch"
+    y_ref = layer(x, cache=twin)
+    torch.testing.assert_close(y.output, y_ref.output, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(memory(layer, y.cache.state), memory(layer, y_ref.cache.state), atol=1e-5, rtol=1e-4)
+    assert torch.equal(memory(layer, y.cache.state)[:, 0], memory(layer, twin.state)[:, 0])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", [n for n in RULES if R.get(n).has_fla])
+def test_fla_backend_unrouted_memory_on_gpu(name):
+    """fla's varlen kernels with an empty segment (memory 0 never routed): that memory keeps its
+    initial state, and the rest matches the torch backend; float32, atol 2e-3."""
+    layer, x, cache, twin = forced_pair(name, "fla", "cuda")
+    initial = memory(layer, cache.state)[:, 0].clone()
+    y = layer(x, cache=cache)
+    layer.backend = "torch"
+    y_ref = layer(x, cache=twin)
+    torch.testing.assert_close(y.output, y_ref.output, atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(memory(layer, y.cache.state)[:, 0], initial, atol=0, rtol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_forward_does_not_synchronise_on_gpu(backend):
+    """Routing, dispatch, the rule's chunked form (torch / triton backends) and combine run without a
+    host synchronisation, forward and backward. (fla's varlen path builds chunk indices on the host.)"""
+    name = "mamba2" if backend == "triton" else "gated_deltanet"
+    torch.manual_seed(0)
+    layer = MixtureOfMemories(name, 64, 2, num_memories=4, topk=2, backend=backend).cuda()
+    x = torch.randn(2, 100, 64, device="cuda", requires_grad=True)
+    layer(x).output.sum().backward()  # warm-up: kernel compilation may synchronise
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = layer(x)
+        (out.output.sum() + out.aux_loss).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
 
 
 @pytest.mark.gpu

@@ -165,15 +165,16 @@ class MixtureOfMemories(RuleLayer):
         B, T, H, _ = q.shape
         Ms = self.num_states
         d = dispatch(sel, Ms, cu_seqlens)
-        rows = lambda t: t.flatten(0, 2)[d.src][None]                               # [B, T, Ms, ...] -> [1, R, ...]
+        # index_select, not advanced indexing: its backward is an index_add, never a host sync
+        rows = lambda t: t.flatten(0, 2).index_select(0, d.src)[None]               # [B, T, Ms, ...] -> [1, R, ...]
         h0 = None if cache is None else self.rule.final_from_state(cache.state).flatten(0, 1)  # [B*Ms, H, K, V]
-        o, S = self.rule.chunk(q.flatten(0, 1)[d.tok][None], rows(k), rows(v), initial_state=h0,
+        o, S = self.rule.chunk(q.flatten(0, 1).index_select(0, d.tok)[None], rows(k), rows(v), initial_state=h0,
                                output_final_state=cache is not None, cu_seqlens=d.cu_seqlens,
                                chunk_size=self.chunk_size, backend=self.backend,
                                **{n: rows(g) for n, g in gates.items()}, **self.rule_options)
         if cache is not None:
             cache.state = tuple(s.unflatten(0, (B, Ms)) for s in self.rule.state_from_final(S))
-        o = o[0][d.dest]                                                            # [B*T, S, H, V]
+        o = o[0].index_select(0, d.dest.flatten()).unflatten(0, d.dest.shape)      # [B*T, S, H, V]
         return _mix(o, w.flatten(0, 1)).view(B, T, H, -1)
 
     def _step(self, q, k, v, gates, sel, w, cache: MoMCache) -> Tensor:

@@ -91,12 +91,12 @@ def dispatch(sel: Tensor, num_slots_memories: int, cu_seqlens: Tensor | None = N
     mask = torch.zeros(L, Ms, dtype=torch.long, device=dev).scatter_(1, sel, 1)  # [L, Ms] routed?
     csum = torch.cat([mask.new_zeros(1, Ms), mask.cumsum(0)])                   # [L+1, Ms] exclusive counts
     # 2. per segment (n, m): its length and the rank of each routed token inside it
-    base = csum[cu[:-1]]                                                        # [N, Ms] count before sequence start
-    counts = csum[cu[1:]] - base                                                # [N, Ms] segment lengths
-    rank = csum[:-1] - base[seq]                                                # [L, Ms]
+    base = csum.index_select(0, cu[:-1])                                        # [N, Ms] count before sequence start
+    counts = csum.index_select(0, cu[1:]) - base                                # [N, Ms] segment lengths
+    rank = csum[:-1] - base.index_select(0, seq)                                # [L, Ms]
     cu_seg = torch.cat([counts.new_zeros(1), counts.reshape(-1).cumsum(0)])     # [N*Ms+1]
     # 3. packed row of each (token, slot), and its inverse
-    pos = cu_seg[:-1].view(N, Ms)[seq] + rank                                   # [L, Ms]
+    pos = cu_seg[:-1].view(N, Ms).index_select(0, seq) + rank                   # [L, Ms]
     dest = pos.gather(1, sel)                                                   # [L, S]
     pair = t[:, None] * Ms + sel                                                # [L, S] flat (token, memory)
     src = torch.empty(L * S, dtype=torch.long, device=dev).scatter_(0, dest.reshape(-1), pair.reshape(-1))
