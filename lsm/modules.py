@@ -39,13 +39,19 @@ class ShortConv(nn.Module):
         W = self.kernel_size
         past = x.new_zeros(B, W - 1, C) if state is None else state.transpose(1, 2).to(x.dtype)
         xp = torch.cat([past, x], 1)                                   # [B, W-1+T, C]
-        pos = seq_positions(cu_seqlens, T) if cu_seqlens is not None else None
-        y = self.bias.to(x.dtype).expand(B, T, C)
-        for j in range(W):  # over the W kernel taps; tap j looks back W-1-j tokens
-            tap = xp[:, j:j + T] * self.weight[:, j].to(x.dtype)
-            if pos is not None and j < W - 1:
-                tap = tap * (pos >= W - 1 - j).to(x.dtype)[None, :, None]
-            y = y + tap
+        if T == 0:
+            return x, xp.transpose(1, 2).contiguous()
+        if cu_seqlens is None:  # one depthwise conv1d
+            y = F.conv1d(xp.transpose(1, 2), self.weight.to(x.dtype)[:, None], self.bias.to(x.dtype), groups=C)
+            y = y.transpose(1, 2)                                      # [B, T, C]
+        else:  # packed: sum the W taps, masking taps that would reach into the previous sequence
+            pos = seq_positions(cu_seqlens, T)
+            y = self.bias.to(x.dtype).expand(B, T, C)
+            for j in range(W):  # tap j looks back W-1-j tokens
+                tap = xp[:, j:j + T] * self.weight[:, j].to(x.dtype)
+                if j < W - 1:
+                    tap = tap * (pos >= W - 1 - j).to(x.dtype)[None, :, None]
+                y = y + tap
         if self.activation:
             y = F.silu(y)
         return y, xp[:, T:].transpose(1, 2).contiguous() if W > 1 else x.new_zeros(B, C, 0)

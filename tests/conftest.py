@@ -6,6 +6,8 @@ try:  # must happen before triton is imported anywhere
 
     if not torch.cuda.is_available():
         os.environ.setdefault("TRITON_INTERPRET", "1")
+        # tests use tiny tensors: one thread per pytest-xdist worker beats oversubscribing the cores
+        torch.set_num_threads(1)
 except ImportError:  # pragma: no cover
     pass
 

@@ -96,9 +96,9 @@ class UpdateRule:
             want = tuple(q.shape[:-1]) + ((q.shape[-1],) if spec.per == "key" else ())
             _check(tuple(t.shape) == want, ValueError,
                    f"{self.name}: gate `{g}` must be {self._gate_shape(g, single_step)} = {want}, got {tuple(t.shape)}")
-            if t.device.type == "cpu" and spec.kind == "log_decay" and bool((t > 0).any()):
-                raise ValueError(f"{self.name}: gate `{g}` holds log-decays and must be <= 0 (g = log(alpha), alpha in (0, 1]); "
-                                 f"got a maximum of {t.max().item():.4g}")
+            if t.device.type == "cpu" and spec.kind == "log_decay" and not bool(((t <= 0) & t.isfinite()).all()):
+                raise ValueError(f"{self.name}: gate `{g}` holds log-decays and must be finite and <= 0 "
+                                 f"(g = log(alpha), alpha in (0, 1]); got values in [{t.min().item():.4g}, {t.max().item():.4g}]")
             if t.device.type == "cpu" and spec.kind == "rate" and bool((t < 0).any()):
                 raise ValueError(f"{self.name}: gate `{g}` must be >= 0, got a minimum of {t.min().item():.4g}")
         if single_step:
