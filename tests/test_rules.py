@@ -87,7 +87,8 @@ def test_chunk_equals_recurrent(name, T, chunk_size, with_h0, B, seed):
     g_r = grads((o_r, S_r), all_inputs, seed)
     g_c = grads((o_c, S_c), all_inputs, seed)
     for n in g_r:
-        assert g_r[n].abs().sum() > 0, f"{name}: no gradient reaches `{n}` in the reference"
+        if n != "g" or with_h0 or T > 1:  # a decay of an empty state (T = 1, no h0) has no effect
+            assert g_r[n].abs().sum() > 0, f"{name}: no gradient reaches `{n}` in the reference"
         assert_close(g_c[n], g_r[n], f"{name} grad of {n}")
 
 
