@@ -33,11 +33,21 @@ Backward (dH_c = gradient of the state at the end of chunk c):
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
 NONE, GAMMA, SCALAR, VECTOR = 0, 1, 2, 3
+
+
+def _tune(key: list[str], warps=(2, 4, 8), stages=(2, 3, 4)):
+    """Autotune launch parameters on a GPU (the interpreter has nothing to tune). Every tuned kernel
+    writes its outputs without reading them, so the tuning runs cannot corrupt results."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return lambda fn: fn
+    return triton.autotune([triton.Config({}, num_warps=w, num_stages=s) for w in warps for s in stages], key=key)
 
 
 def decay_kind(g: torch.Tensor | None, g_gamma: torch.Tensor | None) -> int:
@@ -127,6 +137,7 @@ def _cumsum_kernel(g, G, cu, cseq, cloc, N, H: tl.constexpr, K: tl.constexpr, BT
         tl.store(G + rows * H + i_h, tl.cumsum(b_g, axis=0), mask=m_t)
 
 
+@_tune(["H", "K", "V", "BT", "BK", "BV", "DECAY"])
 @triton.jit
 def _fwd_h_kernel(k, v, G, gamma, h, h0, ht, cu, coff, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                   BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr,
@@ -167,6 +178,7 @@ def _fwd_h_kernel(k, v, G, gamma, h, h0, ht, cu, coff, H: tl.constexpr, K: tl.co
         tl.store(ht + i_nh * K * V + p_kv, b_h, mask=m_kv)
 
 
+@_tune(["H", "K", "BT", "BC", "BK"])
 @triton.jit
 def _fwd_A_kernel(q, k, G, A, cu, cseq, cloc, N, H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr,
                   BC: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
@@ -213,6 +225,7 @@ def _fwd_A_kernel(q, k, G, A, cu, cseq, cloc, N, H: tl.constexpr, K: tl.constexp
         tl.store(p_A + (j_c * BC + o_c)[None, :], tl.zeros([BC, BC], dtype=tl.float32), mask=m_i[:, None])
 
 
+@_tune(["H", "K", "V", "BT", "BK", "BV", "DECAY"])
 @triton.jit
 def _fwd_o_kernel(q, k, v, G, gamma, h, A, o, cu, cseq, cloc, N, scale, H: tl.constexpr, K: tl.constexpr,
                   V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr,
@@ -233,7 +246,7 @@ def _fwd_o_kernel(q, k, v, G, gamma, h, A, o, cu, cseq, cloc, N, scale, H: tl.co
         p_qk = rows[:, None] * (H * K) + i_h * K + o_k[None, :]
         b_q = tl.load(q + p_qk, mask=m_t[:, None] & m_k[None, :], other=0.)
         b_h = tl.load(h + (i_t * H + i_h).to(tl.int64) * K * V + o_k[:, None] * V + o_v[None, :],
-                      mask=m_k[:, None] & m_v[None, :], other=0.).to(b_q.dtype)
+                      mask=m_k[:, None] & m_v[None, :] & (eos > t0), other=0.).to(b_q.dtype)
         if DECAY == 3:
             b_G = tl.load(G + p_qk, mask=m_t[:, None] & m_k[None, :], other=0.)
             b_o += tl.dot((b_q * tl.exp(b_G)).to(b_q.dtype), b_h, input_precision=PREC)
@@ -257,6 +270,7 @@ def _fwd_o_kernel(q, k, v, G, gamma, h, A, o, cu, cseq, cloc, N, scale, H: tl.co
 
 
 # ----------------------------------------------------------------------------------------- backward
+@_tune(["H", "K", "V", "BT", "BK", "BV", "DECAY"])
 @triton.jit
 def _bwd_dh_kernel(q, do, G, gamma, dh, dht, dh0, cu, coff, scale, H: tl.constexpr, K: tl.constexpr,
                    V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr,
@@ -298,6 +312,7 @@ def _bwd_dh_kernel(q, do, G, gamma, dh, dht, dh0, cu, coff, scale, H: tl.constex
         tl.store(dh0 + i_nh * K * V + p_kv, b_dh, mask=m_kv)
 
 
+@_tune(["H", "K", "V", "BT", "BK", "BV", "DECAY"])
 @triton.jit
 def _bwd_dv_kernel(q, k, do, G, gamma, dh, A, dv, cu, cseq, cloc, N, scale, H: tl.constexpr, K: tl.constexpr,
                    V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr,
@@ -321,7 +336,7 @@ def _bwd_dv_kernel(q, k, do, G, gamma, dh, A, dv, cu, cseq, cloc, N, scale, H: t
         p_qk = rows[:, None] * (H * K) + i_h * K + o_k[None, :]
         b_k = tl.load(k + p_qk, mask=m_t[:, None] & m_k[None, :], other=0.)
         b_dh = tl.load(dh + (i_t * H + i_h).to(tl.int64) * K * V + o_k[:, None] * V + o_v[None, :],
-                       mask=m_k[:, None] & m_v[None, :], other=0.).to(b_k.dtype)
+                       mask=m_k[:, None] & m_v[None, :] & (eos > t0), other=0.).to(b_k.dtype)
         if DECAY == 0:
             b_kd = b_k
         elif DECAY == 3:
@@ -347,12 +362,14 @@ def _bwd_dv_kernel(q, k, do, G, gamma, dh, A, dv, cu, cseq, cloc, N, scale, H: t
              mask=m_t[:, None] & m_v[None, :])
 
 
+@_tune(["H", "K", "V", "BT", "BK", "BV", "DECAY"])
 @triton.jit
-def _bwd_dqk_kernel(q, k, v, do, G, gamma, h, dh, dq, dk, dA, Dc, cu, cseq, cloc, N, scale, H: tl.constexpr,
-                    K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                    DECAY: tl.constexpr, PREC: tl.constexpr):
-    """dq, dk (float32) for one (K tile, chunk, head); VECTOR decays store dA and leave the intra-chunk
-    part to _bwd_intra_kernel. Dc = exp(G_L) rowsum(h_c dH_c) + sum_j k_j dk^state_j feeds dg."""
+def _bwd_dqk_kernel(q, k, v, do, G, gamma, h, dh, dq, dk, dA, Dc, dgx, cu, cseq, cloc, N, T_all, scale,
+                    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+                    BV: tl.constexpr, DECAY: tl.constexpr, PREC: tl.constexpr):
+    """dq, dk for one (K tile, chunk, head). VECTOR decays write float32 partial dq, dk and dA, and leave
+    the intra-chunk part to _bwd_intra_kernel. For dg: Dc = exp(G_L) rowsum(h_c dH_c) + sum_j k_j dk^state_j
+    and, for head decays, this K tile's share of sum_k (q dq - k dk) per row, dgx `[NK, B*T, H]`."""
     i_k, i_t, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     t0, eos = _chunk_rows(cu, cseq, cloc, i_t, N, BT)
     o_t = tl.arange(0, BT)
@@ -373,8 +390,8 @@ def _bwd_dqk_kernel(q, k, v, do, G, gamma, h, dh, dq, dk, dA, Dc, cu, cseq, cloc
         b_do = tl.load(do + p_tv, mask=m_t[:, None] & m_v[None, :], other=0.)
         b_v = tl.load(v + p_tv, mask=m_t[:, None] & m_v[None, :], other=0.)
         p_vk = (i_t * H + i_h).to(tl.int64) * K * V + o_k[None, :] * V + o_v[:, None]   # [BV, BK] view of [K, V]
-        b_h = tl.load(h + p_vk, mask=m_k[None, :] & m_v[:, None], other=0.)
-        b_dh = tl.load(dh + p_vk, mask=m_k[None, :] & m_v[:, None], other=0.)
+        b_h = tl.load(h + p_vk, mask=m_k[None, :] & m_v[:, None] & (eos > t0), other=0.)   # unused slots hold garbage
+        b_dh = tl.load(dh + p_vk, mask=m_k[None, :] & m_v[:, None] & (eos > t0), other=0.)
         b_dq += tl.dot(b_do, b_h.to(b_do.dtype), input_precision=PREC)
         b_dk += tl.dot(b_v, b_dh.to(b_v.dtype), input_precision=PREC)
         b_dA += tl.dot(b_do, tl.trans(b_v), input_precision=PREC)
@@ -397,6 +414,8 @@ def _bwd_dqk_kernel(q, k, v, do, G, gamma, h, dh, dq, dk, dA, Dc, cu, cseq, cloc
         b_dA = (b_dA * scale * tl.exp(tl.where(causal, b_G[:, None] - b_G[None, :], float("-inf")))).to(b_q.dtype)
         b_dq += tl.dot(b_dA, b_k, input_precision=PREC)
         b_dk += tl.dot(tl.trans(b_dA), b_q, input_precision=PREC)
+        b_x = tl.sum(b_q.to(tl.float32) * b_dq - b_k.to(tl.float32) * b_dk, axis=1)
+        tl.store(dgx + (i_k * T_all + rows) * H + i_h, b_x, mask=m_t)
     else:
         last = tl.minimum(t0 + BT, eos) - 1
         b_G = tl.load(G + p_qk, mask=m_qk, other=0.)
@@ -408,15 +427,15 @@ def _bwd_dqk_kernel(q, k, v, do, G, gamma, h, dh, dq, dk, dA, Dc, cu, cseq, cloc
         if i_k == 0:
             tl.store(dA + rows[:, None] * (H * BT) + i_h * BT + o_t[None, :], tl.where(causal, b_dA * scale, 0.),
                      mask=m_t[:, None])
-    tl.store(dq + p_qk, b_dq, mask=m_qk)
-    tl.store(dk + p_qk, b_dk, mask=m_qk)
+    tl.store(dq + p_qk, b_dq.to(dq.dtype.element_ty), mask=m_qk)
+    tl.store(dk + p_qk, b_dk.to(dk.dtype.element_ty), mask=m_qk)
 
 
 @triton.jit
-def _bwd_intra_kernel(q, k, G, dA, dq, dk, cu, cseq, cloc, N, H: tl.constexpr, K: tl.constexpr,
+def _bwd_intra_kernel(q, k, G, dA, dq32, dk32, dq, dk, dgx, cu, cseq, cloc, N, H: tl.constexpr, K: tl.constexpr,
                       BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
-    """VECTOR decay, rows of one BC sub-chunk: dq_i += sum_{j<=i} dA_ij k_j exp(G_i - G_j),
-    dk_j += sum_{i>=j} dA_ij q_i exp(G_i - G_j)."""
+    """VECTOR decay, rows of one BC sub-chunk: dq_i = dq32_i + sum_{j<=i} dA_ij k_j exp(G_i - G_j),
+    dk_j = dk32_j + sum_{i>=j} dA_ij q_i exp(G_i - G_j); also dgx = q dq - k dk (float32)."""
     i_c, i_t, i_hk = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     NC: tl.constexpr = BT // BC
     NK: tl.constexpr = (K + BK - 1) // BK
@@ -466,36 +485,40 @@ def _bwd_intra_kernel(q, k, G, dA, dq, dk, cu, cseq, cloc, N, H: tl.constexpr, K
     b_e = tl.exp(tl.where(causal[:, :, None], b_G[:, None, :] - b_G[None, :, :], float("-inf")))   # [i, j, k]
     b_dq += tl.sum(b_dAd[:, :, None] * b_k[None, :, :] * b_e, axis=1)
     b_dk += tl.sum(b_dAd[:, :, None] * b_q[:, None, :] * b_e, axis=0)
-    tl.store(dq + p_i, tl.load(dq + p_i, mask=m_ik, other=0.) + b_dq, mask=m_ik)
-    tl.store(dk + p_i, tl.load(dk + p_i, mask=m_ik, other=0.) + b_dk, mask=m_ik)
+    b_dq += tl.load(dq32 + p_i, mask=m_ik, other=0.)
+    b_dk += tl.load(dk32 + p_i, mask=m_ik, other=0.)
+    tl.store(dq + p_i, b_dq.to(dq.dtype.element_ty), mask=m_ik)
+    tl.store(dk + p_i, b_dk.to(dk.dtype.element_ty), mask=m_ik)
+    tl.store(dgx + p_i, b_q * b_dq - b_k * b_dk, mask=m_ik)
 
 
 @triton.jit
-def _bwd_dg_kernel(q, k, dq, dk, Dc, dg, cu, cseq, cloc, N, H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr,
-                   BK: tl.constexpr, VEC: tl.constexpr):
-    """dg_t = sum_{u>=t in chunk} (q_u dq_u - k_u dk_u) + Dc (summed over K for head decays)."""
+def _bwd_dg_kernel(dgx, Dc, dg, cu, cseq, cloc, N, T_all, H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr,
+                   BK: tl.constexpr, NX: tl.constexpr, VEC: tl.constexpr):
+    """dg_t = sum_{u>=t in chunk} x_u + Dc, x = q dq - k dk (summed over K for head decays)."""
     i_t, i_h = tl.program_id(0), tl.program_id(1)
     t0, eos = _chunk_rows(cu, cseq, cloc, i_t, N, BT)
     rows = t0 + tl.arange(0, BT)
     m_t = rows < eos
-    b_s = tl.zeros([BT], dtype=tl.float32)
-    b_d = tl.zeros([BK], dtype=tl.float32)
-    for i_k in range(0, tl.cdiv(K, BK)):
-        o_k = i_k * BK + tl.arange(0, BK)
-        m_k = o_k < K
-        p = rows[:, None] * (H * K) + i_h * K + o_k[None, :]
-        m = m_t[:, None] & m_k[None, :]
-        b_x = (tl.load(q + p, mask=m, other=0.).to(tl.float32) * tl.load(dq + p, mask=m, other=0.)
-               - tl.load(k + p, mask=m, other=0.).to(tl.float32) * tl.load(dk + p, mask=m, other=0.))
-        b_Dc = tl.load(Dc + (i_t * H + i_h).to(tl.int64) * K + o_k, mask=m_k, other=0.)
-        if VEC:
+    if VEC:
+        for i_k in range(0, tl.cdiv(K, BK)):
+            o_k = i_k * BK + tl.arange(0, BK)
+            m_k = o_k < K
+            p = rows[:, None] * (H * K) + i_h * K + o_k[None, :]
+            m = m_t[:, None] & m_k[None, :]
+            b_x = tl.load(dgx + p, mask=m, other=0.)
+            b_Dc = tl.load(Dc + (i_t * H + i_h).to(tl.int64) * K + o_k, mask=m_k, other=0.)
             b_r = tl.sum(b_x, axis=0)[None, :] - tl.cumsum(b_x, axis=0) + b_x
             tl.store(dg + p, b_r + b_Dc[None, :], mask=m)
-        else:
-            b_s += tl.sum(b_x, axis=1)
-            b_d += b_Dc
-    if not VEC:
-        b_r = tl.sum(b_s, axis=0) - tl.cumsum(b_s, axis=0) + b_s
+    else:
+        b_x = tl.zeros([BT], dtype=tl.float32)
+        for i_x in range(0, NX):
+            b_x += tl.load(dgx + (i_x * T_all + rows) * H + i_h, mask=m_t, other=0.)
+        b_d = tl.zeros([BK], dtype=tl.float32)
+        for i_k in range(0, tl.cdiv(K, BK)):
+            o_k = i_k * BK + tl.arange(0, BK)
+            b_d += tl.load(Dc + (i_t * H + i_h).to(tl.int64) * K + o_k, mask=o_k < K, other=0.)
+        b_r = tl.sum(b_x, axis=0) - tl.cumsum(b_x, axis=0) + b_x
         tl.store(dg + rows * H + i_h, b_r + tl.sum(b_d, axis=0), mask=m_t)
 
 
@@ -554,7 +577,7 @@ def diag_fwd(q, k, v, G, g_gamma, h0, scale, meta, BT, kind, output_final_state)
     return o, ht
 
 
-def diag_bwd(q, k, v, G, g_gamma, h0, do, dht, scale, meta, BT, kind):
+def diag_bwd(q, k, v, G, g_gamma, h0, do, dht, scale, meta, BT, kind, need_dg=True):
     """Returns dq, dk, dv (input dtype), dg (float32, per token; None for NONE), dh0 (float32 or None)."""
     cu, cseq, cloc, coff, N, NT = meta
     B, T, H, K = q.shape
@@ -571,21 +594,27 @@ def diag_bwd(q, k, v, G, g_gamma, h0, do, dht, scale, meta, BT, kind):
     dv = torch.empty_like(v)
     _bwd_dv_kernel[(triton.cdiv(V, BV), NT, H)](q, k, do, G, g_gamma, dh, A, dv, cu, cseq, cloc, N, scale, H, K, V,
                                                 BT, BK, BV, kind, prec)
-    dq = q.new_empty(q.shape, dtype=torch.float32)
-    dk = q.new_empty(q.shape, dtype=torch.float32)
-    dA = q.new_empty(B, T, H, BT, dtype=torch.float32) if kind == VECTOR else None
+    NK = triton.cdiv(K, BK)
+    vec = kind == VECTOR
+    dq, dk = torch.empty_like(q), torch.empty_like(k)
+    dq32 = q.new_empty(q.shape, dtype=torch.float32) if vec else dq        # VECTOR: partial, finished by _bwd_intra
+    dk32 = q.new_empty(q.shape, dtype=torch.float32) if vec else dk
+    dA = q.new_empty(B, T, H, BT, dtype=torch.float32) if vec else None
     Dc = q.new_empty(NT, H, K, dtype=torch.float32) if kind != NONE else None
-    _bwd_dqk_kernel[(triton.cdiv(K, BK), NT, H)](q, k, v, do, G, g_gamma, h, dh, dq, dk, dA, Dc, cu, cseq, cloc, N,
-                                                 scale, H, K, V, BT, BK, BV, kind, prec)
-    if kind == VECTOR:
-        BKi = min(32, BK)
-        _bwd_intra_kernel[(BT // 16, NT, H * triton.cdiv(K, BKi))](q, k, G, dA, dq, dk, cu, cseq, cloc, N, H, K, BT,
-                                                                   16, BKi, "ieee")
-    dg = None
+    dgx = None                                                               # x = q dq - k dk for dg
     if kind != NONE:
-        dg = q.new_empty(q.shape if kind == VECTOR else q.shape[:3], dtype=torch.float32)
-        _bwd_dg_kernel[(NT, H)](q, k, dq, dk, Dc, dg, cu, cseq, cloc, N, H, K, BT, BK, kind == VECTOR)
-    return dq.to(q.dtype), dk.to(k.dtype), dv, dg, dh0
+        dgx = q.new_empty(q.shape if vec else (NK, B * T, H), dtype=torch.float32)
+    _bwd_dqk_kernel[(NK, NT, H)](q, k, v, do, G, g_gamma, h, dh, dq32, dk32, dA, Dc, dgx, cu, cseq, cloc, N, B * T,
+                                 scale, H, K, V, BT, BK, BV, kind, prec)
+    if vec:
+        BKi = min(32, BK)
+        _bwd_intra_kernel[(BT // 16, NT, H * triton.cdiv(K, BKi))](q, k, G, dA, dq32, dk32, dq, dk, dgx, cu, cseq,
+                                                                   cloc, N, H, K, BT, 16, BKi, "ieee")
+    dg = None
+    if kind != NONE and need_dg:
+        dg = q.new_empty(q.shape if vec else q.shape[:3], dtype=torch.float32)
+        _bwd_dg_kernel[(NT, H)](dgx, Dc, dg, cu, cseq, cloc, N, B * T, H, K, BT, BK, NK, vec)
+    return dq, dk, dv, dg, dh0
 
 
 class DiagChunkFunction(torch.autograd.Function):
@@ -613,10 +642,11 @@ class DiagChunkFunction(torch.autograd.Function):
         meta = (*maps, *ctx.meta_n)
         scale, BT, kind, g_dtype, gamma_dtype, h0_dtype = ctx.cfg
         dht = dht.float().contiguous() if dht is not None else None
-        dq, dk, dv, dg, dh0 = diag_bwd(q, k, v, G, gam, h0, do.contiguous(), dht, scale, meta, BT, kind)
+        need_dg = ctx.needs_input_grad[3] or ctx.needs_input_grad[4]
+        dq, dk, dv, dg, dh0 = diag_bwd(q, k, v, G, gam, h0, do.contiguous(), dht, scale, meta, BT, kind, need_dg)
         dgg = None
         if kind == GAMMA:
-            dgg = dg.sum((0, 1)).to(gamma_dtype) if ctx.needs_input_grad[4] else None
+            dgg = dg.sum((0, 1)).to(gamma_dtype) if dg is not None else None
             dg = None
         elif dg is not None:
             dg = dg.to(g_dtype)
