@@ -2,6 +2,6 @@
 from lsm.rules.base import BACKENDS, DecodeState, GateSpec, UnknownRuleError, UpdateRule, get, names, register
 
 # Importing a rule module registers it.
-from lsm.rules import deltanet, gated_deltanet, gla, hgrn2, lightning, linear_attention, mamba2, retnet  # noqa: E402,F401
+from lsm.rules import deltanet, gated_deltanet, gla, hgrn2, lightning, linear_attention, mamba2, retnet, ttt  # noqa: E402,F401
 
 __all__ = ["BACKENDS", "DecodeState", "GateSpec", "UnknownRuleError", "UpdateRule", "get", "names", "register"]

@@ -1,0 +1,272 @@
+"""ttt: TTT-Linear, test-time training of a linear inner model by mini-batch gradient descent (Sun et al., 2024).
+
+The memory `S [K, V]` is the weight of an inner model trained online, one gradient step per
+token, on a self-supervised loss. Per head, with learning rate `eta_t >= 0` (gate `[B, T, H]`):
+
+Plain form (default)
+    f(x; S) = S^T x,                        loss  l(S; k, v) = 1/2 ||S^T k - v||^2
+    grad_S l(S; k, v) = k (S^T k - v)^T,    readout  o_t = scale * S_t^T q_t
+
+LayerNorm form (when `ln_weight` and/or `ln_bias` `[H, V]` are given; needs K == V)
+    f(x; S) = x + LN_{w,b}(S^T x),          loss  l(S; k, v) = 1/2 ||f(k; S) - v||^2
+    readout  o_t = q_t + LN_{w,b}(scale * S_t^T q_t)
+    LN normalises over V with the biased variance and `ln_eps` inside the square root (default
+    1e-6), then applies the per-head affine `w [V]`, `b [V]` (a missing one defaults to ones /
+    zeros). `scale` multiplies the readout before the LayerNorm, as in the plain form; LN is
+    invariant to it up to `ln_eps`, so `o_t` is in effect `f(q_t; S_t)` (exactly so with scale=1).
+
+Mini-batch gradient descent with mini-batch size `b` (option `mini_batch_size`, default 16):
+tokens are grouped into mini-batches of b consecutive tokens, aligned to each sequence's start
+(a sequence boundary, or an initial state, starts a fresh mini-batch; the last mini-batch of a
+sequence may be shorter). Inside a mini-batch entered with state S0 every gradient is taken at S0:
+    S_t = S0 - sum_{i <= t, i in mini-batch} eta_i grad_S l(S0; k_i, v_i)
+and the next mini-batch starts from the state at the end of this one. With b = 1 and the plain
+form this is exactly deltanet with beta = eta: S_t = (I - eta_t k_t k_t^T) S_{t-1} + eta_t k_t v_t^T.
+
+Like the delta rules, ttt expects L2-normalised keys (`normalize_keys = True`: the layer
+normalises them). Then the plain mini-batch step `S0 - K^T diag(eta) (K S0 - V)` is
+non-expansive while `sum_i eta_i <= 2` over a mini-batch, which the default gate
+(`eta <= 1 / head_dim`, see `TTTGate`) guarantees for b <= 2 * head_dim.
+
+Decode state: `(S0 [B, H, K, V], S [B, H, K, V], n [B, H])`: the state at the current
+mini-batch's start, the current state, and the number of tokens already in the current
+mini-batch (held in the state's float dtype; always < b). `state_from_final(S)` starts a fresh
+mini-batch from S, `final_from_state` returns the current S.
+
+flash-linear-attention (0.6, `fla.ops.ttt.chunk_ttt_linear` / `naive.ttt_linear`) implements a
+different function, so `has_fla = False` and backend="fla" is refused:
+  1. its inner model has a bias: state `(W, b1)`, prediction `LN(W^T k + b1)`, and b1 is trained
+     too (its own `initial_state_bias` / `final_state_bias`); ours has no inner bias;
+  2. learning rates: within a mini-batch its output at position t uses `eta_t` (the *query's*
+     rate) for every earlier token, `o_t = ... - eta_t sum_{i<=t} (q_t . k_i) g_i`, and its state
+     update uses the *last* token's rate for the whole mini-batch, `W -= eta_last K^T G`; ours
+     weights each token's gradient by its own `eta_i`. (TTT's reference code uses a matrix
+     `eta[t, i] = ttt_lr(x_i) / (t + 1)`; neither fla nor we carry the 1/(t+1) token factor.)
+  3. output: fla returns `Z + LN(Z)` with `Z = scale * W_t^T q_t + b1_t` (residual on the inner
+     model's output); ours returns `q_t + LN(scale * S_t^T q_t)` (residual on the input, as
+     TTT-Linear's f(x) = x + LN(f_res(x)));
+  4. it supports only the LN form with K == V (no plain form).
+They agree on the per-token gradient: its LN backward `v_new`, with target `v - k` and loss
+1/2 ||.||^2, equals our `dl/dz`; with a zero initial bias and eta constant inside one mini-batch
+its first mini-batch's W equals our S (tests/test_rules_ttt.py checks this on CPU).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from lsm.rules._chunking import ChunkLayout
+from lsm.rules.base import GateSpec, UpdateRule, _check, register
+
+
+class TTTGate(nn.Module):
+    """`eta = base_lr * sigmoid(x W + b)`, `[B, T, H]`.
+
+    `base_lr` defaults to `1 / head_dim` (TTT-Linear's `ttt_base_lr = 1` divided by the head
+    dimension). W starts at N(0, 0.02^2), b at 0, so eta starts near `base_lr / 2`.
+    With `layer_norm=True` the module also owns the LN form's `ln_weight` (ones) and `ln_bias`
+    (zeros), `[H, head_dim]`, and returns them in the gate dict.
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, head_dim: int, base_lr: float | None = None,
+                 layer_norm: bool = False):
+        super().__init__()
+        self.base_lr = 1.0 / head_dim if base_lr is None else float(base_lr)
+        self.proj = nn.Linear(hidden_size, num_heads, bias=True)
+        nn.init.normal_(self.proj.weight, std=0.02)
+        nn.init.zeros_(self.proj.bias)
+        self.layer_norm = layer_norm
+        if layer_norm:
+            self.ln_weight = nn.Parameter(torch.ones(num_heads, head_dim))
+            self.ln_bias = nn.Parameter(torch.zeros(num_heads, head_dim))
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        z = self.proj(x)
+        z = z.to(torch.promote_types(z.dtype, torch.float32))                        # rates in at least float32
+        out = {"eta": self.base_lr * torch.sigmoid(z)}
+        if self.layer_norm:
+            out.update(ln_weight=self.ln_weight, ln_bias=self.ln_bias)
+        return out
+
+
+def _layer_norm(z: Tensor, w: Tensor, b: Tensor, eps: float) -> Tensor:
+    """LN over the last dim with per-head affine: z `[..., H, V]`, w, b `[H, V]`."""
+    mu = z.mean(-1, keepdim=True)
+    var = (z - mu).pow(2).mean(-1, keepdim=True)
+    return (z - mu) * torch.rsqrt(var + eps) * w + b
+
+
+def _ln_loss_grad_z(z: Tensor, k: Tensor, v: Tensor, w: Tensor, b: Tensor, eps: float) -> Tensor:
+    """Analytic dl/dz of l = 1/2 ||k + LN(z) - v||^2 (z = S0^T k). All `[..., H, V]`, w, b `[H, V]`.
+
+    zhat = (z - mean) * r, r = (var + eps)^-1/2;  gh = w * (w * zhat + b + k - v)
+    dl/dz = r * (gh - mean(gh) - zhat * mean(gh * zhat))
+    """
+    mu = z.mean(-1, keepdim=True)
+    r = torch.rsqrt((z - mu).pow(2).mean(-1, keepdim=True) + eps)
+    zhat = (z - mu) * r
+    gh = w * (w * zhat + b + k - v)
+    return r * (gh - gh.mean(-1, keepdim=True) - zhat * (gh * zhat).mean(-1, keepdim=True))
+
+
+def _autograd_loss_grad(S0: Tensor, k: Tensor, v: Tensor, w: Tensor | None, b: Tensor | None, eps: float) -> Tensor:
+    """grad_S l(S; k, v) at S = S0 by torch.autograd (the definition), differentiable (create_graph).
+
+    S0 `[B, H, K, V]`, k `[B, H, K]`, v `[B, H, V]`. The loss is summed over B and H, which are
+    independent, so the gradient of the sum is the stack of per-(B, H) gradients.
+    """
+    if torch.is_inference_mode_enabled():  # autograd cannot record inference tensors: compute on normal copies
+        with torch.inference_mode(False):
+            cl = lambda t: None if t is None else t.clone()
+            return _autograd_loss_grad(cl(S0), cl(k), cl(v), cl(w), cl(b), eps).detach()
+    with torch.enable_grad():
+        W = S0 if S0.requires_grad else S0.detach().requires_grad_(True)
+        pred = torch.einsum("bhk,bhkv->bhv", k, W)                                   # S^T k  [B, H, V]
+        if w is not None:
+            pred = k + _layer_norm(pred, w, b, eps)                                   # f(k; S)
+        loss = 0.5 * (pred - v).pow(2).sum()
+        (grad,) = torch.autograd.grad(loss, W, create_graph=True)                     # [B, H, K, V]
+    return grad
+
+
+@register
+class TTT(UpdateRule):
+    name = "ttt"
+    gates = {"eta": GateSpec(per="head", kind="rate")}
+    options = {"mini_batch_size": 16, "ln_weight": None, "ln_bias": None, "ln_eps": 1e-6}
+    normalize_keys = True
+    has_fla = False
+
+    # ---------------------------------------------------------------- options
+    def _validate(self, q, k, v, initial_state, cu_seqlens, gates, single_step=False):
+        super()._validate(q, k, v, initial_state, cu_seqlens, gates, single_step)
+        b = gates.get("mini_batch_size", self.options["mini_batch_size"])
+        _check(isinstance(b, int) and not isinstance(b, bool) and b >= 1, ValueError,
+               f"{self.name}: `mini_batch_size` must be a positive int, got {b!r}")
+        eps = gates.get("ln_eps", self.options["ln_eps"])
+        _check(isinstance(eps, (int, float)) and not isinstance(eps, bool) and eps > 0, ValueError,
+               f"{self.name}: `ln_eps` must be a positive float, got {eps!r}")
+        H, K, V = q.shape[-2], q.shape[-1], v.shape[-1]
+        for n in ("ln_weight", "ln_bias"):
+            t = gates.get(n)
+            if t is None:
+                continue
+            _check(isinstance(t, Tensor) and t.is_floating_point(), TypeError,
+                   f"{self.name}: `{n}` must be a floating-point tensor [H, V]")
+            _check(tuple(t.shape) == (H, V), ValueError, f"{self.name}: `{n}` must be [H, V] = {(H, V)}, got {tuple(t.shape)}")
+            _check(K == V, ValueError,
+                   f"{self.name}: the LayerNorm form f(x) = x + LN(S^T x) needs K == V, got K={K}, V={V}")
+
+    def _fill(self, q, gates):
+        out = super()._fill(q, gates)
+        w, b = out["ln_weight"], out["ln_bias"]
+        if w is not None and b is None:
+            out["ln_bias"] = torch.zeros_like(w)
+        if b is not None and w is None:
+            out["ln_weight"] = torch.ones_like(b)
+        return out
+
+    # ---------------------------------------------------------------- decode state
+    def init_state(self, batch, num_heads, key_dim, value_dim, device=None, dtype=torch.float32):
+        S = torch.zeros(batch, num_heads, key_dim, value_dim, device=device, dtype=dtype)
+        return (S, S, torch.zeros(batch, num_heads, device=device, dtype=dtype))
+
+    def state_from_final(self, S):
+        return (S, S, S.new_zeros(S.shape[:2]))
+
+    def final_from_state(self, state):
+        return state[1]
+
+    # ---------------------------------------------------------------- the definition
+    def _step(self, q, k, v, state, scale, eta, mini_batch_size, ln_weight, ln_bias, ln_eps):
+        """One token of mini-batch gradient descent, by autograd. q, k `[B, H, K]`, v `[B, H, V]`, eta `[B, H]`."""
+        S0, S, n = state
+        dt = S.dtype
+        q, k, v, eta = q.to(dt), k.to(dt), v.to(dt), eta.to(dt)
+        ln = ln_weight is not None
+        w, b = (ln_weight.to(dt), ln_bias.to(dt)) if ln else (None, None)
+        # 1. gradient of this token's loss at the mini-batch's starting state S0
+        grad = _autograd_loss_grad(S0, k, v, w, b, ln_eps)                           # [B, H, K, V]
+        # 2. descend from the current state
+        S = S - eta[..., None, None] * grad
+        # 3. read out
+        o = scale * torch.einsum("bhk,bhkv->bhv", q, S)                               # [B, H, V]
+        if ln:
+            o = q + _layer_norm(o, w, b, ln_eps)
+        # 4. mini-batch boundary: after b tokens the next mini-batch starts from S
+        n = n + 1
+        full = n >= mini_batch_size                                                   # [B, H]
+        S0 = torch.where(full[..., None, None], S, S0)
+        n = torch.where(full, torch.zeros_like(n), n)
+        return o, (S0, S, n)
+
+    # ---------------------------------------------------------------- chunked (mini-batch dual form)
+    def chunk(self, q, k, v, initial_state=None, output_final_state=False, scale=None, cu_seqlens=None,
+              chunk_size=64, backend="auto", **gates):
+        """As `UpdateRule.chunk`; `chunk_size` is rounded down to a multiple of `mini_batch_size`
+        (at least one mini-batch), so that every chunk holds whole mini-batches."""
+        b = gates.get("mini_batch_size", self.options["mini_batch_size"])
+        if isinstance(b, int) and not isinstance(b, bool) and b >= 1 and isinstance(chunk_size, int) and chunk_size >= 1:
+            chunk_size = b * max(1, chunk_size // b)
+        return super().chunk(q, k, v, initial_state=initial_state, output_final_state=output_final_state, scale=scale,
+                             cu_seqlens=cu_seqlens, chunk_size=chunk_size, backend=backend, **gates)
+
+    def _chunk_torch(self, q, k, v, initial_state, scale, layout: ChunkLayout, eta, mini_batch_size,
+                     ln_weight, ln_bias, ln_eps):
+        """Mini-batch dual form. Returns (o `[B, T, H, V]` in the compute dtype, final states `[N, H, K, V]`).
+
+        The layout's chunks hold M = C / b whole mini-batches and start at sequence starts, so
+        mini-batches are aligned to sequence starts. Per mini-batch (Q, K `[b, K]`, V `[b, V]`,
+        eta `[b]`, per head) entered with state S0:
+          1. gradients at S0, all tokens at once:  Z = K S0,  E = Z - V (plain) or
+             E = dl/dz through the LayerNorm (LN form); grad_i = k_i e_i^T
+          2. causal dual readout:  A = tril(Q K^T) diag(eta),  R = Q S0 - A E,
+             o = scale * R (plain) or q + LN(scale * R) (LN form)
+          3. state:  S = S0 - K^T diag(eta) E
+        Padding slots (eta 0, k = v = 0) give grad 0 and A-column 0: they change nothing.
+        """
+        B, T, H, K = q.shape
+        V = v.shape[-1]
+        dt = torch.promote_types(q.dtype, torch.float32)
+        b, C = mini_batch_size, layout.C
+        M = C // b
+        ln = ln_weight is not None
+        w, bias = (ln_weight.to(dt), ln_bias.to(dt)) if ln else (None, None)          # [H, V]
+        # 0. chunk-aligned layout
+        qc, kc, vc = (layout.to_chunks(x.to(dt)) for x in (q, k, v))                   # [Nb, NC, C, H, K|V]
+        ec = layout.to_chunks(eta.to(dt))                                              # [Nb, NC, C, H]
+        h0s = layout.initial_states(initial_state, (H, K, V), dt, q.device)            # [N, H, K, V]
+        causal = torch.ones(b, b, dtype=torch.bool, device=q.device).tril()            # [t, i], i <= t
+        S = q.new_zeros(layout.Nb, H, K, V, dtype=dt)
+        outs, states = [], []
+        for c in range(layout.NC):
+            S = layout.reset(S, h0s, c)                                                # fresh mini-batch at a sequence start
+            col = []
+            for m in range(M):
+                sl = slice(m * b, (m + 1) * b)
+                qi, ki, vi, ei = qc[:, c, sl], kc[:, c, sl], vc[:, c, sl], ec[:, c, sl]  # [Nb, b, H, K|V], [Nb, b, H]
+                # 1. every token's loss gradient at S0 = S (grad_i = k_i e_i^T)
+                Z = torch.einsum("bihk,bhkv->bihv", ki, S)                             # [Nb, b, H, V]
+                E = _ln_loss_grad_z(Z, ki, vi, w, bias, ln_eps) if ln else Z - vi      # [Nb, b, H, V]
+                # 2. causal readout: R_t = S0^T q_t - sum_{i<=t} (q_t . k_i) eta_i e_i
+                A = torch.einsum("bthk,bihk->bhti", qi, ki) * ei.transpose(1, 2)[:, :, None, :]  # [Nb, H, t, i]
+                A = A.masked_fill(~causal, 0)
+                R = torch.einsum("bthk,bhkv->bthv", qi, S) - torch.einsum("bhti,bihv->bthv", A, E)
+                o = scale * R                                                          # [Nb, b, H, V]
+                if ln:
+                    o = qi + _layer_norm(o, w, bias, ln_eps)
+                col.append(o)
+                # 3. end of the mini-batch: S = S0 - K^T diag(eta) E
+                S = S - torch.einsum("bihk,bihv->bhkv", ki * ei[..., None], E)
+            outs.append(torch.cat(col, 1))                                             # [Nb, C, H, V]
+            states.append(S)
+        o = layout.from_chunks(torch.stack(outs, 1))                                   # [B, T, H, V]
+        return o, layout.final_states(torch.stack(states, 1))
+
+    def _chunk_fla(self, q, k, v, initial_state, output_final_state, scale, cu_seqlens, **gates):
+        raise ValueError(f"{self.name}: fla's chunk_ttt_linear computes a different function (an inner bias, "
+                         "per-query / last-token learning rates, Z + LN(Z) output; see lsm/rules/ttt.py); use backend='torch'")
+
+    # ---------------------------------------------------------------- parameterisation
+    def gate_module(self, hidden_size, num_heads, head_dim):
+        return TTTGate(hidden_size, num_heads, head_dim)
