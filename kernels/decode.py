@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lsm_kernels.diag import GAMMA, NONE, SCALAR, VECTOR
+from lsm_kernels.diag import GAMMA, NONE, SCALAR, VECTOR, _check_device
 
 
 @triton.jit
@@ -64,6 +64,7 @@ def _step_kernel(q, k, v, g, gamma, beta, S, S_out, idx, w, o, scale, H: tl.cons
 
 
 def _launch(q, k, v, S, S_out, scale, g, g_gamma, beta, idx, w, NS, topk, routed):
+    _check_device(q)
     B, H, K = q.shape
     V = v.shape[-1]
     if K > 256:

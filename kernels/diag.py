@@ -60,7 +60,16 @@ def decay_kind(g: torch.Tensor | None, g_gamma: torch.Tensor | None) -> int:
     return VECTOR if g.dim() == 4 else SCALAR
 
 
+def _check_device(x: torch.Tensor) -> None:
+    if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"the Triton kernels run on a CUDA device, got a tensor on {x.device} "
+                         "(set TRITON_INTERPRET=1 before importing triton to run them on the CPU, slowly)")
+
+
 # ----------------------------------------------------------------------------------------- layout
+_DENSE_LAYOUTS: dict = {}
+
+
 def chunk_layout(B: int, T: int, cu_seqlens: torch.Tensor | None, BT: int, device) -> tuple:
     """Device-side chunk maps of a (packed) batch, without host synchronisation.
 
@@ -70,12 +79,16 @@ def chunk_layout(B: int, T: int, cu_seqlens: torch.Tensor | None, BT: int, devic
     bound ceil(T / BT) + N for packed sequences.
     """
     i32 = torch.int32
-    if cu_seqlens is None:
-        nt = triton.cdiv(T, BT)
-        N, NT = B, B * nt
-        cu = torch.arange(B + 1, device=device, dtype=i32) * T
-        c = torch.arange(NT, device=device, dtype=i32)
-        return cu, c // max(nt, 1), c % max(nt, 1), torch.arange(B, device=device, dtype=i32) * nt, N, NT
+    if cu_seqlens is None:  # depends on shapes only: built once per (B, T, BT, device)
+        key = (B, T, BT, str(device))
+        if key not in _DENSE_LAYOUTS:
+            nt = triton.cdiv(T, BT)
+            N, NT = B, B * nt
+            cu = torch.arange(B + 1, device=device, dtype=i32) * T
+            c = torch.arange(NT, device=device, dtype=i32)
+            _DENSE_LAYOUTS[key] = (cu, c // max(nt, 1), c % max(nt, 1), torch.arange(B, device=device, dtype=i32) * nt,
+                                   N, NT)
+        return _DENSE_LAYOUTS[key]
     cu = cu_seqlens.to(device=device, dtype=i32)
     N = cu.numel() - 1
     nch = (cu[1:] - cu[:-1] + BT - 1) // BT                              # [N] chunks per sequence
@@ -666,6 +679,7 @@ def chunk_diag(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tenso
     chunk_size is rounded to a power of two in [16, 64]. Returns (o `[B, T, H, V]` in v's dtype,
     final state `[N, H, K, V]` float32 or None). K and V up to 256 (tiled).
     """
+    _check_device(q)
     if scale is None:
         scale = q.shape[-1] ** -0.5
     BT = min(64, max(16, triton.next_power_of_2(int(chunk_size))))
