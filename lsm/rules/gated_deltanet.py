@@ -41,5 +41,9 @@ class GatedDeltaNet(UpdateRule):
         return fla_chunk("gated_delta_rule", q, k, v, initial_state, output_final_state, scale, cu_seqlens,
                          beta=beta, g=g, use_qk_l2norm_in_kernel=False)
 
+    def _chunk_triton(self, q, k, v, initial_state, output_final_state, scale, cu_seqlens, chunk_size, beta, g):
+        from lsm_kernels.delta import chunk_delta
+        return chunk_delta(q, k, v, beta, g, scale, initial_state, output_final_state, cu_seqlens, chunk_size)
+
     def gate_module(self, hidden_size, num_heads, head_dim):
         return GatedDeltaNetGate(hidden_size, num_heads, head_dim)

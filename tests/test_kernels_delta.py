@@ -1,0 +1,153 @@
+"""Triton kernels of the delta family (lsm_kernels.delta) against the torch reference (`backend="torch"`).
+
+Without a GPU these run under TRITON_INTERPRET=1 (set by conftest.py) on tiny float32 shapes; the
+`gpu` tests race bf16 kernels at real sizes against the float32 reference and against fla.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lsm import rules
+
+DELTA = ["deltanet", "gated_deltanet"]
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _inputs(name, B, T, H, K, V, N, device, dtype=torch.float32, beta_max=1.0, strength=1.0):
+    """q, unit k, v, h0 and the gates (beta in [0, beta_max], log-decays <= 0); all leaves require grad."""
+    q = torch.randn(B, T, H, K, device=device, dtype=dtype).requires_grad_()
+    k = F.normalize(torch.randn(B, T, H, K, device=device), dim=-1).to(dtype).requires_grad_()
+    v = torch.randn(B, T, H, V, device=device, dtype=dtype).requires_grad_()
+    h0 = torch.randn(N, H, K, V, device=device).requires_grad_()
+    gates = {"beta": (torch.rand(B, T, H, device=device) * beta_max).to(dtype).requires_grad_()}
+    if name == "gated_deltanet":
+        gates["g"] = (F.logsigmoid(torch.randn(B, T, H, device=device) + 2) * strength).requires_grad_()
+    return q, k, v, h0, gates
+
+
+def _run(rule, backend, q, k, v, h0, gates, cu, chunk_size, do, dht):
+    o, S = rule.chunk(q, k, v, initial_state=h0, output_final_state=True, cu_seqlens=cu, chunk_size=chunk_size,
+                      backend=backend, **gates)
+    leaves = [q, k, v, *([h0] if h0 is not None else []), *gates.values()]
+    grads = torch.autograd.grad((o.float() * do).sum() + (S * dht).sum(), leaves)
+    return o, S, grads
+
+
+def _assert_close(got, want, name, atol=2e-4, rtol=2e-4):
+    assert torch.isfinite(got).all(), f"{name}: non-finite values"
+    torch.testing.assert_close(got.float(), want.float(), atol=atol, rtol=rtol, msg=lambda m: f"{name}: {m}")
+
+
+# (B, T, cu_seqlens, chunk size): ragged T (not a multiple of the chunk), packed sequences (one empty)
+CASES = {"ragged": (2, 29, None, 16), "varlen": (1, 40, [0, 5, 5, 23, 40], 32)}
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("name", DELTA)
+def test_chunk_matches_torch(name, case):
+    """Outputs, final states and gradients in q, k, v, h0, beta, g, with an initial state."""
+    torch.manual_seed(0)
+    rule = rules.get(name)
+    B, T, cu, C = CASES[case]
+    H, K, V = 2, 12, 16
+    cu = None if cu is None else torch.tensor(cu, device=DEV, dtype=torch.int32)
+    N = B if cu is None else cu.numel() - 1
+    q, k, v, h0, gates = _inputs(name, B, T, H, K, V, N, DEV)
+    do = torch.randn(B, T, H, V, device=DEV)
+    dht = torch.randn(N, H, K, V, device=DEV)
+    o, S, grads = _run(rule, "triton", q, k, v, h0, gates, cu, C, do, dht)
+    o_ref, S_ref, grads_ref = _run(rule, "torch", q, k, v, h0, gates, cu, C, do, dht)
+    _assert_close(o, o_ref, "o")
+    _assert_close(S, S_ref, "final state", atol=1e-4, rtol=1e-4)
+    for n, a, b in zip(["dq", "dk", "dv", "dh0", *gates], grads, grads_ref):
+        _assert_close(a, b, n)
+
+
+def test_chunk_tiled_strong_decay(monkeypatch):
+    """K and V span several tiles (partial V-tile sums in the backward), decays down to exp(-40) per token,
+    beta up to 2, no initial state, the gradient of the final state only."""
+    import lsm_kernels.delta as kd
+    monkeypatch.setattr(kd, "_blocks", lambda K, V: (16, 16))
+    monkeypatch.setattr(kd, "_state_blocks", lambda K, V: (32, 16))
+    torch.manual_seed(1)
+    rule = rules.get("gated_deltanet")
+    B, T, H, K, V = 1, 24, 1, 32, 40
+    q, k, v, _, gates = _inputs("gated_deltanet", B, T, H, K, V, B, DEV, beta_max=2.0, strength=20.0)
+    dht = torch.randn(B, H, K, V, device=DEV)
+    outs = [rule.chunk(q, k, v, output_final_state=True, chunk_size=16, backend=b, **gates) for b in ("triton", "torch")]
+    _assert_close(outs[0][0], outs[1][0], "o")
+    _assert_close(outs[0][1], outs[1][1], "final state")
+    grads = [torch.autograd.grad((S * dht).sum(), [q, k, v, *gates.values()], allow_unused=True) for _, S in outs]
+    for n, a, b in zip(["dq", "dk", "dv", "dbeta", "dg"], *grads):
+        if b is None or not b.any():
+            assert a is None or not a.any(), n
+            continue
+        _assert_close(a, b, n, atol=1e-3)
+
+
+def test_no_grad_without_final_state():
+    """Inference path: only o, no final state requested; deltanet without gate."""
+    torch.manual_seed(2)
+    rule = rules.get("deltanet")
+    q, k, v, h0, gates = _inputs("deltanet", 1, 21, 2, 16, 8, 1, DEV)
+    with torch.no_grad():
+        o, S = rule.chunk(q, k, v, initial_state=h0, chunk_size=16, backend="triton", **gates)
+        o_ref, _ = rule.chunk(q, k, v, initial_state=h0, chunk_size=16, backend="torch", **gates)
+    assert S is None
+    _assert_close(o, o_ref, "o")
+
+
+def test_key_dim_limit():
+    from lsm_kernels.delta import chunk_delta
+    q = torch.zeros(1, 4, 1, 300, device=DEV)
+    with pytest.raises(ValueError, match="K"):
+        chunk_delta(q, q, torch.zeros(1, 4, 1, 8, device=DEV), torch.zeros(1, 4, 1, device=DEV))
+
+
+# ----------------------------------------------------------------------------------------- GPU
+def _rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-6)).item()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("KV", [64, 128, 256])
+@pytest.mark.parametrize("name", DELTA)
+def test_gpu_bf16_vs_fp32_reference(name, KV):
+    """bf16 kernels at real sizes (ragged packed batch, initial state) against the float32 torch reference."""
+    torch.manual_seed(4)
+    rule = rules.get(name)
+    T, H, K, V = 3000, 4, KV, KV
+    cu = torch.tensor([0, 1000, 1001, 2500, 3000], device="cuda", dtype=torch.int32)
+    N = cu.numel() - 1
+    q, k, v, h0, gates = _inputs(name, 1, T, H, K, V, N, "cuda", torch.bfloat16)
+    with torch.no_grad():
+        q.copy_(F.normalize(q.float(), dim=-1))
+    do = torch.randn(1, T, H, V, device="cuda")
+    dht = torch.randn(N, H, K, V, device="cuda")
+    o, S, grads = _run(rule, "triton", q, k, v, h0, gates, cu, 64, do, dht)
+    f32 = [t.detach().float().requires_grad_() for t in (q, k, v, h0)]
+    g32 = {n: t.detach().float().requires_grad_() for n, t in gates.items()}
+    o_ref, S_ref, grads_ref = _run(rule, "torch", *f32, g32, cu, 64, do, dht)
+    assert _rel(o, o_ref) < 2e-2, _rel(o, o_ref)
+    assert _rel(S, S_ref) < 2e-2, _rel(S, S_ref)
+    for n, a, b in zip(["dq", "dk", "dv", "dh0", *gates], grads, grads_ref):
+        assert _rel(a, b) < 3e-2, (n, _rel(a, b))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("name", DELTA)
+def test_gpu_matches_fla(name):
+    """Outputs, final state and gradients against fla's chunked kernels (bf16)."""
+    torch.manual_seed(5)
+    rule = rules.get(name)
+    B, T, H, K, V = 2, 2048, 8, 128, 128
+    q, k, v, h0, gates = _inputs(name, B, T, H, K, V, B, "cuda", torch.bfloat16)
+    do = torch.randn(B, T, H, V, device="cuda")
+    dht = torch.randn(B, H, K, V, device="cuda")
+    o, S, grads = _run(rule, "triton", q, k, v, h0, gates, None, 64, do, dht)
+    o_f, S_f, grads_f = _run(rule, "fla", q, k, v, h0, gates, None, 64, do, dht)
+    assert _rel(o, o_f) < 2e-2 and _rel(S, S_f) < 2e-2, (_rel(o, o_f), _rel(S, S_f))
+    for n, a, b in zip(["dq", "dk", "dv", "dh0", *gates], grads, grads_f):
+        assert _rel(a, b) < 3e-2, (n, _rel(a, b))
