@@ -36,7 +36,8 @@ def make_inputs(name: str, B: int, T: int, H: int, D: int, dtype=torch.bfloat16,
         shape = (B, T, H, D) if spec.per == "key" else (B, T, H)
         # GLA-style gates: logsigmoid / 16 (decays close to 1); mamba2-style: a few tenths per token
         x = torch.randn(shape, device=device, generator=g)
-        gates[n] = (F.logsigmoid(x) / 16 if spec.per == "key" else -F.softplus(x) * 0.2).requires_grad_()
+        gates[n] = (x.sigmoid() if spec.kind == "rate" else F.logsigmoid(x) / 16 if spec.per == "key"
+                    else -F.softplus(x) * 0.2).requires_grad_()  # rate: beta in (0, 1)
     return rule, q, k, v, gates
 
 
@@ -104,7 +105,7 @@ def _ratio(a, b) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rules", nargs="+", default=DIAG)
+    p.add_argument("--rules", nargs="+", default=DIAG + ["deltanet", "gated_deltanet"])
     p.add_argument("--T", nargs="+", type=int, default=[2048, 8192])
     p.add_argument("--tokens", type=int, default=32768, help="B * T")
     p.add_argument("--heads", type=int, default=16)
