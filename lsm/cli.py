@@ -3,6 +3,7 @@
     lsm main                                            # the MQAR recall experiment of configs/mqar_gdn_mom.yaml
     lsm train configs/mqar_gdn_mom.yaml train.steps=200 # dot-list overrides after the config
     lsm train configs/text_gdn.yaml --resume
+    NCCL_NVLS_ENABLE=0 torchrun --nproc_per_node 2 -m lsm train configs/mqar_gdn_mom.yaml train.parallel=fsdp
     lsm eval runs/text_gdn
     lsm ablate configs/ablate_rules.yaml
     lsm generate runs/text_gdn --prompt "def main("
@@ -35,6 +36,8 @@ def _cmd_train(args) -> int:
 
     cfg = load_config(args.config, args.overrides)
     result = train(cfg, resume=args.resume, max_steps=args.max_steps)
+    if result.rank != 0:  # torchrun workers: rank 0 reports
+        return 0
     if result.eval:
         print(format_result(result.eval), end="")
     print(f"{result.step} steps in {result.seconds:.1f} s; checkpoint {result.checkpoint}")

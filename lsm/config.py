@@ -21,6 +21,7 @@ from omegaconf.errors import OmegaConfBaseException
 MIXER_TYPES = ("rule", "mom", "attention")
 DATA_KINDS = ("mqar", "text")
 PRECISIONS = ("auto", "fp32", "bf16")
+PARALLEL = ("none", "ddp", "fsdp")
 VARIANTS = ("single", "mom", "single_same_state")
 
 
@@ -116,6 +117,7 @@ class TrainConfig:
     grad_clip: float = 1.0             # max global grad norm; 0 = off
     seed: int = 0                      # parameter init seed
     device: str = "auto"               # "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...
+    parallel: str = "none"             # "none", "ddp" or "fsdp" (launch with torchrun; batch_size is the global micro-batch)
     precision: str = "auto"            # "auto" (bf16 autocast on GPU, fp32 on CPU), "fp32" or "bf16"
     threads: int = 0                   # CPU threads for torch; 0 = torch's default (small models on busy CPUs: 1)
     out_dir: str = "runs/${name}"      # metrics, checkpoints and the resolved config go here
@@ -346,6 +348,7 @@ def validate(cfg: Config) -> None:
     if len(t.betas) != 2 or not all(0 <= b < 1 for b in t.betas):
         raise ConfigError(f"train.betas: must be two numbers in [0, 1), got {list(t.betas)}")
     _choice("train.precision", t.precision, PRECISIONS)
+    _choice("train.parallel", t.parallel, PARALLEL)
     if not (t.device in ("auto", "cpu", "cuda", "mps") or t.device.startswith("cuda:")):
         raise ConfigError(f"train.device: unknown device {t.device!r}; use auto, cpu, cuda or cuda:N")
     _positive("eval.batch_size", cfg.eval.batch_size)

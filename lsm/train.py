@@ -13,7 +13,9 @@ from `lsm.evaluate`. Output folder (`train.out_dir`):
 A checkpoint is written into a temporary folder and renamed into place (`os.replace`), so a crash
 never leaves a half-written one. Batches are a function of the step (see lsm.data), and the
 optimizer, scheduler and RNG states are restored, so a resumed run continues exactly.
-Logging and checkpointing happen on rank 0 only, so a DDP/FSDP-wrapped model can use this loop.
+Under torchrun (`train.parallel: ddp | fsdp`) lsm.distributed sets up the process group, wraps the
+model and shards the batches; logging and the progress bar are rank 0's, and checkpoints are rank 0's
+safetensors (ddp) or every rank's DCP shards (fsdp, `checkpoints/step_N/dcp/`).
 """
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_model, save_model
 from torch import nn
 
+from lsm import distributed
 from lsm.config import Config, ConfigError, load_config, to_yaml
 from lsm.data import IGNORE, Batch, build_data
 from lsm.model import LanguageModel, build_model
@@ -52,6 +55,7 @@ class TrainResult:
     eval: dict = field(default_factory=dict)           # the last evaluation (see lsm.evaluate.evaluate)
     checkpoint: Path | None = None
     seconds: float = 0.0
+    rank: int = 0                                      # this process's rank (0 when not distributed)
 
 
 # --------------------------------------------------------------------------- setup helpers
@@ -166,7 +170,10 @@ def find_checkpoint(path: str | os.PathLike) -> Path:
         if (candidate / "latest").is_file():
             p = candidate / (candidate / "latest").read_text().strip()
             break
-    missing = [f for f in CHECKPOINT_FILES if not (p / f).is_file()]
+    needed = CHECKPOINT_FILES
+    if distributed.is_sharded_checkpoint(p):  # FSDP: DCP shards in dcp/ instead of model.safetensors
+        needed = tuple(f for f in CHECKPOINT_FILES if f != "model.safetensors")
+    missing = [f for f in needed if not (p / f).is_file()]
     if missing:
         raise FileNotFoundError(f"{path}: not a checkpoint (no {', '.join(missing)}); give a run folder or "
                                 f"runs/NAME/checkpoints/step_N")
@@ -179,7 +186,7 @@ def load_trained(path: str | os.PathLike, overrides: list[str] | tuple[str, ...]
     ckpt = find_checkpoint(path)
     cfg = load_config(ckpt / "config.yaml", overrides)
     model = build_model(cfg)
-    load_model(model, str(ckpt / "model.safetensors"), device=str(device))
+    distributed.load_model_weights(model, ckpt, device)
     return cfg, model.to(device).eval()
 
 
@@ -190,41 +197,74 @@ def train(cfg: Config, resume: bool = False, max_steps: int | None = None, quiet
     resume: continue from the newest checkpoint in `train.out_dir` (a fresh start if there is none).
     max_steps: stop after this many steps in this call (the schedule still spans `train.steps`);
     a checkpoint is written where it stops, so `resume=True` continues the same run.
+    With `train.parallel: ddp | fsdp`, call it on every torchrun worker (lsm.distributed).
     """
+    ctx = distributed.setup(cfg, resolve_device(cfg.train.device))
+    try:
+        return _train(cfg, ctx, resume, max_steps, quiet)
+    finally:
+        distributed.teardown(ctx)
+
+
+def _find_resume_checkpoint(cfg: Config, ctx: distributed.DistContext) -> Path | None:
+    """The checkpoint to resume from (None: none yet), checked against this run's model and parallel mode."""
+    try:
+        ckpt = find_checkpoint(cfg.train.out_dir)
+    except FileNotFoundError:
+        return None
+    saved = load_config(ckpt / "config.yaml")
+    if saved.model != cfg.model:
+        raise ConfigError(f"--resume: the model in {ckpt}/config.yaml differs from this config's; "
+                          f"resume with the same model.* settings")
+    if ctx.sharded and not distributed.is_sharded_checkpoint(ckpt):
+        raise ConfigError(f"--resume: {ckpt} holds model.safetensors (a train.parallel=none/ddp run); "
+                          f"resume it with train.parallel=ddp or none")
+    return ckpt
+
+
+def _save(ctx: distributed.DistContext, out_dir: Path, model: nn.Module, optimizer, scheduler, step: int,
+          cfg: Config) -> Path:
+    """Checkpoint on every rank: DCP shards under FSDP, else rank 0's files; all ranks return when it is complete."""
+    keep = cfg.train.keep_checkpoints
+    if ctx.sharded:
+        return distributed.save_sharded_checkpoint(out_dir, model, optimizer, scheduler, step, cfg, keep, ctx)
+    path = Path(out_dir) / "checkpoints" / f"step_{step:06d}"
+    if ctx.is_main:
+        path = save_checkpoint(out_dir, distributed.unwrap(model), optimizer, scheduler, step, cfg, keep)
+    distributed.barrier(ctx)
+    return path
+
+
+def _train(cfg: Config, ctx: distributed.DistContext, resume: bool, max_steps: int | None, quiet: bool) -> TrainResult:
     from lsm.evaluate import evaluate, summary
 
     t = cfg.train
     out_dir = Path(t.out_dir)
-    main = is_main_process()
-    device = resolve_device(t.device)
-    ckpt = None
-    if resume:
-        try:
-            ckpt = find_checkpoint(out_dir)
-        except FileNotFoundError:
-            ckpt = None
-            if main and not quiet:
-                print(f"no checkpoint in {out_dir}: starting from step 0")
-    if ckpt is not None:
-        saved = load_config(ckpt / "config.yaml")
-        if saved.model != cfg.model:
-            raise ConfigError(f"--resume: the model in {ckpt}/config.yaml differs from this config's; "
-                              f"resume with the same model.* settings")
+    main = ctx.is_main
+    device = ctx.device
+    ckpt = distributed.on_all_ranks(ctx, lambda: _find_resume_checkpoint(cfg, ctx)) if resume else None
+    if resume and ckpt is None and main and not quiet:
+        print(f"no checkpoint in {out_dir}: starting from step 0")
 
     if t.threads:
         torch.set_num_threads(t.threads)
     torch.manual_seed(t.seed)
     random.seed(t.seed)
     model = build_model(cfg).to(device)
+    num_params = model.num_params()
+    model = distributed.wrap_model(model, cfg)
     optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=tuple(t.betas),
                                   fused=device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, t.warmup_steps, t.steps, t.min_lr_ratio))
     start = 0
     if ckpt is not None:
-        load_model(model, str(ckpt / "model.safetensors"), device=str(device))
         state = torch.load(ckpt / "trainer_state.pt", map_location=device, weights_only=False)
-        optimizer.load_state_dict(state["optimizer"])
+        if distributed.is_sharded_checkpoint(ckpt):
+            distributed.load_sharded_checkpoint(ckpt, model, optimizer)  # any world size: DCP reshards
+        else:
+            load_model(distributed.unwrap(model), str(ckpt / "model.safetensors"), device=str(device))
+            optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"]["torch"].cpu())
         random.setstate(state["rng"]["python"])
@@ -232,15 +272,16 @@ def train(cfg: Config, resume: bool = False, max_steps: int | None = None, quiet
             torch.cuda.set_rng_state_all([s.cpu() for s in state["rng"]["cuda"]])
         start = state["step"]
 
-    data = build_data(cfg)
+    data = distributed.on_all_ranks(ctx, lambda: build_data(cfg))
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.yaml").write_text(to_yaml(cfg))
     logger = MetricsLogger(out_dir, t.tensorboard, start if ckpt is not None else None) if main else None
     end = t.steps if max_steps is None else min(t.steps, start + max_steps)
-    result = TrainResult(out_dir, start)
+    result = TrainResult(out_dir, start, rank=ctx.rank)
     if main and not quiet:
-        print(f"{cfg.name}: {model.num_params() / 1e6:.3f}M parameters on {device}, steps {start} -> {end} of {t.steps}")
+        ranks = f" x {ctx.world_size} ranks ({t.parallel})" if ctx.world_size > 1 else ""
+        print(f"{cfg.name}: {num_params / 1e6:.3f}M parameters on {device}{ranks}, steps {start} -> {end} of {t.steps}")
 
     from tqdm.auto import tqdm
     bar = tqdm(total=t.steps, initial=start, disable=not (t.progress and main) or quiet, dynamic_ncols=True,
@@ -253,19 +294,23 @@ def train(cfg: Config, resume: bool = False, max_steps: int | None = None, quiet
         for step in range(start, end):
             loss_sum, aux_sum = 0.0, 0.0
             for micro in range(t.grad_accum):
-                batch: Batch = data.train_batch(step, t.batch_size, micro).to(device)
-                with autocast_context(t.precision, device):
-                    out = model(batch.input_ids)
-                    lm_loss = loss_fn(out.logits, batch.labels)
-                    loss = lm_loss + out.aux_loss
-                (loss / t.grad_accum).backward()
-                loss_sum += lm_loss.item() / t.grad_accum
+                batch: Batch = distributed.train_shard(data, step, t.batch_size, micro, ctx).to(device)
+                with distributed.grad_sync(model, micro == t.grad_accum - 1):  # reduce once per step
+                    with autocast_context(t.precision, device):
+                        out = model(batch.input_ids)
+                        if ctx.world_size > 1:  # mean over the global micro-batch's labelled tokens
+                            lm_loss, lm_value = distributed.token_mean_loss(out.logits, batch.labels, ctx)
+                        else:
+                            lm_loss = lm_value = loss_fn(out.logits, batch.labels)
+                        loss = lm_loss + out.aux_loss
+                    (loss / t.grad_accum).backward()
+                loss_sum += lm_value.item() / t.grad_accum
                 aux_sum += float(out.aux_loss.detach()) / t.grad_accum
-                tokens_since += batch.input_ids.numel()
+                tokens_since += batch.input_ids.numel() * ctx.world_size
             if not math.isfinite(loss_sum):
                 raise TrainingDiverged(f"loss is {loss_sum} at step {step + 1}: training stopped "
                                        f"(lower train.lr, raise train.warmup_steps, or set train.grad_clip)")
-            grad_norm = nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip if t.grad_clip > 0 else float("inf"))
+            grad_norm = distributed.clip_grad_norm(model.parameters(), t.grad_clip if t.grad_clip > 0 else float("inf"))
             if not math.isfinite(float(grad_norm)):
                 raise TrainingDiverged(f"gradient norm is {float(grad_norm)} at step {step + 1}: training stopped "
                                        f"(lower train.lr or set train.grad_clip)")
@@ -290,11 +335,12 @@ def train(cfg: Config, resume: bool = False, max_steps: int | None = None, quiet
                 if main:
                     logger.log({"step": step + 1, **{f"eval/{k}": v for k, v in summary(result.eval).items()}})
                     bar.write(f"step {step + 1}: " + ", ".join(f"{k} {v:.4f}" for k, v in summary(result.eval).items()))
-            if main and ((t.ckpt_every and (step + 1) % t.ckpt_every == 0) or last):
-                result.checkpoint = save_checkpoint(out_dir, model, optimizer, scheduler, step + 1, cfg, t.keep_checkpoints)
+            if (t.ckpt_every and (step + 1) % t.ckpt_every == 0) or last:
+                result.checkpoint = _save(ctx, out_dir, model, optimizer, scheduler, step + 1, cfg)
     except KeyboardInterrupt:
-        if main and result.step > start:
-            result.checkpoint = save_checkpoint(out_dir, model, optimizer, scheduler, result.step, cfg, t.keep_checkpoints)
+        # several ranks may be interrupted at different points: no collective checkpoint then
+        if ctx.world_size == 1 and result.step > start:
+            result.checkpoint = _save(ctx, out_dir, model, optimizer, scheduler, result.step, cfg)
             bar.write(f"interrupted after step {result.step}: checkpoint {result.checkpoint}; continue with --resume")
         raise
     finally:
