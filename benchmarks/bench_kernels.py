@@ -57,8 +57,10 @@ def check(name: str, B: int, T: int, H: int, D: int) -> str:
         res[backend] = (o, S, *grads)
     names = ["o", "S", "dq", "dk", "dv", *("d" + n for n in gates)]
     errs = {n: rel(a, b) for n, a, b in zip(names, res["triton"], res["fla"])}
+    # gate gradients are reverse cumulative sums of differences: bf16 rounding shows more there
+    bad = [n for n, e in errs.items() if e > (5e-2 if n.startswith("dg") else 2e-2)]
     worst = max(errs, key=errs.get)
-    return f"{'ok' if errs[worst] < 2e-2 else 'MISMATCH'} (max rel {errs[worst]:.1e} in {worst})"
+    return f"{'MISMATCH ' + ','.join(bad) if bad else 'ok'} (max rel {errs[worst]:.1e} in {worst})"
 
 
 def time_rule(name: str, backend: str, B: int, T: int, H: int, D: int) -> tuple[float, float]:

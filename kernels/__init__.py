@@ -1,0 +1,7 @@
+"""This project's Triton kernels (import name `lsm_kernels`): pure functions on tensors, no nn.Module.
+
+    lsm_kernels.diag     chunked forward/backward of the diagonal-decay family (`chunk_diag`)
+    lsm_kernels.decode   fused one-token decode steps, single memory (`recurrent_step`) and MoM (`mom_step`)
+
+Importing this package does not import triton; the submodules do.
+"""

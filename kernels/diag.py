@@ -573,7 +573,8 @@ def _intra_A(q, k, G, meta, BT):
     B, T, H, K = q.shape
     BC = 16
     A = q.new_empty(B, T, H, BT, dtype=torch.float32)
-    _fwd_A_kernel[(BT // BC, NT, H)](q, k, G, A, cu, cseq, cloc, N, H, K, BT, BC, min(32, _blocks(K, K)[0]), "ieee")
+    _fwd_A_kernel[(BT // BC, NT, H)](q, k, G, A, cu, cseq, cloc, N, H, K, BT, BC, min(32, _blocks(K, K)[0]),
+                                     _prec(q.dtype))
     return A
 
 
@@ -622,7 +623,7 @@ def diag_bwd(q, k, v, G, g_gamma, h0, do, dht, scale, meta, BT, kind, need_dg=Tr
     if vec:
         BKi = min(32, BK)
         _bwd_intra_kernel[(BT // 16, NT, H * triton.cdiv(K, BKi))](q, k, G, dA, dq32, dk32, dq, dk, dgx, cu, cseq,
-                                                                   cloc, N, H, K, BT, 16, BKi, "ieee")
+                                                                   cloc, N, H, K, BT, 16, BKi, prec)
     dg = None
     if kind != NONE and need_dg:
         dg = q.new_empty(q.shape if vec else q.shape[:3], dtype=torch.float32)

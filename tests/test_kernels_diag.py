@@ -175,7 +175,8 @@ def test_gpu_bf16_vs_fp32_reference(name, KV):
     assert _rel(o, o_ref) < 2e-2, _rel(o, o_ref)
     assert _rel(S, S_ref) < 2e-2, _rel(S, S_ref)
     for n, a, b in zip(["dq", "dk", "dv", "dh0", *gates], grads, grads_ref):
-        assert _rel(a, b) < 3e-2, (n, _rel(a, b))
+        # gate gradients are reverse cumulative sums of differences (q dq - k dk): bf16 rounding shows more there
+        assert _rel(a, b) < (5e-2 if n in gates else 3e-2), (n, _rel(a, b))
 
 
 @pytest.mark.gpu
