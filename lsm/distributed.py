@@ -32,6 +32,7 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
@@ -117,8 +118,9 @@ def setup(cfg: Config, device: torch.device) -> DistContext:
     owns = not dist.is_initialized()
     if owns:
         timeout = timedelta(seconds=float(os.environ.get(TIMEOUT_ENV, 600)))
+        bind = {"device_id": device} if device.type == "cuda" else {}  # NCCL: one GPU per rank, known up front
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method="env://",
-                                rank=rank, world_size=world, timeout=timeout)
+                                rank=rank, world_size=world, timeout=timeout, **bind)
     elif (dist.get_rank(), dist.get_world_size()) != (rank, world):
         raise DistributedError(f"a process group of rank {dist.get_rank()}/{dist.get_world_size()} is already "
                                f"initialised, but the environment says RANK={rank} WORLD_SIZE={world}")
@@ -348,7 +350,9 @@ def load_model_weights(model: nn.Module, ckpt: str | os.PathLike, device: str | 
 
     model_sd = get_model_state_dict(model)
     state = {"model": model_sd}
-    dcp.load(state, checkpoint_id=str(ckpt / SHARDED_DIR), no_dist=True)
+    with warnings.catch_warnings():  # DCP warns that it loads in one process: that is the point here
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=str(ckpt / SHARDED_DIR), no_dist=True)
     set_model_state_dict(model, state["model"])
 
 
