@@ -60,9 +60,9 @@ def _check_inputs(q: torch.Tensor, v: torch.Tensor) -> None:
 
 
 def _state_blocks(K: int, V: int) -> tuple[int, int]:
-    """(BK, BV) of the state kernels: BK covers all of K; BV keeps the state tile <= 16K floats."""
+    """(BK, BV) of the state kernels: BK covers all of K; BV keeps the state tile <= 8K floats."""
     BK = max(16, triton.next_power_of_2(K))
-    return BK, max(16, min(64, triton.next_power_of_2(V), 16384 // BK))
+    return BK, max(16, min(64, triton.next_power_of_2(V), 8192 // BK))
 
 
 # ----------------------------------------------------------------------------------------- forward

@@ -151,3 +151,50 @@ def test_gpu_matches_fla(name):
     assert _rel(o, o_f) < 2e-2 and _rel(S, S_f) < 2e-2, (_rel(o, o_f), _rel(S, S_f))
     for n, a, b in zip(["dq", "dk", "dv", "dh0", *gates], grads, grads_f):
         assert _rel(a, b) < 3e-2, (n, _rel(a, b))
+
+
+@pytest.mark.parametrize("mini_batch_size,cu", [(16, None), (5, [0, 7, 7, 30, 40])])
+def test_ttt_forward_matches_torch(mini_batch_size, cu):
+    """TTT-Linear plain form (lsm_kernels.ttt, forward only): outputs and final states, initial state,
+    a mini-batch size that is not a power of two, packed sequences with an empty one."""
+    from lsm_kernels.ttt import ttt_linear_fwd
+    torch.manual_seed(3)
+    rule = rules.get("ttt")
+    B, T, H, K, V = (2, 37, 2, 16, 12) if cu is None else (1, 40, 2, 16, 12)
+    cu = None if cu is None else torch.tensor(cu, device=DEV, dtype=torch.int32)
+    N = B if cu is None else cu.numel() - 1
+    q = torch.randn(B, T, H, K, device=DEV)
+    k = F.normalize(torch.randn(B, T, H, K, device=DEV), dim=-1)
+    v = torch.randn(B, T, H, V, device=DEV)
+    eta = torch.rand(B, T, H, device=DEV) * 0.1
+    h0 = torch.randn(N, H, K, V, device=DEV)
+    with torch.no_grad():
+        o, S = ttt_linear_fwd(q, k, v, eta, None, h0, True, cu, mini_batch_size)
+        o_ref, S_ref = rule.chunk(q, k, v, initial_state=h0, output_final_state=True, cu_seqlens=cu, backend="torch",
+                                  eta=eta, mini_batch_size=mini_batch_size)
+    _assert_close(o, o_ref, "o", atol=1e-5, rtol=1e-5)
+    _assert_close(S, S_ref, "final state", atol=1e-5, rtol=1e-5)
+    with pytest.raises(NotImplementedError):
+        ttt_linear_fwd(q.requires_grad_(), k, v, eta)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("KV", [64, 128, 256])
+def test_gpu_ttt_forward_bf16(KV):
+    """bf16 TTT-Linear forward at real sizes (packed batch, initial state) against the float32 reference."""
+    from lsm_kernels.ttt import ttt_linear_fwd
+    torch.manual_seed(6)
+    T, H = 3000, 4
+    cu = torch.tensor([0, 1000, 1001, 2500, 3000], device="cuda", dtype=torch.int32)
+    N = cu.numel() - 1
+    q, k = (F.normalize(torch.randn(1, T, H, KV, device="cuda"), dim=-1) for _ in range(2))
+    v = torch.randn(1, T, H, KV, device="cuda")
+    eta = torch.rand(1, T, H, device="cuda") / KV
+    h0 = torch.randn(N, H, KV, KV, device="cuda")
+    bf = lambda t: t.to(torch.bfloat16)
+    with torch.no_grad():
+        o, S = ttt_linear_fwd(bf(q), bf(k), bf(v), eta, None, h0, True, cu, 16)
+        o_ref, S_ref = rules.get("ttt").chunk(q, k, v, initial_state=h0, output_final_state=True, cu_seqlens=cu,
+                                              backend="torch", eta=eta, mini_batch_size=16)
+    assert _rel(o, o_ref) < 2e-2 and _rel(S, S_ref) < 2e-2, (_rel(o, o_ref), _rel(S, S_ref))
