@@ -15,7 +15,7 @@ python3 -c "import torch, triton, fla; print('torch', torch.__version__, 'triton
 for what in "$@"; do
   case $what in
     tests)   timeout 420 python3 -m pytest -n 0 -m gpu -p no:cacheprovider tests 2>&1 | tee "$OUT/gpu_tests.log" | tail -30 ;;
-    kernels) timeout 500 python3 benchmarks/bench_kernels.py 2>&1 | tee "$OUT/bench_kernels.log" | tail -40 ;;
+    kernels) timeout 500 python3 benchmarks/bench_kernels.py --out "$OUT/bench_kernels.json" --plot "$OUT/bench_kernels.png" 2>&1 | tee "$OUT/bench_kernels.log" | tail -40 ;;
     mom)     timeout 500 python3 benchmarks/bench_mom.py 2>&1 | tee "$OUT/bench_mom.log" | tail -40 ;;
   esac
 done
