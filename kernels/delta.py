@@ -21,20 +21,23 @@ Batches are packed sequences as in `lsm_kernels.diag` (`chunk_layout`): grids co
 shapes, the chunk -> sequence maps live on the device, nothing synchronises with the host.
 K (the key head dim) is at most 256: the state kernel holds a full `[K, BV]` state tile; V is tiled.
 
-Backward (what is Triton and what is torch). The backward recomputes the forward instead of
-storing per-chunk states:
-    - torch: the per-chunk pieces W, U, K exp(G_L - G), Q exp(G), tril(Q K^T * D) are recomputed
-      in float32 from the saved inputs, batched over all chunks and heads at once (one
-      `torch.linalg.solve_triangular` for T; a gather into a chunk-slot layout, no loops over
-      tokens, heads or sequences, no host synchronisation), and differentiated by torch autograd;
-    - Triton: the chunk-state recurrence, forward (`_fwd_h_kernel`, recomputing h and V_new) and in
-      reverse (`_bwd_state_kernel`), walking each sequence's chunks backwards with dS (the
-      gradient of the state leaving chunk c):
-          dV_new^tot = dV_new + (K exp(G_L - G)) dS,    dU = dV_new^tot,   dW = -dV_new^tot S0^T,
-          d(K exp(G_L - G)) = V_new dS^T,               dG_L = exp(G_L) <S0, dS>,
-          dS0 = exp(G_L) dS - W^T dV_new^tot + dh_c     (dh_c: gradient of the stored h_c).
-The float32 torch pieces cost O(BT^2) memory per chunk and head during the backward; fusing them
-into kernels (as the diagonal family does) is the next step.
+Backward: all Triton, recomputing W, U (kernel 1) and h_c, V_new (kernel 2) instead of storing
+them. With dS the gradient of the state leaving chunk c and dV_new the gradient of V_new:
+
+    4. _bwd_dhu_kernel  (per V tile, sequence x head, chunks in reverse; stores dh_c = dS)
+       dV_new = scale tril(Q K^T * D)^T dO + (K exp(G_L - G)) dS
+       dS    <- exp(G_L) dS + scale (Q exp(G))^T dO - W^T dV_new        (dh0 = dS at the start)
+    5. _bwd_dqkw_kernel (per K tile, chunk, head), with M = scale tril(dO V_new^T * D):
+       dq = scale exp(G) (dO h_c^T) + M K,   dk = M^T Q + exp(G_L - G) (V_new dS^T),   dW = -dV_new h_c^T
+       dG_i = q_i . dq_i - k_i . dk_i, plus exp(G_L) <h_c, dS> + sum_j k_j . dk^state_j at the last row
+    6. _bwd_wy_kernel   (per chunk, head; recomputes T)
+       dT = dW (diag(beta exp(G)) K)^T + dU (diag(beta) V)^T  (dU = dV_new),  dA = -T^T dT T^T (strictly lower)
+       dv = beta T^T dU,   dk += beta exp(G) T^T dW + (dA * D * beta) K + (dA * D * beta)^T K,
+       dbeta_i = (T^T dU)_i . v_i + exp(G_i) (T^T dW)_i . k_i + sum_j dA_ij (K K^T * D)_ij,
+       dG_i += beta_i exp(G_i) (T^T dW)_i . k_i + sum_j dA_ij A_ij - sum_j dA_ji A_ji,
+       dg = the in-chunk reverse cumulative sum of dG.
+The inverse T is formed row by row (BT steps of [BT, BT] work per chunk), not by fla's blockwise
+16 x 16 inversion and merge.
 """
 from __future__ import annotations
 
@@ -66,6 +69,37 @@ def _state_blocks(K: int, V: int) -> tuple[int, int]:
 
 
 # ----------------------------------------------------------------------------------------- forward
+@triton.jit
+def _wy_solve(k, beta, G, rows, m_t, i_h, H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+              GATED: tl.constexpr, PREC: tl.constexpr):
+    """One chunk's beta `[BT]`, G `[BT]` (0 ungated), D (strictly lower, exp(G_i - G_j)), K K^T `[BT, BT]` and
+    T = (I + strictly_lower(diag(beta) K K^T * D))^{-1} (float32), by forward substitution in registers."""
+    o_t = tl.arange(0, BT)
+    b_beta = tl.load(beta + rows * H + i_h, mask=m_t, other=0.).to(tl.float32)
+    b_KK = tl.zeros([BT, BT], dtype=tl.float32)
+    for i_k in range(0, tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        b_k = tl.load(k + rows[:, None] * (H * K) + i_h * K + o_k[None, :], mask=m_t[:, None] & (o_k < K)[None, :],
+                      other=0.)
+        b_KK += tl.dot(b_k, tl.trans(b_k), input_precision=PREC)
+    strict = (o_t[:, None] > o_t[None, :]) & m_t[:, None] & m_t[None, :]
+    if GATED:
+        b_G = tl.load(G + rows * H + i_h, mask=m_t, other=0.)
+        b_D = tl.exp(tl.where(strict, b_G[:, None] - b_G[None, :], float("-inf")))
+    else:
+        b_G = tl.zeros([BT], dtype=tl.float32)
+        b_D = strict.to(tl.float32)
+    # row i of L = T - I is -a_i - sum_{j<i} a_ij L_j (rows j < i are final)
+    b_L = -b_KK * b_D * b_beta[:, None]
+    for i in range(1, BT):
+        m_i = o_t == i
+        b_a = tl.sum(tl.where(m_i[:, None], b_L, 0.), 0)
+        b_a += tl.sum(b_a[:, None] * b_L, 0)
+        b_L = tl.where(m_i[:, None], b_a[None, :], b_L)
+    b_T = b_L + (o_t[:, None] == o_t[None, :]).to(tl.float32)
+    return b_beta, b_G, b_D, b_KK, b_T
+
+
 @_tune(["H", "K", "V", "BT", "BK", "BV", "GATED"])
 @triton.jit
 def _fwd_wy_kernel(k, v, beta, G, w, u, cu, cseq, cloc, N, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
@@ -74,28 +108,10 @@ def _fwd_wy_kernel(k, v, beta, G, w, u, cu, cseq, cloc, N, H: tl.constexpr, K: t
     for one (chunk, head)."""
     i_t, i_h = tl.program_id(0), tl.program_id(1)
     t0, eos = _chunk_rows(cu, cseq, cloc, i_t, N, BT)
-    o_t = tl.arange(0, BT)
-    rows = t0 + o_t
+    rows = t0 + tl.arange(0, BT)
     m_t = rows < eos
-    b_beta = tl.load(beta + rows * H + i_h, mask=m_t, other=0.).to(tl.float32)
-    b_A = tl.zeros([BT, BT], dtype=tl.float32)
-    for i_k in range(0, tl.cdiv(K, BK)):
-        o_k = i_k * BK + tl.arange(0, BK)
-        b_k = tl.load(k + rows[:, None] * (H * K) + i_h * K + o_k[None, :], mask=m_t[:, None] & (o_k < K)[None, :],
-                      other=0.)
-        b_A += tl.dot(b_k, tl.trans(b_k), input_precision=PREC)
-    strict = (o_t[:, None] > o_t[None, :]) & m_t[:, None] & m_t[None, :]
-    if GATED:
-        b_G = tl.load(G + rows * H + i_h, mask=m_t, other=0.)
-        b_A *= tl.exp(tl.where(strict, b_G[:, None] - b_G[None, :], float("-inf")))
-    # forward substitution: row i of L = T - I is -a_i - sum_{j<i} a_ij L_j (rows j < i are final)
-    b_A = tl.where(strict, -b_A * b_beta[:, None], 0.)
-    for i in range(1, BT):
-        m_i = o_t == i
-        b_a = tl.sum(tl.where(m_i[:, None], b_A, 0.), 0)
-        b_a += tl.sum(b_a[:, None] * b_A, 0)
-        b_A = tl.where(m_i[:, None], b_a[None, :], b_A)
-    b_T = (b_A + (o_t[:, None] == o_t[None, :]).to(tl.float32)).to(k.dtype.element_ty)
+    b_beta, b_G, b_D, b_KK, b_T = _wy_solve(k, beta, G, rows, m_t, i_h, H, K, BT, BK, GATED, PREC)
+    b_T = b_T.to(k.dtype.element_ty)
     for i_k in range(0, tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
         p = rows[:, None] * (H * K) + i_h * K + o_k[None, :]
@@ -116,14 +132,13 @@ def _fwd_wy_kernel(k, v, beta, G, w, u, cu, cseq, cloc, N, H: tl.constexpr, K: t
         tl.store(u + p, b_u.to(u.dtype.element_ty), mask=m)
 
 
-@_tune(["H", "K", "V", "BT", "BK", "BV", "GATED", "K_DECAYED"])
+@_tune(["H", "K", "V", "BT", "BK", "BV", "GATED"])
 @triton.jit
 def _fwd_h_kernel(k, w, u, G, h, vn, h0, ht, cu, coff, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-                  BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, GATED: tl.constexpr, K_DECAYED: tl.constexpr,
+                  BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, GATED: tl.constexpr,
                   USE_H0: tl.constexpr, STORE_HT: tl.constexpr, PREC: tl.constexpr):
     """One program per (V tile, sequence x head): walk the sequence's chunks; store h_c (the state entering
-    chunk c) and V_new = U - W h_c; S <- exp(G_L) S + (K exp(G_L - G))^T V_new. With K_DECAYED, `k` already
-    holds K exp(G_L - G). Sequence n spans rows cu[n] .. cu[n+1] and chunk slots coff[n] ...."""
+    chunk c) and V_new = U - W h_c; S <- exp(G_L) S + (K exp(G_L - G))^T V_new."""
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
     bos = tl.load(cu + i_n).to(tl.int64)
@@ -154,8 +169,7 @@ def _fwd_h_kernel(k, w, u, G, h, vn, h0, ht, cu, coff, H: tl.constexpr, K: tl.co
         b_k = tl.load(k + p_tk, mask=m_tk, other=0.)
         if GATED:
             b_G, b_Gl = _load_G_head(G, G, t0, eos, i_h, H, BT, 2)
-            if not K_DECAYED:
-                b_k = (b_k * tl.exp(tl.where(m_t, b_Gl - b_G, float("-inf")))[:, None]).to(b_k.dtype)
+            b_k = (b_k * tl.exp(tl.where(m_t, b_Gl - b_G, float("-inf")))[:, None]).to(b_k.dtype)
             b_h *= tl.exp(b_Gl)
         b_h += tl.dot(tl.trans(b_k), b_vn.to(b_k.dtype), input_precision=PREC)
     if STORE_HT:
@@ -163,19 +177,21 @@ def _fwd_h_kernel(k, w, u, G, h, vn, h0, ht, cu, coff, H: tl.constexpr, K: tl.co
 
 
 # ----------------------------------------------------------------------------------------- backward
+@_tune(["H", "K", "V", "BT", "BK", "BV", "GATED"])
 @triton.jit
-def _bwd_state_kernel(w, kd, vn, G, h, dh, dvn, dht, dh0, du, dw, dkd, dGl, cu, coff, R, NT,
-                      H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
-                      BV: tl.constexpr, GATED: tl.constexpr, USE_DHT: tl.constexpr, STORE_DH0: tl.constexpr,
-                      PREC: tl.constexpr):
-    """Reverse of _fwd_h_kernel (K_DECAYED) for one (V tile, sequence x head); dS = gradient of the state
-    leaving the current chunk. dw, dkd `[NV, R, H, K]` and dGl `[NV, NT, H]` are this V tile's partial sums."""
+def _bwd_dhu_kernel(q, k, w, G, do, dh, dv, dht, dh0, cu, coff, scale, H: tl.constexpr, K: tl.constexpr,
+                    V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, GATED: tl.constexpr,
+                    USE_DHT: tl.constexpr, STORE_DH0: tl.constexpr, PREC: tl.constexpr):
+    """Walk a sequence's chunks backwards (one V tile, all of K); dS = gradient of the state leaving chunk c.
+    Stores dh_c = dS and dV_new = scale tril(Q K^T * D)^T dO + (K exp(G_L - G)) dS (float32), then
+    dS <- exp(G_L) dS + scale (Q exp(G))^T dO - W^T dV_new."""
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
     bos = tl.load(cu + i_n).to(tl.int64)
     eos = tl.load(cu + i_n + 1).to(tl.int64)
     nt = (eos - bos + BT - 1) // BT
     off = tl.load(coff + i_n).to(tl.int64)
+    o_t = tl.arange(0, BT)
     o_k = tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
     m_k, m_v = o_k < K, o_v < V
@@ -186,45 +202,178 @@ def _bwd_state_kernel(w, kd, vn, G, h, dh, dvn, dht, dh0, du, dw, dkd, dGl, cu, 
         b_dS += tl.load(dht + i_nh * K * V + p_kv, mask=m_kv, other=0.)
     for ii in range(0, nt):
         i = nt - 1 - ii
-        p_h = ((off + i) * H + i_h) * K * V + p_kv
+        tl.store(dh + ((off + i) * H + i_h) * K * V + p_kv, b_dS.to(dh.dtype.element_ty), mask=m_kv)
         t0 = bos + i * BT
-        rows = t0 + tl.arange(0, BT)
+        rows = t0 + o_t
         m_t = rows < eos
         p_tk = rows[:, None] * (H * K) + i_h * K + o_k[None, :]
         p_tv = rows[:, None] * (H * V) + i_h * V + o_v[None, :]
         m_tk = m_t[:, None] & m_k[None, :]
         m_tv = m_t[:, None] & m_v[None, :]
-        b_h = tl.load(h + p_h, mask=m_kv, other=0.)
-        b_kd = tl.load(kd + p_tk, mask=m_tk, other=0.)
+        b_q = tl.load(q + p_tk, mask=m_tk, other=0.)
+        b_k = tl.load(k + p_tk, mask=m_tk, other=0.)
         b_w = tl.load(w + p_tk, mask=m_tk, other=0.)
-        b_vn = tl.load(vn + p_tv, mask=m_tv, other=0.)
-        b_dv = tl.load(dvn + p_tv, mask=m_tv, other=0.) + tl.dot(b_kd, b_dS, input_precision=PREC)
-        tl.store(du + p_tv, b_dv, mask=m_tv)
-        p_part = i_v * R * H * K + p_tk
-        tl.store(dw + p_part, -tl.dot(b_dv, tl.trans(b_h), input_precision=PREC), mask=m_tk)
-        tl.store(dkd + p_part, tl.dot(b_vn, tl.trans(b_dS), input_precision=PREC), mask=m_tk)
+        b_do = tl.load(do + p_tv, mask=m_tv, other=0.)
+        b_At = tl.dot(b_k, tl.trans(b_q), input_precision=PREC)                    # [j, i] = k_j . q_i
+        causal_t = (o_t[:, None] <= o_t[None, :]) & m_t[:, None] & m_t[None, :]
         if GATED:
             b_G, b_Gl = _load_G_head(G, G, t0, eos, i_h, H, BT, 2)
-            b_e = tl.exp(b_Gl)
-            tl.store(dGl + (i_v * NT + off + i) * H + i_h, b_e * tl.sum(tl.sum(b_h * b_dS, axis=1), axis=0))
-            b_dS *= b_e
-        b_dS += tl.load(dh + p_h, mask=m_kv, other=0.) - tl.dot(tl.trans(b_w), b_dv, input_precision=PREC)
+            b_At *= tl.exp(tl.where(causal_t, b_G[None, :] - b_G[:, None], float("-inf")))
+            b_kd = (b_k * tl.exp(tl.where(m_t, b_Gl - b_G, float("-inf")))[:, None]).to(b_k.dtype)
+            b_qg = (b_q * tl.exp(b_G)[:, None]).to(b_q.dtype)
+        else:
+            b_At = tl.where(causal_t, b_At, 0.)
+            b_kd = b_k
+            b_qg = b_q
+        b_dv = tl.dot(b_At.to(b_do.dtype), b_do, input_precision=PREC) * scale \
+            + tl.dot(b_kd, b_dS.to(b_kd.dtype), input_precision=PREC)
+        tl.store(dv + p_tv, b_dv, mask=m_tv)
+        if GATED:
+            b_dS *= tl.exp(b_Gl)
+        b_dS += tl.dot(tl.trans(b_qg), b_do, input_precision=PREC) * scale \
+            - tl.dot(tl.trans(b_w), b_dv.to(b_w.dtype), input_precision=PREC)
     if STORE_DH0:
         tl.store(dh0 + i_nh * K * V + p_kv, b_dS, mask=m_kv)
 
 
+@_tune(["H", "K", "V", "BT", "BK", "BV", "GATED"])
+@triton.jit
+def _bwd_dqkw_kernel(q, k, vn, G, h, dh, do, dv, dq, dk, dw, dG, cu, cseq, cloc, N, T_all, scale, H: tl.constexpr,
+                     K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                     GATED: tl.constexpr, PREC: tl.constexpr):
+    """One (K tile, chunk, head): dq (final); the output and state parts of dk and dW = -dV_new h_c^T (float32);
+    this K tile's share of dG (gradient of the cumulative log-decay through the output and the state),
+    dG `[NK, B*T, H]`."""
+    i_k, i_t, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    t0, eos = _chunk_rows(cu, cseq, cloc, i_t, N, BT)
+    o_t = tl.arange(0, BT)
+    rows = t0 + o_t
+    m_t = rows < eos
+    o_k = i_k * BK + tl.arange(0, BK)
+    m_k = o_k < K
+    p_tk = rows[:, None] * (H * K) + i_h * K + o_k[None, :]
+    m_tk = m_t[:, None] & m_k[None, :]
+    b_dq = tl.zeros([BT, BK], dtype=tl.float32)
+    b_dks = tl.zeros([BT, BK], dtype=tl.float32)
+    b_dw = tl.zeros([BT, BK], dtype=tl.float32)
+    b_dM = tl.zeros([BT, BT], dtype=tl.float32)
+    b_hdh = tl.zeros([BK], dtype=tl.float32)
+    for i_v in range(0, tl.cdiv(V, BV)):
+        o_v = i_v * BV + tl.arange(0, BV)
+        m_v = o_v < V
+        p_tv = rows[:, None] * (H * V) + i_h * V + o_v[None, :]
+        m_tv = m_t[:, None] & m_v[None, :]
+        b_do = tl.load(do + p_tv, mask=m_tv, other=0.)
+        b_vn = tl.load(vn + p_tv, mask=m_tv, other=0.)
+        b_dv = tl.load(dv + p_tv, mask=m_tv, other=0.)
+        p_vk = (i_t * H + i_h).to(tl.int64) * K * V + o_k[None, :] * V + o_v[:, None]   # [BV, BK] view of [K, V]
+        b_h = tl.load(h + p_vk, mask=m_k[None, :] & m_v[:, None] & (eos > t0), other=0.)  # unused slots: garbage
+        b_dh = tl.load(dh + p_vk, mask=m_k[None, :] & m_v[:, None] & (eos > t0), other=0.)
+        b_dq += tl.dot(b_do, b_h.to(b_do.dtype), input_precision=PREC)
+        b_dM += tl.dot(b_do, tl.trans(b_vn), input_precision=PREC)
+        b_dks += tl.dot(b_vn, b_dh.to(b_vn.dtype), input_precision=PREC)
+        b_dw -= tl.dot(b_dv.to(b_do.dtype), b_h.to(b_do.dtype), input_precision=PREC)
+        if GATED:
+            b_hdh += tl.sum(b_h.to(tl.float32) * b_dh.to(tl.float32), axis=0)
+    b_q = tl.load(q + p_tk, mask=m_tk, other=0.)
+    b_k = tl.load(k + p_tk, mask=m_tk, other=0.)
+    causal = (o_t[:, None] >= o_t[None, :]) & m_t[:, None] & m_t[None, :]
+    if GATED:
+        b_G, b_Gl = _load_G_head(G, G, t0, eos, i_h, H, BT, 2)
+        b_dq *= scale * tl.exp(b_G)[:, None]
+        b_dks *= tl.exp(tl.where(m_t, b_Gl - b_G, float("-inf")))[:, None]
+        b_M = b_dM * scale * tl.exp(tl.where(causal, b_G[:, None] - b_G[None, :], float("-inf")))
+    else:
+        b_dq *= scale
+        b_M = tl.where(causal, b_dM * scale, 0.)
+    b_M = b_M.to(b_q.dtype)
+    b_dq += tl.dot(b_M, b_k, input_precision=PREC)
+    b_dk = b_dks + tl.dot(tl.trans(b_M), b_q, input_precision=PREC)
+    if GATED:
+        b_kf = b_k.to(tl.float32)
+        b_x = tl.sum(b_q.to(tl.float32) * b_dq - b_kf * b_dk, axis=1)
+        last = tl.minimum(t0 + BT, eos) - 1
+        b_last = tl.exp(b_Gl) * tl.sum(b_hdh, axis=0) + tl.sum(tl.sum(b_kf * b_dks, axis=1), axis=0)
+        b_x += tl.where(rows == last, b_last, 0.)
+        tl.store(dG + (i_k * T_all + rows) * H + i_h, b_x, mask=m_t)
+    tl.store(dq + p_tk, b_dq.to(dq.dtype.element_ty), mask=m_tk)
+    tl.store(dk + p_tk, b_dk, mask=m_tk)
+    tl.store(dw + p_tk, b_dw, mask=m_tk)
+
+
+@_tune(["H", "K", "V", "BT", "BK", "BV", "NK", "GATED"])
+@triton.jit
+def _bwd_wy_kernel(k, v, beta, G, dw, du, dk_in, dG_in, dk, dv, dbeta, dg, cu, cseq, cloc, N, T_all, H: tl.constexpr,
+                   K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                   NK: tl.constexpr, GATED: tl.constexpr, PREC: tl.constexpr):
+    """One (chunk, head): back through W = T diag(beta exp(G)) K, U = T diag(beta) V, T = (I + A)^{-1}:
+    dT = dW (beta exp(G) K)^T + dU (beta V)^T, dA = -strictly_lower(T^T dT T^T); finishes dk, dv, dbeta and
+    dg (the in-chunk reverse cumulative sum of dG)."""
+    i_t, i_h = tl.program_id(0), tl.program_id(1)
+    t0, eos = _chunk_rows(cu, cseq, cloc, i_t, N, BT)
+    rows = t0 + tl.arange(0, BT)
+    m_t = rows < eos
+    b_beta, b_G, b_D, b_KK, b_T = _wy_solve(k, beta, G, rows, m_t, i_h, H, K, BT, BK, GATED, PREC)
+    b_bg = b_beta * tl.exp(b_G)
+    b_dT = tl.zeros([BT, BT], dtype=tl.float32)
+    b_db = tl.zeros([BT], dtype=tl.float32)
+    for i_v in range(0, tl.cdiv(V, BV)):
+        o_v = i_v * BV + tl.arange(0, BV)
+        p = rows[:, None] * (H * V) + i_h * V + o_v[None, :]
+        m = m_t[:, None] & (o_v < V)[None, :]
+        b_v = tl.load(v + p, mask=m, other=0.).to(tl.float32)
+        b_du = tl.load(du + p, mask=m, other=0.)
+        b_dT += tl.dot(b_du, tl.trans(b_v * b_beta[:, None]), input_precision=PREC)
+        b_dvb = tl.dot(tl.trans(b_T), b_du, input_precision=PREC)
+        b_db += tl.sum(b_dvb * b_v, axis=1)
+        tl.store(dv + p, (b_dvb * b_beta[:, None]).to(dv.dtype.element_ty), mask=m)
+    for i_k in range(0, tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        p = rows[:, None] * (H * K) + i_h * K + o_k[None, :]
+        m = m_t[:, None] & (o_k < K)[None, :]
+        b_k = tl.load(k + p, mask=m, other=0.).to(tl.float32)
+        b_dw = tl.load(dw + p, mask=m, other=0.)
+        b_dT += tl.dot(b_dw, tl.trans(b_k * b_bg[:, None]), input_precision=PREC)
+    b_dA = -tl.dot(tl.dot(tl.trans(b_T), b_dT, input_precision=PREC), tl.trans(b_T), input_precision=PREC)
+    b_dA = b_dA * b_D                                                                # strictly lower, times D
+    b_dAk = b_dA * b_KK
+    b_db += tl.sum(b_dAk, axis=1)
+    b_dA *= b_beta[:, None]                                                           # dA_ij beta_i D_ij
+    b_dGx = tl.zeros([BT], dtype=tl.float32)
+    if GATED:
+        b_dAk *= b_beta[:, None]                                                      # dA_ij A_ij
+        b_dGx += tl.sum(b_dAk, axis=1) - tl.sum(b_dAk, axis=0)
+    for i_k in range(0, tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        p = rows[:, None] * (H * K) + i_h * K + o_k[None, :]
+        m = m_t[:, None] & (o_k < K)[None, :]
+        b_k = tl.load(k + p, mask=m, other=0.).to(tl.float32)
+        b_dw = tl.load(dw + p, mask=m, other=0.)
+        b_dkb = tl.dot(tl.trans(b_T), b_dw, input_precision=PREC)                 # d(beta exp(G) K)
+        b_x = tl.sum(b_dkb * b_k, axis=1) * tl.exp(b_G)
+        b_db += b_x
+        b_dGx += b_x * b_beta
+        b_dk = tl.load(dk_in + p, mask=m, other=0.) + b_dkb * b_bg[:, None] \
+            + tl.dot(b_dA, b_k, input_precision=PREC) + tl.dot(tl.trans(b_dA), b_k, input_precision=PREC)
+        tl.store(dk + p, b_dk.to(dk.dtype.element_ty), mask=m)
+    tl.store(dbeta + rows * H + i_h, b_db, mask=m_t)
+    if GATED:
+        for i_x in range(0, NK):
+            b_dGx += tl.load(dG_in + (i_x * T_all + rows) * H + i_h, mask=m_t, other=0.)
+        tl.store(dg + rows * H + i_h, tl.sum(b_dGx, axis=0) - tl.cumsum(b_dGx, axis=0) + b_dGx, mask=m_t)
+
+
 # ----------------------------------------------------------------------------------------- launchers
-def _states(k, w, u, G, h0, cu, coff, N, NT, BT, gated, k_decayed, h_dtype, vn_dtype, prec, zero_fill=False):
+def _states(k, w, u, G, h0, cu, coff, N, NT, BT, gated, prec):
     """Launch _fwd_h_kernel: (h `[NT, H, K, V]`, V_new `[B, T, H, V]`, final states `[N, H, K, V]` float32)."""
     H, K = k.shape[-2:]
     V = u.shape[-1]
     BK, BV = _state_blocks(K, V)
-    alloc = torch.zeros if zero_fill else torch.empty
-    h = alloc(NT, H, K, V, device=k.device, dtype=h_dtype)
-    vn = alloc(u.shape, device=k.device, dtype=vn_dtype)
+    h = k.new_empty(NT, H, K, V)
+    vn = torch.empty_like(u)
     ht = torch.empty(N, H, K, V, device=k.device, dtype=torch.float32)
     _fwd_h_kernel[(triton.cdiv(V, BV), N * H)](k, w, u, G, h, vn, h0, ht, cu, coff, H, K, V, BT, BK, BV, gated,
-                                               k_decayed, h0 is not None, True, prec)
+                                               h0 is not None, True, prec)
     return h, vn, ht
 
 
@@ -238,111 +387,43 @@ def delta_fwd(q, k, v, beta, G, h0, scale, meta, BT, output_final_state):
     BKw, BVw = _blocks(K, V)
     w, u = torch.empty_like(k), torch.empty_like(v)
     _fwd_wy_kernel[(NT, H)](k, v, beta, G, w, u, cu, cseq, cloc, N, H, K, V, BT, BKw, BVw, gated, prec)
-    h, vn, ht = _states(k, w, u, G, h0, cu, coff, N, NT, BT, gated, False, k.dtype, v.dtype, prec)
+    h, vn, ht = _states(k, w, u, G, h0, cu, coff, N, NT, BT, gated, prec)
     o = torch.empty_like(v)
     _fwd_o_kernel[(triton.cdiv(V, BVw), NT, H)](q, k, vn, G, G, h, None, o, cu, cseq, cloc, N, scale, H, K, V, BT,
                                                 BKw, BVw, SCALAR if gated else NONE, prec)
     return o, (ht if output_final_state else None)
 
 
-class _StatePass(torch.autograd.Function):
-    """The chunk-state recurrence on the chunk-slot layout (float32), differentiable in w, u, kd, G, h0.
-
-    w, kd `[R, H, K]`, u `[R, H, V]`, G `[R, H]` (only each chunk's last row matters), h0 `[N, H, K, V]` or
-    None, R = NT * BT; sequence n spans rows cu[n] .. cu[n+1] (chunk-aligned) and slots coff[n] ....
-    Returns h `[NT, H, K, V]` (zero in unused slots), V_new `[R, H, V]`, final states `[N, H, K, V]`."""
-
-    @staticmethod
-    def forward(ctx, w, u, kd, G, h0, cu, coff, N, BT, prec):
-        NT = w.shape[0] // BT
-        h, vn, ht = _states(kd, w, u, G, h0, cu, coff, N, NT, BT, G is not None, True, torch.float32,
-                            torch.float32, prec, zero_fill=True)
-        ctx.save_for_backward(w, kd, G, h, vn, cu, coff)
-        ctx.cfg = (N, BT, prec, h0 is not None)
-        return h, vn, ht
-
-    @staticmethod
-    def backward(ctx, dh, dvn, dht):
-        w, kd, G, h, vn, cu, coff = ctx.saved_tensors
-        N, BT, prec, has_h0 = ctx.cfg
-        R, H, K = w.shape
-        V = vn.shape[-1]
-        NT = R // BT
-        BK, BV = _state_blocks(K, V)
-        NV = triton.cdiv(V, BV)
-        f32 = dict(device=w.device, dtype=torch.float32)
-        dh = torch.zeros(NT, H, K, V, **f32) if dh is None else dh.float().contiguous()
-        dvn = torch.zeros(R, H, V, **f32) if dvn is None else dvn.float().contiguous()
-        dht = dht.float().contiguous() if dht is not None else None
-        du = torch.zeros(R, H, V, **f32)
-        dw, dkd = torch.zeros(NV, R, H, K, **f32), torch.zeros(NV, R, H, K, **f32)
-        dGl = torch.zeros(NV, NT, H, **f32)
-        dh0 = torch.empty(N, H, K, V, **f32) if has_h0 else None
-        _bwd_state_kernel[(NV, N * H)](w, kd, vn, G, h, dh, dvn, dht, dh0, du, dw, dkd, dGl, cu, coff, R, NT, H, K,
-                                       V, BT, BK, BV, G is not None, dht is not None, has_h0, prec)
-        dG = None
-        if G is not None:
-            dG = torch.zeros(NT, BT, H, **f32)
-            dG[:, -1] = dGl.sum(0)
-            dG = dG.view(R, H)
-        return dw.sum(0), du, dkd.sum(0), dG, dh0, None, None, None, None, None
-
-
-def _slot_maps(meta, BT: int, BT_all: int):
-    """Token <-> chunk-slot maps (device-side): src `[NT*BT]` token row of each slot row, valid `[NT*BT]`,
-    dest `[B*T]` slot row of each token, and the slot-aligned sequence bounds cu_r `[N+1]`."""
-    cu, cseq, cloc, coff, N, NT = meta
-    cu = cu.long()
-    n = cseq.long().clamp(max=N - 1)
-    src = cu[n][:, None] + cloc.long()[:, None] * BT + torch.arange(BT, device=cu.device)   # [NT, BT]
-    valid = (cseq < N)[:, None] & (src < cu[n + 1][:, None])
-    src = torch.where(valid, src, 0).reshape(-1)
-    t = torch.arange(BT_all, device=cu.device)
-    seq = torch.searchsorted(cu[1:], t, right=True).clamp(max=N - 1)                        # [B*T]
-    pos = t - cu[seq]
-    dest = (coff.long()[seq] + pos // BT) * BT + pos % BT
-    nch = (cu[1:] - cu[:-1] + BT - 1) // BT
-    cu_r = (torch.cat([coff.long(), (coff.long()[-1:] + nch[-1:])]) * BT).to(torch.int32)
-    return src, valid.reshape(-1), dest, cu_r
-
-
-def _recompute(q, k, v, beta, g, h0, scale, meta, BT, prec):
-    """Differentiable recomputation (torch per-chunk pieces + _StatePass): (o `[B, T, H, V]`, final states)."""
+def delta_bwd(q, k, v, beta, G, h0, do, dht, scale, meta, BT):
+    """Backward kernels: returns dq, dk, dv (input dtype), dbeta, dg (float32; dg None ungated), dh0 (float32)."""
     cu, cseq, cloc, coff, N, NT = meta
     B, T, H, K = q.shape
     V = v.shape[-1]
-    src, valid, dest, cu_r = _slot_maps(meta, BT, B * T)
-
-    def slots(x):                                                                 # [B, T, H, *] -> [NT, H, BT, *]
-        x = x.reshape(B * T, *x.shape[2:]).float()[src]
-        x = torch.where(valid.view(-1, *([1] * (x.dim() - 1))), x, 0.)
-        return x.view(NT, BT, *x.shape[1:]).transpose(1, 2)
-
-    def rows(x):                                                                  # [NT, H, BT, *] -> [NT*BT, H, *]
-        return x.transpose(1, 2).reshape(NT * BT, *x.shape[1:2], *x.shape[3:])
-
-    qc, kc, vc, bc = slots(q), slots(k), slots(v), slots(beta)                    # [NT, H, BT, K|V], [NT, H, BT]
-    lower = torch.ones(BT, BT, dtype=torch.bool, device=q.device).tril()
-    strict = lower.tril(-1)
-    if g is None:
-        G = None
-        D = lower.float()                                                         # [BT, BT]
-        qg, kd, kb = qc, kc, bc[..., None] * kc
-    else:
-        G = slots(g).cumsum(-1)                                                   # [NT, H, BT]
-        D = torch.where(lower, G[..., :, None] - G[..., None, :], float("-inf")).exp()
-        qg = qc * G.exp()[..., None]
-        kd = kc * (G[..., -1:] - G).exp()[..., None]
-        kb = (bc * G.exp())[..., None] * kc
-    A = torch.where(strict, bc[..., :, None] * (kc @ kc.transpose(-1, -2)) * D, 0.) + torch.eye(BT, device=q.device)
-    UW = torch.linalg.solve_triangular(A, torch.cat([bc[..., None] * vc, kb], -1), upper=False, unitriangular=True)
-    U, W = UW[..., :V], UW[..., V:]                                               # [NT, H, BT, V], [NT, H, BT, K]
-    P = (qc @ kc.transpose(-1, -2)) * D                                           # [NT, H, BT, BT]
-    h, vn, ht = _StatePass.apply(rows(W).contiguous(), rows(U).contiguous(), rows(kd).contiguous(),
-                                 None if G is None else rows(G).contiguous(), h0, cu_r, coff, N, BT, prec)
-    vn = vn.view(NT, BT, H, V).transpose(1, 2)                                    # [NT, H, BT, V]
-    o = scale * (qg @ h + P @ vn)                                                 # [NT, H, BT, V]
-    return rows(o)[dest].view(B, T, H, V), ht
+    gated = G is not None
+    prec = _prec(q.dtype)
+    BKw, BVw = _blocks(K, V)
+    BKs, BVs = _state_blocks(K, V)
+    NK = triton.cdiv(K, BKw)
+    w, u = torch.empty_like(k), torch.empty_like(v)
+    _fwd_wy_kernel[(NT, H)](k, v, beta, G, w, u, cu, cseq, cloc, N, H, K, V, BT, BKw, BVw, gated, prec)
+    h, vn, _ = _states(k, w, u, G, h0, cu, coff, N, NT, BT, gated, prec)
+    f32 = dict(device=q.device, dtype=torch.float32)
+    dh = q.new_empty(NT, H, K, V)
+    du = torch.empty(B, T, H, V, **f32)
+    dh0 = torch.empty(N, H, K, V, **f32) if h0 is not None else None
+    _bwd_dhu_kernel[(triton.cdiv(V, BVs), N * H)](q, k, w, G, do, dh, du, dht, dh0, cu, coff, scale, H, K, V, BT,
+                                                  BKs, BVs, gated, dht is not None, h0 is not None, prec)
+    dq = torch.empty_like(q)
+    dk32, dw = torch.empty(B, T, H, K, **f32), torch.empty(B, T, H, K, **f32)
+    dG = torch.empty(NK, B * T, H, **f32) if gated else None
+    _bwd_dqkw_kernel[(NK, NT, H)](q, k, vn, G, h, dh, do, du, dq, dk32, dw, dG, cu, cseq, cloc, N, B * T, scale, H, K,
+                                  V, BT, BKw, BVw, gated, prec)
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
+    dbeta = torch.empty(B, T, H, **f32)
+    dg = torch.empty(B, T, H, **f32) if gated else None
+    _bwd_wy_kernel[(NT, H)](k, v, beta, G, dw, du, dk32, dG, dk, dv, dbeta, dg, cu, cseq, cloc, N, B * T, H, K, V, BT,
+                            BKw, BVw, NK, gated, prec)
+    return dq, dk, dv, dbeta, dg, dh0
 
 
 class DeltaChunkFunction(torch.autograd.Function):
@@ -356,34 +437,21 @@ class DeltaChunkFunction(torch.autograd.Function):
         G = _local_cumsum(g.contiguous(), meta, chunk_size) if g is not None else None
         h0 = initial_state.float().contiguous() if initial_state is not None else None
         o, ht = delta_fwd(q, k, v, beta, G, h0, scale, meta, chunk_size, output_final_state)
-        ctx.save_for_backward(q, k, v, beta, g, h0, *meta[:4])
+        ctx.save_for_backward(q, k, v, beta, G, h0, *meta[:4])
         ctx.meta_n = meta[4:]
-        ctx.cfg = (scale, chunk_size, initial_state.dtype if initial_state is not None else None)
+        ctx.cfg = (scale, chunk_size, beta.dtype, g.dtype if g is not None else None,
+                   initial_state.dtype if initial_state is not None else None)
         return o, ht
 
     @staticmethod
     def backward(ctx, do, dht):
-        q, k, v, beta, g, h0, *maps = ctx.saved_tensors
+        q, k, v, beta, G, h0, *maps = ctx.saved_tensors
         meta = (*maps, *ctx.meta_n)
-        scale, BT, h0_dtype = ctx.cfg
-        leaves = [x.detach().requires_grad_() for x in (q, k, v, beta)]
-        lg = g.detach().requires_grad_() if g is not None else None
-        lh0 = h0.detach().requires_grad_() if h0 is not None else None
-        with torch.enable_grad():
-            o, ht = _recompute(*leaves, lg, lh0, scale, meta, BT, _prec(q.dtype))
-            outs, grads_out = [o], [do.float()]
-            if dht is not None:
-                outs.append(ht)
-                grads_out.append(dht.float())
-            inputs = leaves + [x for x in (lg, lh0) if x is not None]
-            grads = list(torch.autograd.grad(outs, inputs, grads_out, allow_unused=True))
-        dq, dk, dv, dbeta = (gr.to(x.dtype) for gr, x in zip(grads[:4], (q, k, v, beta)))
-        rest = grads[4:]
-        dg = rest.pop(0).to(g.dtype) if g is not None else None
-        dh0 = rest.pop(0) if h0 is not None else None
-        if dh0 is not None:
-            dh0 = dh0.to(h0_dtype)
-        return dq, dk, dv, dbeta, dg, dh0, None, None, None, None
+        scale, BT, beta_dtype, g_dtype, h0_dtype = ctx.cfg
+        dht = dht.float().contiguous() if dht is not None else None
+        dq, dk, dv, dbeta, dg, dh0 = delta_bwd(q, k, v, beta, G, h0, do.contiguous(), dht, scale, meta, BT)
+        return (dq, dk, dv, dbeta.to(beta_dtype), dg.to(g_dtype) if dg is not None else None,
+                dh0.to(h0_dtype) if dh0 is not None else None, None, None, None, None)
 
 
 def chunk_delta(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, g: torch.Tensor | None = None,

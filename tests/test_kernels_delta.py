@@ -74,7 +74,8 @@ def test_chunk_tiled_strong_decay(monkeypatch):
     B, T, H, K, V = 1, 24, 1, 32, 40
     q, k, v, _, gates = _inputs("gated_deltanet", B, T, H, K, V, B, DEV, beta_max=2.0, strength=20.0)
     dht = torch.randn(B, H, K, V, device=DEV)
-    outs = [rule.chunk(q, k, v, output_final_state=True, chunk_size=16, backend=b, **gates) for b in ("triton", "torch")]
+    outs = [rule.chunk(q, k, v, output_final_state=True, chunk_size=16, backend=b, **gates)
+            for b in ("triton", "torch")]
     _assert_close(outs[0][0], outs[1][0], "o")
     _assert_close(outs[0][1], outs[1][1], "final state")
     grads = [torch.autograd.grad((S * dht).sum(), [q, k, v, *gates.values()], allow_unused=True) for _, S in outs]
@@ -83,6 +84,18 @@ def test_chunk_tiled_strong_decay(monkeypatch):
             assert a is None or not a.any(), n
             continue
         _assert_close(a, b, n, atol=1e-3)
+
+
+def test_grad_of_output_only():
+    """No initial state, no final state: the backward starts from a zero state gradient."""
+    torch.manual_seed(2)
+    rule = rules.get("deltanet")
+    q, k, v, _, gates = _inputs("deltanet", 1, 21, 2, 16, 8, 1, DEV)
+    do = torch.randn(1, 21, 2, 8, device=DEV)
+    grads = [torch.autograd.grad((rule.chunk(q, k, v, chunk_size=16, backend=b, **gates)[0] * do).sum(),
+                                 [q, k, v, gates["beta"]]) for b in ("triton", "torch")]
+    for n, a, b in zip(["dq", "dk", "dv", "dbeta"], *grads):
+        _assert_close(a, b, n)
 
 
 def test_no_grad_without_final_state():
