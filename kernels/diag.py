@@ -156,7 +156,7 @@ def _fwd_h_kernel(k, v, G, gamma, h, h0, ht, cu, coff, H: tl.constexpr, K: tl.co
                   BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr,
                   USE_H0: tl.constexpr, STORE_HT: tl.constexpr, PREC: tl.constexpr):
     """One program per (K tile, V tile, sequence x head): walk the sequence's chunks, store h_c."""
-    i_k, i_v, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_k, i_v, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     i_n, i_h = i_nh // H, i_nh % H
     bos = tl.load(cu + i_n).to(tl.int64)
     eos = tl.load(cu + i_n + 1).to(tl.int64)
@@ -289,7 +289,7 @@ def _bwd_dh_kernel(q, do, G, gamma, dh, dht, dh0, cu, coff, scale, H: tl.constex
                    V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr,
                    USE_DHT: tl.constexpr, STORE_DH0: tl.constexpr, PREC: tl.constexpr):
     """Walk a sequence's chunks backwards; store dH_c, the gradient of the state at the end of chunk c."""
-    i_k, i_v, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_k, i_v, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     i_n, i_h = i_nh // H, i_nh % H
     bos = tl.load(cu + i_n).to(tl.int64)
     eos = tl.load(cu + i_n + 1).to(tl.int64)
