@@ -110,6 +110,26 @@ def test_no_grad_without_final_state():
     _assert_close(o, o_ref, "o")
 
 
+@pytest.mark.parametrize("name", DELTA)
+def test_chunk_fp16(name):
+    """Half-precision inputs (fp16: the interpreter emulates bf16 badly, the gpu tests cover it) against the
+    float32 reference: relative errors of outputs, final states and gradients."""
+    torch.manual_seed(3)
+    rule = rules.get(name)
+    cu = torch.tensor([0, 5, 5, 23, 40], device=DEV, dtype=torch.int32)
+    q, k, v, h0, gates = _inputs(name, 1, 40, 2, 16, 16, 4, DEV, dtype=torch.float16)
+    do = torch.randn(1, 40, 2, 16, device=DEV)
+    dht = torch.randn(4, 2, 16, 16, device=DEV)
+    o, S, grads = _run(rule, "triton", q, k, v, h0, gates, cu, 16, do, dht)
+    f32 = [t.detach().float().requires_grad_() for t in (q, k, v, h0)]
+    g32 = {n: t.detach().float().requires_grad_() for n, t in gates.items()}
+    o_ref, S_ref, grads_ref = _run(rule, "torch", *f32, g32, cu, 16, do, dht)
+    assert o.dtype == torch.float16 and S.dtype == torch.float32
+    for n, a, b in zip(["o", "S", "dq", "dk", "dv", "dh0", *gates], [o, S, *grads], [o_ref, S_ref, *grads_ref]):
+        assert a.dtype == (torch.float32 if n in ("S", "dh0") or n == "g" else torch.float16), (n, a.dtype)
+        assert _rel(a, b) < 5e-3, (n, _rel(a, b))
+
+
 def test_key_dim_limit():
     from lsm_kernels.delta import chunk_delta
     q = torch.zeros(1, 4, 1, 300, device=DEV)
