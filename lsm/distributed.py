@@ -325,13 +325,27 @@ def load_sharded_checkpoint(ckpt: str | os.PathLike, model: nn.Module, optimizer
 
     Resharding is DCP's: the checkpoint may come from any number of ranks. Call on every rank.
     """
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
-    dcp.load(state, checkpoint_id=str(Path(ckpt) / SHARDED_DIR), no_dist=not dist.is_initialized())
+    _dcp_load(state, ckpt, no_dist=not dist.is_initialized())
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+
+def load_full_state(model: nn.Module, optimizer, plain_model: nn.Module, plain_optimizer) -> None:
+    """Copy a one-process model and optimizer (e.g. a none/ddp checkpoint, loaded) into a wrapped pair.
+
+    Goes through the full (unsharded, name-keyed) state dicts, so `model` may be FSDP-sharded on any
+    number of ranks; every rank passes the same `plain_*` objects.
+    """
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict, set_state_dict)
+
+    full = StateDictOptions(full_state_dict=True)
+    model_sd = get_model_state_dict(plain_model, options=full)
+    optim_sd = get_optimizer_state_dict(plain_model, plain_optimizer, options=full)
+    set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd, options=full)
 
 
 def load_model_weights(model: nn.Module, ckpt: str | os.PathLike, device: str | torch.device = "cpu") -> None:
@@ -345,18 +359,23 @@ def load_model_weights(model: nn.Module, ckpt: str | os.PathLike, device: str | 
 
         load_model(model, str(ckpt / "model.safetensors"), device=str(device))
         return
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
     model_sd = get_model_state_dict(model)
     state = {"model": model_sd}
-    with warnings.catch_warnings():  # DCP warns that it loads in one process: that is the point here
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(state, checkpoint_id=str(ckpt / SHARDED_DIR), no_dist=True)
+    _dcp_load(state, ckpt, no_dist=True)
     set_model_state_dict(model, state["model"])
 
 
+def _dcp_load(state: dict, ckpt: str | os.PathLike, no_dist: bool) -> None:
+    import torch.distributed.checkpoint as dcp
+
+    with warnings.catch_warnings():  # DCP warns when it loads in one process: intended here
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=str(Path(ckpt) / SHARDED_DIR), no_dist=no_dist)
+
+
 __all__ = ["DistContext", "DistributedError", "PARALLEL", "RENDEZVOUS_VARS", "SHARDED_DIR", "barrier", "check_batch",
-           "clip_grad_norm", "grad_sync", "is_sharded_checkpoint", "load_model_weights", "load_sharded_checkpoint",
+           "clip_grad_norm", "grad_sync", "is_sharded_checkpoint", "load_full_state", "load_model_weights", "load_sharded_checkpoint",
            "on_all_ranks", "save_sharded_checkpoint", "setup", "teardown", "token_mean_loss", "train_shard", "unwrap",
            "wrap_model"]

@@ -206,8 +206,8 @@ def train(cfg: Config, resume: bool = False, max_steps: int | None = None, quiet
         distributed.teardown(ctx)
 
 
-def _find_resume_checkpoint(cfg: Config, ctx: distributed.DistContext) -> Path | None:
-    """The checkpoint to resume from (None: none yet), checked against this run's model and parallel mode."""
+def _find_resume_checkpoint(cfg: Config) -> Path | None:
+    """The checkpoint to resume from (None: none yet), checked against this run's model."""
     try:
         ckpt = find_checkpoint(cfg.train.out_dir)
     except FileNotFoundError:
@@ -216,9 +216,6 @@ def _find_resume_checkpoint(cfg: Config, ctx: distributed.DistContext) -> Path |
     if saved.model != cfg.model:
         raise ConfigError(f"--resume: the model in {ckpt}/config.yaml differs from this config's; "
                           f"resume with the same model.* settings")
-    if ctx.sharded and not distributed.is_sharded_checkpoint(ckpt):
-        raise ConfigError(f"--resume: {ckpt} holds model.safetensors (a train.parallel=none/ddp run); "
-                          f"resume it with train.parallel=ddp or none")
     return ckpt
 
 
@@ -242,7 +239,7 @@ def _train(cfg: Config, ctx: distributed.DistContext, resume: bool, max_steps: i
     out_dir = Path(t.out_dir)
     main = ctx.is_main
     device = ctx.device
-    ckpt = distributed.on_all_ranks(ctx, lambda: _find_resume_checkpoint(cfg, ctx)) if resume else None
+    ckpt = distributed.on_all_ranks(ctx, lambda: _find_resume_checkpoint(cfg)) if resume else None
     if resume and ckpt is None and main and not quiet:
         print(f"no checkpoint in {out_dir}: starting from step 0")
 
@@ -262,6 +259,12 @@ def _train(cfg: Config, ctx: distributed.DistContext, resume: bool, max_steps: i
         state = torch.load(ckpt / "trainer_state.pt", map_location=device, weights_only=False)
         if distributed.is_sharded_checkpoint(ckpt):
             distributed.load_sharded_checkpoint(ckpt, model, optimizer)  # any world size: DCP reshards
+        elif ctx.sharded:  # a none/ddp checkpoint continued under FSDP: load it whole, then shard it
+            plain = build_model(cfg)
+            load_model(plain, str(ckpt / "model.safetensors"))
+            plain_optimizer = torch.optim.AdamW(param_groups(plain, t.weight_decay), lr=t.lr, betas=tuple(t.betas))
+            plain_optimizer.load_state_dict(state["optimizer"])
+            distributed.load_full_state(model, optimizer, plain, plain_optimizer)
         else:
             load_model(distributed.unwrap(model), str(ckpt / "model.safetensors"), device=str(device))
             optimizer.load_state_dict(state["optimizer"])
