@@ -24,8 +24,9 @@ Checkpoints. none/ddp: rank 0 writes `model.safetensors` + `trainer_state.pt` (l
 fsdp: every rank writes its shards with `torch.distributed.checkpoint` (DCP) into `dcp/`
 (model and optimizer, keyed by parameter names), rank 0 writes `config.yaml` and
 `trainer_state.pt` (step, scheduler, RNG). DCP reshards on load, so a sharded checkpoint resumes
-on any number of ranks, and `load_model_weights` reads it into a plain model in one process
-(`lsm eval`, `lsm generate`). Multi-node runs need `train.out_dir` on a shared file system.
+on any number of ranks and in any mode, and `load_model_weights` reads it into a plain model in
+one process (`lsm eval`, `lsm generate`). A none/ddp checkpoint continues under FSDP through the
+full state dicts (`load_full_state`). Multi-node runs need `train.out_dir` on a shared file system.
 """
 from __future__ import annotations
 
