@@ -137,6 +137,34 @@ def test_key_dim_limit():
         chunk_delta(q, q, torch.zeros(1, 4, 1, 8, device=DEV), torch.zeros(1, 4, 1, device=DEV))
 
 
+@pytest.mark.parametrize("mini_batch_size,cu", [(16, None), (5, [0, 7, 7, 30, 40])])
+def test_ttt_matches_torch(mini_batch_size, cu):
+    """TTT-Linear plain form (lsm_kernels.ttt): outputs, final states and gradients in q, k, v, eta, h0, with
+    a mini-batch size that is not a power of two and packed sequences with an empty one."""
+    from lsm_kernels.ttt import chunk_ttt_linear
+    torch.manual_seed(3)
+    rule = rules.get("ttt")
+    B, T, H, K, V = (2, 37, 2, 16, 12) if cu is None else (1, 40, 2, 16, 12)
+    cu = None if cu is None else torch.tensor(cu, device=DEV, dtype=torch.int32)
+    N = B if cu is None else cu.numel() - 1
+    q = torch.randn(B, T, H, K, device=DEV).requires_grad_()
+    k = F.normalize(torch.randn(B, T, H, K, device=DEV), dim=-1).requires_grad_()
+    v = torch.randn(B, T, H, V, device=DEV).requires_grad_()
+    eta = (torch.rand(B, T, H, device=DEV) * 0.1).requires_grad_()
+    h0 = torch.randn(N, H, K, V, device=DEV).requires_grad_()
+    do, dht = torch.randn(B, T, H, V, device=DEV), torch.randn(N, H, K, V, device=DEV)
+    res = []
+    for triton_kernel in (True, False):
+        if triton_kernel:
+            o, S = chunk_ttt_linear(q, k, v, eta, None, h0, True, cu, mini_batch_size)
+        else:
+            o, S = rule.chunk(q, k, v, initial_state=h0, output_final_state=True, cu_seqlens=cu, backend="torch",
+                              eta=eta, mini_batch_size=mini_batch_size)
+        res.append((o, S, *torch.autograd.grad((o * do).sum() + (S * dht).sum(), [q, k, v, eta, h0])))
+    for n, a, b in zip(["o", "final state", "dq", "dk", "dv", "deta", "dh0"], *res):
+        _assert_close(a, b, n, atol=1e-4, rtol=1e-4)
+
+
 # ----------------------------------------------------------------------------------------- GPU
 def _rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-6)).item()
@@ -186,37 +214,12 @@ def test_gpu_matches_fla(name):
         assert _rel(a, b) < 3e-2, (n, _rel(a, b))
 
 
-@pytest.mark.parametrize("mini_batch_size,cu", [(16, None), (5, [0, 7, 7, 30, 40])])
-def test_ttt_forward_matches_torch(mini_batch_size, cu):
-    """TTT-Linear plain form (lsm_kernels.ttt, forward only): outputs and final states, initial state,
-    a mini-batch size that is not a power of two, packed sequences with an empty one."""
-    from lsm_kernels.ttt import ttt_linear_fwd
-    torch.manual_seed(3)
-    rule = rules.get("ttt")
-    B, T, H, K, V = (2, 37, 2, 16, 12) if cu is None else (1, 40, 2, 16, 12)
-    cu = None if cu is None else torch.tensor(cu, device=DEV, dtype=torch.int32)
-    N = B if cu is None else cu.numel() - 1
-    q = torch.randn(B, T, H, K, device=DEV)
-    k = F.normalize(torch.randn(B, T, H, K, device=DEV), dim=-1)
-    v = torch.randn(B, T, H, V, device=DEV)
-    eta = torch.rand(B, T, H, device=DEV) * 0.1
-    h0 = torch.randn(N, H, K, V, device=DEV)
-    with torch.no_grad():
-        o, S = ttt_linear_fwd(q, k, v, eta, None, h0, True, cu, mini_batch_size)
-        o_ref, S_ref = rule.chunk(q, k, v, initial_state=h0, output_final_state=True, cu_seqlens=cu, backend="torch",
-                                  eta=eta, mini_batch_size=mini_batch_size)
-    _assert_close(o, o_ref, "o", atol=1e-5, rtol=1e-5)
-    _assert_close(S, S_ref, "final state", atol=1e-5, rtol=1e-5)
-    with pytest.raises(NotImplementedError):
-        ttt_linear_fwd(q.requires_grad_(), k, v, eta)
-
-
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("KV", [64, 128, 256])
-def test_gpu_ttt_forward_bf16(KV):
-    """bf16 TTT-Linear forward at real sizes (packed batch, initial state) against the float32 reference."""
-    from lsm_kernels.ttt import ttt_linear_fwd
+def test_gpu_ttt_bf16(KV):
+    """bf16 TTT-Linear at real sizes (packed batch, initial state) against the float32 reference, with gradients."""
+    from lsm_kernels.ttt import chunk_ttt_linear
     torch.manual_seed(6)
     T, H = 3000, 4
     cu = torch.tensor([0, 1000, 1001, 2500, 3000], device="cuda", dtype=torch.int32)
@@ -225,9 +228,16 @@ def test_gpu_ttt_forward_bf16(KV):
     v = torch.randn(1, T, H, KV, device="cuda")
     eta = torch.rand(1, T, H, device="cuda") / KV
     h0 = torch.randn(N, H, KV, KV, device="cuda")
-    bf = lambda t: t.to(torch.bfloat16)
-    with torch.no_grad():
-        o, S = ttt_linear_fwd(bf(q), bf(k), bf(v), eta, None, h0, True, cu, 16)
-        o_ref, S_ref = rules.get("ttt").chunk(q, k, v, initial_state=h0, output_final_state=True, cu_seqlens=cu,
-                                              backend="torch", eta=eta, mini_batch_size=16)
-    assert _rel(o, o_ref) < 2e-2 and _rel(S, S_ref) < 2e-2, (_rel(o, o_ref), _rel(S, S_ref))
+    do, dht = torch.randn_like(v), torch.randn_like(h0)
+    res = []
+    for dtype in (torch.bfloat16, torch.float32):
+        leaves = [t.to(dtype).requires_grad_() for t in (q, k, v)] + [eta.clone().requires_grad_(),
+                                                                      h0.clone().requires_grad_()]
+        if dtype == torch.bfloat16:
+            o, S = chunk_ttt_linear(*leaves[:4], None, leaves[4], True, cu, 16)
+        else:
+            o, S = rules.get("ttt").chunk(*leaves[:3], initial_state=leaves[4], output_final_state=True,
+                                          cu_seqlens=cu, backend="torch", eta=leaves[3], mini_batch_size=16)
+        res.append((o, S, *torch.autograd.grad((o.float() * do).sum() + (S * dht).sum(), leaves)))
+    for n, a, b in zip(["o", "S", "dq", "dk", "dv", "deta", "dh0"], *res):
+        assert _rel(a, b) < 3e-2, (n, _rel(a, b))
