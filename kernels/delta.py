@@ -139,7 +139,7 @@ def _fwd_h_kernel(k, w, u, G, h, vn, h0, ht, cu, coff, H: tl.constexpr, K: tl.co
                   USE_H0: tl.constexpr, STORE_HT: tl.constexpr, PREC: tl.constexpr):
     """One program per (V tile, sequence x head): walk the sequence's chunks; store h_c (the state entering
     chunk c) and V_new = U - W h_c; S <- exp(G_L) S + (K exp(G_L - G))^T V_new."""
-    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    i_v, i_nh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     i_n, i_h = i_nh // H, i_nh % H
     bos = tl.load(cu + i_n).to(tl.int64)
     eos = tl.load(cu + i_n + 1).to(tl.int64)
@@ -185,7 +185,7 @@ def _bwd_dhu_kernel(q, k, w, G, do, dh, dv, dht, dh0, cu, coff, scale, H: tl.con
     """Walk a sequence's chunks backwards (one V tile, all of K); dS = gradient of the state leaving chunk c.
     Stores dh_c = dS and dV_new = scale tril(Q K^T * D)^T dO + (K exp(G_L - G)) dS (float32), then
     dS <- exp(G_L) dS + scale (Q exp(G))^T dO - W^T dV_new."""
-    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    i_v, i_nh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     i_n, i_h = i_nh // H, i_nh % H
     bos = tl.load(cu + i_n).to(tl.int64)
     eos = tl.load(cu + i_n + 1).to(tl.int64)

@@ -42,7 +42,7 @@ def _fwd_kernel(q, k, v, eta, o, h, h0, ht, cu, coff, scale, H: tl.constexpr, K:
                 MB: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, USE_H0: tl.constexpr,
                 STORE_H: tl.constexpr, STORE_HT: tl.constexpr, PREC: tl.constexpr):
     """One program per (V tile, sequence x head): walk the mini-batches of MB tokens (BT >= MB rows)."""
-    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    i_v, i_nh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     i_n, i_h = i_nh // H, i_nh % H
     bos = tl.load(cu + i_n).to(tl.int64)
     eos = tl.load(cu + i_n + 1).to(tl.int64)
@@ -92,7 +92,7 @@ def _bwd_dh_kernel(q, k, v, eta, h, do, dh, E, dE, dv, dht, dh0, cu, coff, scale
                    USE_DHT: tl.constexpr, STORE_DH0: tl.constexpr, PREC: tl.constexpr):
     """Walk a sequence's mini-batches backwards (one V tile, all of K); dS = gradient of the state leaving
     the mini-batch. Stores dh = dS, E and dE (float32), dv = -dE."""
-    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    i_v, i_nh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     i_n, i_h = i_nh // H, i_nh % H
     bos = tl.load(cu + i_n).to(tl.int64)
     eos = tl.load(cu + i_n + 1).to(tl.int64)
