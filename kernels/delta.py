@@ -21,8 +21,9 @@ Batches are packed sequences as in `lsm_kernels.diag` (`chunk_layout`): grids co
 shapes, the chunk -> sequence maps live on the device, nothing synchronises with the host.
 K (the key head dim) is at most 256: the state kernel holds a full `[K, BV]` state tile; V is tiled.
 
-Backward: all Triton, recomputing W, U (kernel 1) and h_c, V_new (kernel 2) instead of storing
-them. With dS the gradient of the state leaving chunk c and dV_new the gradient of V_new:
+Backward: all Triton. When a gradient is needed the forward keeps T (`[B, T, H, BT]` float32); the
+backward recomputes W, U from it (kernel 1) and h_c, V_new (kernel 2) instead of storing them.
+With dS the gradient of the state leaving chunk c and dV_new the gradient of V_new:
 
     4. _bwd_dhu_kernel  (per V tile, sequence x head, chunks in reverse; stores dh_c = dS)
        dV_new = scale tril(Q K^T * D)^T dO + (K exp(G_L - G)) dS
@@ -30,14 +31,14 @@ them. With dS the gradient of the state leaving chunk c and dV_new the gradient 
     5. _bwd_dqkw_kernel (per K tile, chunk, head), with M = scale tril(dO V_new^T * D):
        dq = scale exp(G) (dO h_c^T) + M K,   dk = M^T Q + exp(G_L - G) (V_new dS^T),   dW = -dV_new h_c^T
        dG_i = q_i . dq_i - k_i . dk_i, plus exp(G_L) <h_c, dS> + sum_j k_j . dk^state_j at the last row
-    6. _bwd_wy_kernel   (per chunk, head; recomputes T)
+    6. _bwd_wy_kernel   (per chunk, head; T as the forward kept it)
        dT = dW (diag(beta exp(G)) K)^T + dU (diag(beta) V)^T  (dU = dV_new),  dA = -T^T dT T^T (strictly lower)
        dv = beta T^T dU,   dk += beta exp(G) T^T dW + (dA * D * beta) K + (dA * D * beta)^T K,
        dbeta_i = (T^T dU)_i . v_i + exp(G_i) (T^T dW)_i . k_i + sum_j dA_ij (K K^T * D)_ij,
        dG_i += beta_i exp(G_i) (T^T dW)_i . k_i + sum_j dA_ij A_ij - sum_j dA_ji A_ji,
        dg = the in-chunk reverse cumulative sum of dG.
-The inverse T is formed row by row (BT steps of [BT, BT] work per chunk), not by fla's blockwise
-16 x 16 inversion and merge.
+The inverse T is formed once per chunk, row by row (BT steps of [BT, BT] work), not by fla's
+blockwise 16 x 16 inversion and merge.
 """
 from __future__ import annotations
 
@@ -70,10 +71,11 @@ def _state_blocks(K: int, V: int) -> tuple[int, int]:
 
 # ----------------------------------------------------------------------------------------- forward
 @triton.jit
-def _wy_solve(k, beta, G, rows, m_t, i_h, H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
-              GATED: tl.constexpr, PREC: tl.constexpr):
+def _wy_solve(k, beta, G, Tm, rows, m_t, i_h, H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+              GATED: tl.constexpr, T_MODE: tl.constexpr, PREC: tl.constexpr):
     """One chunk's beta `[BT]`, G `[BT]` (0 ungated), D (strictly lower, exp(G_i - G_j)), K K^T `[BT, BT]` and
-    T = (I + strictly_lower(diag(beta) K K^T * D))^{-1} (float32), by forward substitution in registers."""
+    T = (I + strictly_lower(diag(beta) K K^T * D))^{-1} (float32): by forward substitution in registers
+    (T_MODE 0), the same and stored to Tm `[B, T, H, BT]` (1), or loaded from Tm (2)."""
     o_t = tl.arange(0, BT)
     b_beta = tl.load(beta + rows * H + i_h, mask=m_t, other=0.).to(tl.float32)
     b_KK = tl.zeros([BT, BT], dtype=tl.float32)
@@ -89,28 +91,35 @@ def _wy_solve(k, beta, G, rows, m_t, i_h, H: tl.constexpr, K: tl.constexpr, BT: 
     else:
         b_G = tl.zeros([BT], dtype=tl.float32)
         b_D = strict.to(tl.float32)
-    # row i of L = T - I is -a_i - sum_{j<i} a_ij L_j (rows j < i are final)
-    b_L = -b_KK * b_D * b_beta[:, None]
-    for i in range(1, BT):
-        m_i = o_t == i
-        b_a = tl.sum(tl.where(m_i[:, None], b_L, 0.), 0)
-        b_a += tl.sum(b_a[:, None] * b_L, 0)
-        b_L = tl.where(m_i[:, None], b_a[None, :], b_L)
-    b_T = b_L + (o_t[:, None] == o_t[None, :]).to(tl.float32)
+    p_T = Tm + rows[:, None] * (H * BT) + i_h * BT + o_t[None, :]
+    if T_MODE == 2:
+        b_T = tl.load(p_T, mask=m_t[:, None], other=0.)
+    else:
+        # row i of L = T - I is -a_i - sum_{j<i} a_ij L_j (rows j < i are final)
+        b_L = -b_KK * b_D * b_beta[:, None]
+        for i in range(1, BT):
+            m_i = o_t == i
+            b_a = tl.sum(tl.where(m_i[:, None], b_L, 0.), 0)
+            b_a += tl.sum(b_a[:, None] * b_L, 0)
+            b_L = tl.where(m_i[:, None], b_a[None, :], b_L)
+        b_T = b_L + (o_t[:, None] == o_t[None, :]).to(tl.float32)
+        if T_MODE == 1:
+            tl.store(p_T, b_T, mask=m_t[:, None])
     return b_beta, b_G, b_D, b_KK, b_T
 
 
-@_tune(["H", "K", "V", "BT", "BK", "BV", "GATED"])
+@_tune(["H", "K", "V", "BT", "BK", "BV", "GATED", "T_MODE"])
 @triton.jit
-def _fwd_wy_kernel(k, v, beta, G, w, u, cu, cseq, cloc, N, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-                   BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, GATED: tl.constexpr, PREC: tl.constexpr):
+def _fwd_wy_kernel(k, v, beta, G, Tm, w, u, cu, cseq, cloc, N, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                   BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, GATED: tl.constexpr, T_MODE: tl.constexpr,
+                   PREC: tl.constexpr):
     """W = T diag(beta exp(G)) K, U = T diag(beta) V with T = (I + strictly_lower(diag(beta) K K^T * D))^{-1},
     for one (chunk, head)."""
     i_t, i_h = tl.program_id(0), tl.program_id(1)
     t0, eos = _chunk_rows(cu, cseq, cloc, i_t, N, BT)
     rows = t0 + tl.arange(0, BT)
     m_t = rows < eos
-    b_beta, b_G, b_D, b_KK, b_T = _wy_solve(k, beta, G, rows, m_t, i_h, H, K, BT, BK, GATED, PREC)
+    b_beta, b_G, b_D, b_KK, b_T = _wy_solve(k, beta, G, Tm, rows, m_t, i_h, H, K, BT, BK, GATED, T_MODE, PREC)
     b_T = b_T.to(k.dtype.element_ty)
     for i_k in range(0, tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
@@ -303,17 +312,18 @@ def _bwd_dqkw_kernel(q, k, vn, G, h, dh, do, dv, dq, dk, dw, dG, cu, cseq, cloc,
 
 @_tune(["H", "K", "V", "BT", "BK", "BV", "NK", "GATED"])
 @triton.jit
-def _bwd_wy_kernel(k, v, beta, G, dw, du, dk_in, dG_in, dk, dv, dbeta, dg, cu, cseq, cloc, N, T_all, H: tl.constexpr,
-                   K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                   NK: tl.constexpr, GATED: tl.constexpr, PREC: tl.constexpr):
-    """One (chunk, head): back through W = T diag(beta exp(G)) K, U = T diag(beta) V, T = (I + A)^{-1}:
+def _bwd_wy_kernel(k, v, beta, G, Tm, dw, du, dk_in, dG_in, dk, dv, dbeta, dg, cu, cseq, cloc, N, T_all,
+                   H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+                   BV: tl.constexpr, NK: tl.constexpr, GATED: tl.constexpr, PREC: tl.constexpr):
+    """One (chunk, head), T loaded as the forward stored it: back through W = T diag(beta exp(G)) K,
+    U = T diag(beta) V, T = (I + A)^{-1}:
     dT = dW (beta exp(G) K)^T + dU (beta V)^T, dA = -strictly_lower(T^T dT T^T); finishes dk, dv, dbeta and
     dg (the in-chunk reverse cumulative sum of dG)."""
     i_t, i_h = tl.program_id(0), tl.program_id(1)
     t0, eos = _chunk_rows(cu, cseq, cloc, i_t, N, BT)
     rows = t0 + tl.arange(0, BT)
     m_t = rows < eos
-    b_beta, b_G, b_D, b_KK, b_T = _wy_solve(k, beta, G, rows, m_t, i_h, H, K, BT, BK, GATED, PREC)
+    b_beta, b_G, b_D, b_KK, b_T = _wy_solve(k, beta, G, Tm, rows, m_t, i_h, H, K, BT, BK, GATED, 2, PREC)
     b_bg = b_beta * tl.exp(b_G)
     b_dT = tl.zeros([BT, BT], dtype=tl.float32)
     b_db = tl.zeros([BT], dtype=tl.float32)
@@ -377,8 +387,9 @@ def _states(k, w, u, G, h0, cu, coff, N, NT, BT, gated, prec):
     return h, vn, ht
 
 
-def delta_fwd(q, k, v, beta, G, h0, scale, meta, BT, output_final_state):
-    """Forward kernels 1-3. G: in-chunk cumulative log-decay `[B, T, H]` float32 or None."""
+def delta_fwd(q, k, v, beta, G, h0, scale, meta, BT, output_final_state, keep_T=False):
+    """Forward kernels 1-3. G: in-chunk cumulative log-decay `[B, T, H]` float32 or None. Returns (o, final
+    states or None, T `[B, T, H, BT]` float32 for the backward if keep_T else None)."""
     cu, cseq, cloc, coff, N, NT = meta
     B, T, H, K = q.shape
     V = v.shape[-1]
@@ -386,15 +397,17 @@ def delta_fwd(q, k, v, beta, G, h0, scale, meta, BT, output_final_state):
     prec = _prec(q.dtype)
     BKw, BVw = _blocks(K, V)
     w, u = torch.empty_like(k), torch.empty_like(v)
-    _fwd_wy_kernel[(NT, H)](k, v, beta, G, w, u, cu, cseq, cloc, N, H, K, V, BT, BKw, BVw, gated, prec)
+    Tm = q.new_empty(B, T, H, BT, dtype=torch.float32) if keep_T else None
+    _fwd_wy_kernel[(NT, H)](k, v, beta, G, Tm, w, u, cu, cseq, cloc, N, H, K, V, BT, BKw, BVw, gated, int(keep_T),
+                            prec)
     h, vn, ht = _states(k, w, u, G, h0, cu, coff, N, NT, BT, gated, prec)
     o = torch.empty_like(v)
     _fwd_o_kernel[(triton.cdiv(V, BVw), NT, H)](q, k, vn, G, G, h, None, o, cu, cseq, cloc, N, scale, H, K, V, BT,
                                                 BKw, BVw, SCALAR if gated else NONE, prec)
-    return o, (ht if output_final_state else None)
+    return o, (ht if output_final_state else None), Tm
 
 
-def delta_bwd(q, k, v, beta, G, h0, do, dht, scale, meta, BT):
+def delta_bwd(q, k, v, beta, G, Tm, h0, do, dht, scale, meta, BT):
     """Backward kernels: returns dq, dk, dv (input dtype), dbeta, dg (float32; dg None ungated), dh0 (float32)."""
     cu, cseq, cloc, coff, N, NT = meta
     B, T, H, K = q.shape
@@ -405,7 +418,7 @@ def delta_bwd(q, k, v, beta, G, h0, do, dht, scale, meta, BT):
     BKs, BVs = _state_blocks(K, V)
     NK = triton.cdiv(K, BKw)
     w, u = torch.empty_like(k), torch.empty_like(v)
-    _fwd_wy_kernel[(NT, H)](k, v, beta, G, w, u, cu, cseq, cloc, N, H, K, V, BT, BKw, BVw, gated, prec)
+    _fwd_wy_kernel[(NT, H)](k, v, beta, G, Tm, w, u, cu, cseq, cloc, N, H, K, V, BT, BKw, BVw, gated, 2, prec)
     h, vn, _ = _states(k, w, u, G, h0, cu, coff, N, NT, BT, gated, prec)
     f32 = dict(device=q.device, dtype=torch.float32)
     dh = q.new_empty(NT, H, K, V)
@@ -421,8 +434,8 @@ def delta_bwd(q, k, v, beta, G, h0, do, dht, scale, meta, BT):
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     dbeta = torch.empty(B, T, H, **f32)
     dg = torch.empty(B, T, H, **f32) if gated else None
-    _bwd_wy_kernel[(NT, H)](k, v, beta, G, dw, du, dk32, dG, dk, dv, dbeta, dg, cu, cseq, cloc, N, B * T, H, K, V, BT,
-                            BKw, BVw, NK, gated, prec)
+    _bwd_wy_kernel[(NT, H)](k, v, beta, G, Tm, dw, du, dk32, dG, dk, dv, dbeta, dg, cu, cseq, cloc, N, B * T, H, K, V,
+                            BT, BKw, BVw, NK, gated, prec)
     return dq, dk, dv, dbeta, dg, dh0
 
 
@@ -436,8 +449,9 @@ class DeltaChunkFunction(torch.autograd.Function):
         meta = chunk_layout(B, T, cu_seqlens, chunk_size, q.device)
         G = _local_cumsum(g.contiguous(), meta, chunk_size) if g is not None else None
         h0 = initial_state.float().contiguous() if initial_state is not None else None
-        o, ht = delta_fwd(q, k, v, beta, G, h0, scale, meta, chunk_size, output_final_state)
-        ctx.save_for_backward(q, k, v, beta, G, h0, *meta[:4])
+        o, ht, Tm = delta_fwd(q, k, v, beta, G, h0, scale, meta, chunk_size, output_final_state,
+                              keep_T=any(ctx.needs_input_grad[:6]))
+        ctx.save_for_backward(q, k, v, beta, G, Tm, h0, *meta[:4])
         ctx.meta_n = meta[4:]
         ctx.cfg = (scale, chunk_size, beta.dtype, g.dtype if g is not None else None,
                    initial_state.dtype if initial_state is not None else None)
@@ -445,11 +459,11 @@ class DeltaChunkFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, dht):
-        q, k, v, beta, G, h0, *maps = ctx.saved_tensors
+        q, k, v, beta, G, Tm, h0, *maps = ctx.saved_tensors
         meta = (*maps, *ctx.meta_n)
         scale, BT, beta_dtype, g_dtype, h0_dtype = ctx.cfg
         dht = dht.float().contiguous() if dht is not None else None
-        dq, dk, dv, dbeta, dg, dh0 = delta_bwd(q, k, v, beta, G, h0, do.contiguous(), dht, scale, meta, BT)
+        dq, dk, dv, dbeta, dg, dh0 = delta_bwd(q, k, v, beta, G, Tm, h0, do.contiguous(), dht, scale, meta, BT)
         return (dq, dk, dv, dbeta.to(beta_dtype), dg.to(g_dtype) if dg is not None else None,
                 dh0.to(h0_dtype) if dh0 is not None else None, None, None, None, None)
 
