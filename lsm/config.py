@@ -64,10 +64,10 @@ class ModelConfig:
     mixer: MixerConfig = field(default_factory=MixerConfig)
     attention_every: int = 0           # hybrids: every n-th block (n-1, 2n-1, ...) is softmax attention; 0 = none
     attention_layers: list[int] = field(default_factory=list)  # hybrids: explicit attention block indices
-    mlp_ratio: float = 4.0             # SwiGLU hidden size = mlp_ratio * hidden_size * 2/3 (rounded up to 8)
+    mlp_ratio: float = 4.0             # SwiGLU hidden size = mlp_ratio * hidden_size * 2/3 (rounded up to 8); 0 = no MLP
     norm_eps: float = 1e-5             # RMSNorm epsilon
     tie_embeddings: bool = True        # share the embedding and the output head
-    init_std: float = 0.02             # std of the normal init of linear and embedding weights
+    init_std: Optional[float] = 0.02   # std of the normal init of linear and embedding weights; None = PyTorch's defaults
 
 
 # --------------------------------------------------------------------------- data
@@ -296,7 +296,8 @@ def validate(cfg: Config) -> None:
                               f"got {mx.num_heads} (pick from {_divisors(m.hidden_size)})")
         if (m.hidden_size // mx.num_heads) % 2:
             raise ConfigError(f"model.mixer.num_heads: attention head size {m.hidden_size // mx.num_heads} must be even for RoPE")
-    _positive("model.mlp_ratio", m.mlp_ratio)
+    if m.mlp_ratio < 0:
+        raise ConfigError(f"model.mlp_ratio: must be >= 0 (0 = mixer-only blocks), got {m.mlp_ratio}")
     _positive("model.norm_eps", m.norm_eps)
 
     _choice("data.kind", d.kind, DATA_KINDS)

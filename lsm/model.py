@@ -58,19 +58,20 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """x + mixer(norm(x)), then x + mlp(norm(x))."""
+    """x + mixer(norm(x)), then x + mlp(norm(x)) (no MLP when `mlp_ratio` is 0: mixer-only blocks, as in Zoology)."""
 
     def __init__(self, cfg: ModelConfig, attention: bool):
         super().__init__()
         self.mixer_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.mixer = build_mixer(cfg.mixer, cfg.hidden_size, cfg.norm_eps, attention)
-        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
-        self.mlp = MLP(cfg.hidden_size, cfg.mlp_ratio)
+        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps) if cfg.mlp_ratio > 0 else None
+        self.mlp = MLP(cfg.hidden_size, cfg.mlp_ratio) if cfg.mlp_ratio > 0 else None
 
     def forward(self, x: Tensor, cache: Any = None, cu_seqlens: Tensor | None = None, use_cache: bool = False):
         out = self.mixer(self.mixer_norm(x), cache=cache, cu_seqlens=cu_seqlens, use_cache=use_cache)
         x = x + out.output
-        x = x + self.mlp(self.mlp_norm(x))
+        if self.mlp is not None:
+            x = x + self.mlp(self.mlp_norm(x))
         return x, out.cache, out.aux_loss
 
 
@@ -93,7 +94,8 @@ class LanguageModel(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, is_attention_block(cfg, i)) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        self.apply(self._init)
+        if cfg.init_std is not None:
+            self.apply(self._init)
         if cfg.tie_embeddings:
             self.head.weight = self.embed.weight
 

@@ -80,3 +80,9 @@ def test_hybrid_layout_aux_loss_and_tied_head():
 def test_memory_state_size():
     cfg = load_config(None, BASE + VARIANTS["mom"])
     assert memory_state_size(cfg.model) == 2 * (3 + 1) * 2 * 8 * 8   # layers x memories x heads x K x V
+
+
+def test_mixer_only_blocks():
+    model = build_model(load_config(None, BASE + VARIANTS["rule"] + ["model.mlp_ratio=0"]))
+    assert all(b.mlp is None for b in model.blocks)
+    assert model(torch.randint(0, 32, (1, 5))).logits.shape == (1, 5, 32)
