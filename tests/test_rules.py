@@ -49,7 +49,7 @@ def make_inputs(rule, B, T, H, K, V, seed, dtype=torch.float64, requires_grad=Fa
 def grads(out, inputs: dict, seed: int):
     """Gradients of a random linear functional of the outputs w.r.t. every input tensor (zeros where unused)."""
     gen = torch.Generator().manual_seed(seed + 1)
-    loss = sum((o * torch.randn(o.shape, generator=gen, dtype=o.dtype)).sum() for o in out if o is not None)
+    loss = sum((o * torch.randn(o.shape, generator=gen, dtype=o.dtype).to(o.device)).sum() for o in out if o is not None)
     names = [n for n, t in inputs.items() if isinstance(t, torch.Tensor) and t.requires_grad]
     if not isinstance(loss, torch.Tensor) or not loss.requires_grad:  # e.g. T = 0 and no initial state
         return {n: torch.zeros_like(inputs[n]) for n in names}
