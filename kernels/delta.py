@@ -54,7 +54,7 @@ from lsm_kernels.diag import NONE, SCALAR, _blocks, _chunk_rows, _fwd_o_kernel, 
 MAX_K = 256
 
 
-def _check_inputs(q: torch.Tensor, v: torch.Tensor) -> None:
+def _check_inputs(q: torch.Tensor) -> None:
     if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError(f"the Triton kernels run on a CUDA device, got a tensor on {q.device} "
                          "(set TRITON_INTERPRET=1 before importing triton to run them on the CPU, slowly)")
@@ -480,7 +480,7 @@ def chunk_delta(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.T
     [16, 64]. Returns (o `[B, T, H, V]` in v's dtype, final state `[N, H, K, V]` float32 or None).
     K up to 256; V any size (tiled).
     """
-    _check_inputs(q, v)
+    _check_inputs(q)
     if scale is None:
         scale = q.shape[-1] ** -0.5
     BT = min(64, max(16, triton.next_power_of_2(int(chunk_size))))
