@@ -106,7 +106,8 @@ def plot_accuracy(rows: list[dict], path: Path) -> None:
     rules = list(dict.fromkeys(r["rule"] for r in rows))
     colours = plt.get_cmap("tab10")
     styles = {"single": ("-", "o"), "mom": ("--", "s"), "single_same_state": (":", "^")}
-    fig, axes = plt.subplots(1, len(lengths), figsize=(5.5 * len(lengths), 4), squeeze=False)
+    outside = len(rows) > 4  # a long legend goes beside the plot, not over the lines
+    fig, axes = plt.subplots(1, len(lengths), figsize=(5.5 * len(lengths) + 3 * outside, 4), squeeze=False)
     for ax, length in zip(axes[0], lengths):
         for r in rows:
             pts = sorted((parse(k)[0], r[k]) for k in keys if parse(k)[1] == length)
@@ -114,12 +115,18 @@ def plot_accuracy(rows: list[dict], path: Path) -> None:
             ax.plot([p for p, _ in pts], [a for _, a in pts], ls, marker=marker, color=colours(rules.index(r["rule"]) % 10),
                     label=f"{r['rule']} · {VARIANT_LABELS[r['variant']]}")
         ax.set_xscale("log", base=2)
+        ticks = sorted({parse(k)[0] for k in keys if parse(k)[1] == length})
+        ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.minorticks_off()
         ax.set_xlabel("key-value pairs")
         ax.set_ylabel("recall accuracy")
         ax.set_ylim(-0.02, 1.02)
         ax.set_title("MQAR" + (f", T = {length[1:]}" if length else ""))
         ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=7, loc="lower left")
+    if outside:
+        axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    else:
+        axes[0][-1].legend(fontsize=7, loc="lower left")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
