@@ -34,20 +34,22 @@ from lsm.mixture import MixtureOfMemories
 
 D, H, HEAD, M, TOPK = 1024, 4, 256, 4, 2
 DTYPE = torch.bfloat16
+BACKEND = "auto"  # rule backend of our layers (--backend)
 
 
 # ---------------------------------------------------------------- the four layers, one calling convention
 def build(name: str):
     """-> (module, forward(x, cache) -> (y, cache), new_cache() for decoding)."""
     if name == "lsm MoM":
-        m = MixtureOfMemories("gated_deltanet", D, H, head_dim=HEAD, num_memories=M, topk=TOPK, shared_memory=True)
+        m = MixtureOfMemories("gated_deltanet", D, H, head_dim=HEAD, num_memories=M, topk=TOPK, shared_memory=True,
+                              backend=BACKEND)
 
         def fwd(x, cache=None, use_cache=False):
             out = m(x, cache=cache, use_cache=use_cache)
             return out.output, out.cache
         return m, fwd, lambda: None
     if name == "lsm GDN":
-        m = RuleLayer("gated_deltanet", D, H, head_dim=HEAD)
+        m = RuleLayer("gated_deltanet", D, H, head_dim=HEAD, backend=BACKEND)
 
         def fwd(x, cache=None, use_cache=False):
             out = m(x, cache=cache, use_cache=use_cache)
@@ -175,7 +177,11 @@ def main():
     ap.add_argument("--decode-batch", type=int, default=16)
     ap.add_argument("--layers", nargs="+", default=list(LAYERS), choices=LAYERS)
     ap.add_argument("--out", default=None, help="markdown file (default $OUT/bench_mom.md when $OUT is set)")
+    ap.add_argument("--backend", default="auto", choices=["auto", "triton", "fla", "torch"],
+                    help="rule backend of our layers")
     a = ap.parse_args()
+    global BACKEND
+    BACKEND = a.backend
     if not torch.cuda.is_available():
         raise SystemExit("bench_mom.py needs a CUDA GPU")
     torch.manual_seed(0)
