@@ -188,7 +188,13 @@ def main():
     lines = [f"# MoM benchmark: {torch.cuda.get_device_name()}, bf16, d={D}, {H} heads x {HEAD}, "
              f"{M} memories, top-{TOPK}, shared memory, rule gated_deltanet", ""]
     results = {}
-    lines += ["| layer | B x T | fwd (ms) | fwd+bwd (ms) | peak fwd+bwd (GiB) |", "|---|---|---:|---:|---:|"]
+    lines += [f"| layer | decode step, B={a.decode_batch} (ms) |", "|---|---:|"]
+    for name in a.layers:
+        r = guarded(bench_decode, name, a.decode_batch, a.reps)
+        results[(name, "decode")] = r
+        lines.append(f"| {name} | {fmt(r['decode_ms'], '.3f') if isinstance(r, dict) else r} |")
+        print(lines[-1], flush=True)
+    lines += ["", "| layer | B x T | fwd (ms) | fwd+bwd (ms) | peak fwd+bwd (GiB) |", "|---|---|---:|---:|---:|"]
     for shape in a.shapes:
         B, T = (int(s) for s in shape.split("x"))
         for name in a.layers:
@@ -198,12 +204,6 @@ def main():
                      else [r, "", ""])
             lines.append(f"| {name} | {B} x {T} | " + " | ".join(cells) + " |")
             print(lines[-1], flush=True)
-    lines += ["", f"| layer | decode step, B={a.decode_batch} (ms) |", "|---|---:|"]
-    for name in a.layers:
-        r = guarded(bench_decode, name, a.decode_batch, a.reps)
-        results[(name, "decode")] = r
-        lines.append(f"| {name} | {fmt(r['decode_ms'], '.3f') if isinstance(r, dict) else r} |")
-        print(lines[-1], flush=True)
 
     def ratio(num, den, key):
         rn, rd = results.get(num), results.get(den)
