@@ -179,6 +179,7 @@ def main():
     ap.add_argument("--out", default=None, help="markdown file (default $OUT/bench_mom.md when $OUT is set)")
     ap.add_argument("--backend", default="auto", choices=["auto", "triton", "fla", "torch"],
                     help="rule backend of our layers")
+    ap.add_argument("--decode-only", action="store_true")
     a = ap.parse_args()
     global BACKEND
     BACKEND = a.backend
@@ -195,7 +196,7 @@ def main():
         lines.append(f"| {name} | {fmt(r['decode_ms'], '.3f') if isinstance(r, dict) else r} |")
         print(lines[-1], flush=True)
     lines += ["", "| layer | B x T | fwd (ms) | fwd+bwd (ms) | peak fwd+bwd (GiB) |", "|---|---|---:|---:|---:|"]
-    for shape in a.shapes:
+    for shape in ([] if a.decode_only else a.shapes):
         B, T = (int(s) for s in shape.split("x"))
         for name in a.layers:
             r = guarded(bench_train, name, B, T, a.reps)

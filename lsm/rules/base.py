@@ -170,9 +170,9 @@ class UpdateRule:
                f"{self.name}: `state` must be the tuple returned by init_state/state_from_final/step, got {type(state).__name__}")
         gates = self._fill(q, gates)
         backend = self._resolve_step_backend(backend, q)
-        if backend == "triton":
-            return self._step_triton(q, k, v, state, self._scale(scale, q), **gates)
-        return self._step(q, k, v, state, self._scale(scale, q), **gates)
+        step = self._step_triton if backend == "triton" else self._step
+        o, state = step(q, k, v, state, self._scale(scale, q), **gates)
+        return o.to(v.dtype), state  # like chunk/recurrent: the output in the inputs' dtype, the state in float32
 
     def _step(self, q, k, v, state: DecodeState, scale: float, **gates) -> tuple[Tensor, DecodeState]:
         raise NotImplementedError
