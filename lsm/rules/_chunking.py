@@ -52,7 +52,7 @@ class ChunkLayout:
         owner = torch.searchsorted(chunk_off, c, right=True) - 1  # [NC] sequence owning chunk c
         self.seq_index = owner.clamp(0, N - 1)[None, :]
         self.seq_start = torch.zeros(1, NC, dtype=torch.bool, device=device)
-        self.seq_start[0, chunk_off] = True
+        self.seq_start.index_fill_(1, chunk_off, True)              # index_fill_: no host-to-device copy
         self.last_chunk = chunk_off + nchunks - 1
         t = torch.arange(T, device=device)
         seq = (torch.searchsorted(cu[1:], t, right=True)).clamp(max=N - 1)  # [T] sequence of token t

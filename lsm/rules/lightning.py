@@ -10,9 +10,9 @@ from lsm.rules.base import register
 from lsm.rules.retnet import _ConstantDecay
 
 
-def lightning_gamma(num_heads: int) -> torch.Tensor:
-    """Log-decays `-2^(-8 (h + 1) / H)`, `[H]`."""
-    h = torch.arange(num_heads, dtype=torch.float64)
+def lightning_gamma(num_heads: int, device=None) -> torch.Tensor:
+    """Log-decays `-2^(-8 (h + 1) / H)`, `[H]`, computed on `device`."""
+    h = torch.arange(num_heads, device=device, dtype=torch.float64)
     return (-(2.0 ** (-8.0 * (h + 1) / num_heads))).float()
 
 
@@ -20,5 +20,5 @@ def lightning_gamma(num_heads: int) -> torch.Tensor:
 class Lightning(_ConstantDecay):
     name = "lightning"
 
-    def default_gamma(self, num_heads):
-        return lightning_gamma(num_heads)
+    def default_gamma(self, num_heads, device=None):
+        return lightning_gamma(num_heads, device)

@@ -1,8 +1,6 @@
 """retnet: `S_t = gamma_h S_{t-1} + k_t v_t^T` with a fixed per-head decay `gamma_h = 1 - 2^(-5-h)` (Sun et al., 2023)."""
 from __future__ import annotations
 
-import math
-
 import torch
 
 from lsm.rules._diag import diag_chunk, diag_step
@@ -10,9 +8,10 @@ from lsm.rules._fla import fla_chunk
 from lsm.rules.base import GateSpec, UpdateRule, _check, register
 
 
-def retnet_gamma(num_heads: int) -> torch.Tensor:
-    """Log-decays `log(1 - 2^(-5-h))`, `[H]`."""
-    return torch.tensor([math.log(1 - 2 ** (-5 - h)) for h in range(num_heads)], dtype=torch.float32)
+def retnet_gamma(num_heads: int, device=None) -> torch.Tensor:
+    """Log-decays `log(1 - 2^(-5-h))`, `[H]`, computed on `device` (no host-to-device copy per call)."""
+    h = torch.arange(num_heads, device=device, dtype=torch.float64)
+    return torch.log1p(-torch.exp2(-5 - h)).float()
 
 
 class _ConstantDecay(UpdateRule):
@@ -21,7 +20,7 @@ class _ConstantDecay(UpdateRule):
     gates = {"g_gamma": GateSpec(per="head", kind="log_decay", required=False)}
     has_fla = True
 
-    def default_gamma(self, num_heads: int) -> torch.Tensor:
+    def default_gamma(self, num_heads: int, device=None) -> torch.Tensor:
         raise NotImplementedError
 
     def _validate(self, q, k, v, initial_state, cu_seqlens, gates, single_step=False):
@@ -39,7 +38,7 @@ class _ConstantDecay(UpdateRule):
     def _fill(self, q, gates):
         gg = gates.get("g_gamma")
         if gg is None:
-            gg = self.default_gamma(q.shape[-2]).to(q.device)
+            gg = self.default_gamma(q.shape[-2], q.device)
         return {"g_gamma": gg}
 
     def _step(self, q, k, v, state, scale, g_gamma):
@@ -74,5 +73,5 @@ class _ConstantDecay(UpdateRule):
 class RetNet(_ConstantDecay):
     name = "retnet"
 
-    def default_gamma(self, num_heads):
-        return retnet_gamma(num_heads)
+    def default_gamma(self, num_heads, device=None):
+        return retnet_gamma(num_heads, device)
