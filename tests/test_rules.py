@@ -115,6 +115,11 @@ def test_varlen_equals_separate_runs(name, lens, chunk_size, with_h0, seed):
         finals.append(S)
     assert_close(o_p, torch.cat(outs, 1), f"{name} packed output")
     assert_close(S_p, torch.cat(finals, 0), f"{name} packed final states")
+    # with a length bound the sequences are scanned side by side: same results
+    o_m, S_m = split_call(rule.chunk, rule, inputs, h0, cu_seqlens=cu, chunk_size=chunk_size, backend="torch",
+                          max_seqlen=max(lens) + seed % 40)
+    assert_close(o_m, o_p, f"{name} packed output with max_seqlen")
+    assert_close(S_m, S_p, f"{name} packed final states with max_seqlen")
     # the packed recurrence is the reference for gradients
     o_r, S_r = split_call(rule.recurrent, rule, inputs, h0, cu_seqlens=cu)
     all_inputs = {**inputs, "h0": h0}
@@ -221,6 +226,12 @@ def test_bad_cu_seqlens(name):
         rule.chunk(q, k, v, cu_seqlens=torch.tensor([0.0, 10.0]), **gates)
     with pytest.raises(ValueError, match="backend"):
         rule.chunk(q, k, v, backend="cuda", **gates)
+
+
+def test_max_seqlen_shorter_than_a_sequence_is_an_error():
+    rule, x = _good("mamba2")
+    with pytest.raises(ValueError, match="max_seqlen"):
+        rule.chunk(x["q"], x["k"], x["v"], g=x["g"], cu_seqlens=torch.tensor([0, 7, 10]), max_seqlen=5)
 
 
 def test_unknown_rule_lists_valid_ones():

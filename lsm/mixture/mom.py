@@ -171,6 +171,8 @@ class MixtureOfMemories(RuleLayer):
         o, S = self.rule.chunk(q.flatten(0, 1).index_select(0, d.tok)[None], rows(k), rows(v), initial_state=h0,
                                output_final_state=cache is not None, cu_seqlens=d.cu_seqlens,
                                chunk_size=self.chunk_size, backend=self.backend,
+                               # a batch row gives each memory at most T tokens: segments side by side
+                               max_seqlen=T if cu_seqlens is None else None,
                                **{n: rows(g) for n, g in gates.items()}, **self.rule_options)
         if cache is not None:
             cache.state = tuple(s.unflatten(0, (B, Ms)) for s in self.rule.state_from_final(S))

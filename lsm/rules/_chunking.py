@@ -27,10 +27,26 @@ class ChunkLayout:
         dest: `[B * T]` long, flat slot (into `Nb * NC * C`) of every token.
     """
 
-    def __init__(self, B: int, T: int, chunk_size: int, cu_seqlens: Tensor | None, device: torch.device):
+    def __init__(self, B: int, T: int, chunk_size: int, cu_seqlens: Tensor | None, device: torch.device,
+                 max_seqlen: int | None = None):
         C = chunk_size
         self.C = C
         self.B, self.T = B, T
+        if cu_seqlens is not None and max_seqlen is not None:
+            # every sequence fits in ceil(max_seqlen / C) chunks: lay the N sequences out as a batch
+            # [N, NC, C] so that the scan runs NC steps for all of them at once (not sum(NC_n) steps)
+            cu = cu_seqlens.to(device=device, dtype=torch.long)
+            N = cu.numel() - 1
+            NC = max(-(-max_seqlen // C), 1)
+            self.N, self.Nb, self.NC = N, N, NC
+            self.seq_start = torch.zeros(N, NC, dtype=torch.bool, device=device)
+            self.seq_start[:, 0] = True
+            self.seq_index = torch.arange(N, device=device)[:, None].expand(N, NC)
+            self.last_chunk = torch.arange(N, device=device) * NC + (NC - 1)   # padding is identity: the last column
+            t = torch.arange(T, device=device)
+            seq = torch.searchsorted(cu[1:], t, right=True).clamp(max=N - 1)
+            self.dest = seq * (NC * C) + (t - cu[seq])
+            return
         if cu_seqlens is None:
             NC = max(-(-T // C), 1)
             self.N, self.Nb, self.NC = B, B, NC

@@ -231,11 +231,24 @@ class UpdateRule:
     # ---------------------------------------------------------------- chunked
     def chunk(self, q: Tensor, k: Tensor, v: Tensor, initial_state: Tensor | None = None,
               output_final_state: bool = False, scale: float | None = None, cu_seqlens: Tensor | None = None,
-              chunk_size: int = 64, backend: Backend = "auto", **gates) -> tuple[Tensor, Tensor | None]:
-        """Chunked (parallel) form; equals `recurrent` for any T, chunk size, initial state and packing."""
+              chunk_size: int = 64, backend: Backend = "auto", max_seqlen: int | None = None,
+              **gates) -> tuple[Tensor, Tensor | None]:
+        """Chunked (parallel) form; equals `recurrent` for any T, chunk size, initial state and packing.
+
+        `max_seqlen` (packed batches only, optional): a static upper bound on the sequence lengths, as in
+        FlashAttention. The torch backend then scans all sequences side by side (ceil(max_seqlen / C)
+        steps) instead of one after another; results are the same.
+        """
         self._validate(q, k, v, initial_state, cu_seqlens, gates)
         _check(isinstance(chunk_size, int) and chunk_size >= 1, ValueError,
                f"{self.name}: `chunk_size` must be a positive int, got {chunk_size!r}")
+        if max_seqlen is not None:
+            _check(isinstance(max_seqlen, int) and not isinstance(max_seqlen, bool) and max_seqlen >= 0, ValueError,
+                   f"{self.name}: `max_seqlen` must be a non-negative int, got {max_seqlen!r}")
+            if cu_seqlens is not None and cu_seqlens.device.type == "cpu" and cu_seqlens.numel() > 1:
+                longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+                _check(longest <= max_seqlen, ValueError,
+                       f"{self.name}: `max_seqlen`={max_seqlen} is shorter than the longest sequence ({longest})")
         gates = self._fill(q, gates)
         scale = self._scale(scale, q)
         backend = self.resolve_backend(backend, q)
@@ -243,7 +256,7 @@ class UpdateRule:
             return self._chunk_fla(q, k, v, initial_state, output_final_state, scale, cu_seqlens, **gates)
         if backend == "triton":
             return self._chunk_triton(q, k, v, initial_state, output_final_state, scale, cu_seqlens, chunk_size, **gates)
-        layout = ChunkLayout(q.shape[0], q.shape[1], chunk_size, cu_seqlens, q.device)
+        layout = ChunkLayout(q.shape[0], q.shape[1], chunk_size, cu_seqlens, q.device, max_seqlen)
         o, S = self._chunk_torch(q, k, v, initial_state, scale, layout, **gates)
         return o.to(v.dtype), (S if output_final_state else None)
 

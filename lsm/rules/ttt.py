@@ -202,14 +202,15 @@ class TTT(UpdateRule):
 
     # ---------------------------------------------------------------- chunked (mini-batch dual form)
     def chunk(self, q, k, v, initial_state=None, output_final_state=False, scale=None, cu_seqlens=None,
-              chunk_size=64, backend="auto", **gates):
+              chunk_size=64, backend="auto", max_seqlen=None, **gates):
         """As `UpdateRule.chunk`; `chunk_size` is rounded down to a multiple of `mini_batch_size`
         (at least one mini-batch), so that every chunk holds whole mini-batches."""
         b = gates.get("mini_batch_size", self.options["mini_batch_size"])
         if isinstance(b, int) and not isinstance(b, bool) and b >= 1 and isinstance(chunk_size, int) and chunk_size >= 1:
             chunk_size = b * max(1, chunk_size // b)
         return super().chunk(q, k, v, initial_state=initial_state, output_final_state=output_final_state, scale=scale,
-                             cu_seqlens=cu_seqlens, chunk_size=chunk_size, backend=backend, **gates)
+                             cu_seqlens=cu_seqlens, chunk_size=chunk_size, backend=backend, max_seqlen=max_seqlen,
+                             **gates)
 
     def _chunk_torch(self, q, k, v, initial_state, scale, layout: ChunkLayout, eta, mini_batch_size,
                      ln_weight, ln_bias, ln_eps):
