@@ -91,9 +91,9 @@ def _wy_solve(k, beta, G, Tm, rows, m_t, i_h, H: tl.constexpr, K: tl.constexpr, 
     else:
         b_G = tl.zeros([BT], dtype=tl.float32)
         b_D = strict.to(tl.float32)
-    p_T = Tm + rows[:, None] * (H * BT) + i_h * BT + o_t[None, :]
+    # Tm is None unless T_MODE > 0: form its pointers only where it is used (triton 3.6 rejects None + tensor)
     if T_MODE == 2:
-        b_T = tl.load(p_T, mask=m_t[:, None], other=0.)
+        b_T = tl.load(Tm + rows[:, None] * (H * BT) + i_h * BT + o_t[None, :], mask=m_t[:, None], other=0.)
     else:
         # row i of L = T - I is -a_i - sum_{j<i} a_ij L_j (rows j < i are final)
         b_L = -b_KK * b_D * b_beta[:, None]
@@ -104,7 +104,7 @@ def _wy_solve(k, beta, G, Tm, rows, m_t, i_h, H: tl.constexpr, K: tl.constexpr, 
             b_L = tl.where(m_i[:, None], b_a[None, :], b_L)
         b_T = b_L + (o_t[:, None] == o_t[None, :]).to(tl.float32)
         if T_MODE == 1:
-            tl.store(p_T, b_T, mask=m_t[:, None])
+            tl.store(Tm + rows[:, None] * (H * BT) + i_h * BT + o_t[None, :], b_T, mask=m_t[:, None])
     return b_beta, b_G, b_D, b_KK, b_T
 
 
