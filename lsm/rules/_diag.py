@@ -10,6 +10,8 @@ import torch
 from torch import Tensor
 
 from lsm.rules._chunking import ChunkLayout
+from lsm.rules._fla import fla_chunk
+from lsm.rules.base import UpdateRule
 
 
 def diag_step(q: Tensor, k: Tensor, v: Tensor, S: Tensor, scale: float, g: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -73,3 +75,32 @@ def diag_chunk(q: Tensor, k: Tensor, v: Tensor, h0: Tensor | None, scale: float,
         states.append(S)
     o = layout.from_chunks(torch.stack(outs, 1))                              # [B, T, H, V]
     return o, layout.final_states(torch.stack(states, 1))
+
+
+class GatedDiagRule(UpdateRule):
+    """A diagonal-decay rule with one per-token log-decay gate `g` (gla, hgrn2: per key; mamba2: per head).
+
+    Subclasses set `name`, `gates` and `fla_op` (the fla kernel computing the same function)."""
+
+    has_fla = True
+    has_triton_step = True
+    fla_op = ""
+
+    def _step(self, q, k, v, state, scale, g):
+        o, S = diag_step(q, k, v, state[0], scale, g)
+        return o, (S,)
+
+    def _chunk_torch(self, q, k, v, initial_state, scale, layout, g):
+        return diag_chunk(q, k, v, initial_state, scale, layout, g)
+
+    def _chunk_fla(self, q, k, v, initial_state, output_final_state, scale, cu_seqlens, g):
+        return fla_chunk(self.fla_op, q, k, v, initial_state, output_final_state, scale, cu_seqlens, g=g)
+
+    def _chunk_triton(self, q, k, v, initial_state, output_final_state, scale, cu_seqlens, chunk_size, g):
+        from lsm_kernels.diag import chunk_diag
+        return chunk_diag(q, k, v, g, None, scale, initial_state, output_final_state, cu_seqlens, chunk_size)
+
+    def _step_triton(self, q, k, v, state, scale, g):
+        from lsm_kernels.decode import recurrent_step
+        o, S = recurrent_step(q, k, v, state[0], scale, g=g, inplace=False)
+        return o, (S,)

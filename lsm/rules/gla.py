@@ -4,9 +4,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lsm.rules._diag import diag_chunk, diag_step
-from lsm.rules._fla import fla_chunk
-from lsm.rules.base import GateSpec, UpdateRule, register
+from lsm.rules._diag import GatedDiagRule
+from lsm.rules.base import GateSpec, register
 
 
 class GLAGate(nn.Module):
@@ -24,31 +23,10 @@ class GLAGate(nn.Module):
 
 
 @register
-class GLA(UpdateRule):
+class GLA(GatedDiagRule):
     name = "gla"
     gates = {"g": GateSpec(per="key", kind="log_decay")}
-    has_fla = True
-
-    def _step(self, q, k, v, state, scale, g):
-        o, S = diag_step(q, k, v, state[0], scale, g)
-        return o, (S,)
-
-    def _chunk_torch(self, q, k, v, initial_state, scale, layout, g):
-        return diag_chunk(q, k, v, initial_state, scale, layout, g)
-
-    def _chunk_fla(self, q, k, v, initial_state, output_final_state, scale, cu_seqlens, g):
-        return fla_chunk("gla", q, k, v, initial_state, output_final_state, scale, cu_seqlens, g=g)
-
-    has_triton_step = True
-
-    def _chunk_triton(self, q, k, v, initial_state, output_final_state, scale, cu_seqlens, chunk_size, g):
-        from lsm_kernels.diag import chunk_diag
-        return chunk_diag(q, k, v, g, None, scale, initial_state, output_final_state, cu_seqlens, chunk_size)
-
-    def _step_triton(self, q, k, v, state, scale, g):
-        from lsm_kernels.decode import recurrent_step
-        o, S = recurrent_step(q, k, v, state[0], scale, g=g, inplace=False)
-        return o, (S,)
+    fla_op = "gla"
 
     def gate_module(self, hidden_size, num_heads, head_dim):
         return GLAGate(hidden_size, num_heads, head_dim)

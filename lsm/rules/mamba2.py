@@ -7,9 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lsm.rules._diag import diag_chunk, diag_step
-from lsm.rules._fla import fla_chunk
-from lsm.rules.base import GateSpec, UpdateRule, register
+from lsm.rules._diag import GatedDiagRule
+from lsm.rules.base import GateSpec, register
 
 
 class Mamba2Gate(nn.Module):
@@ -31,31 +30,10 @@ class Mamba2Gate(nn.Module):
 
 
 @register
-class Mamba2(UpdateRule):
+class Mamba2(GatedDiagRule):
     name = "mamba2"
     gates = {"g": GateSpec(per="head", kind="log_decay")}
-    has_fla = True
-
-    def _step(self, q, k, v, state, scale, g):
-        o, S = diag_step(q, k, v, state[0], scale, g)
-        return o, (S,)
-
-    def _chunk_torch(self, q, k, v, initial_state, scale, layout, g):
-        return diag_chunk(q, k, v, initial_state, scale, layout, g)
-
-    def _chunk_fla(self, q, k, v, initial_state, output_final_state, scale, cu_seqlens, g):
-        return fla_chunk("simple_gla", q, k, v, initial_state, output_final_state, scale, cu_seqlens, g=g)
-
-    has_triton_step = True
-
-    def _chunk_triton(self, q, k, v, initial_state, output_final_state, scale, cu_seqlens, chunk_size, g):
-        from lsm_kernels.diag import chunk_diag
-        return chunk_diag(q, k, v, g, None, scale, initial_state, output_final_state, cu_seqlens, chunk_size)
-
-    def _step_triton(self, q, k, v, state, scale, g):
-        from lsm_kernels.decode import recurrent_step
-        o, S = recurrent_step(q, k, v, state[0], scale, g=g, inplace=False)
-        return o, (S,)
+    fla_op = "simple_gla"
 
     def gate_module(self, hidden_size, num_heads, head_dim):
         return Mamba2Gate(hidden_size, num_heads, head_dim)
