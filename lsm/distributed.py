@@ -279,6 +279,26 @@ def token_mean_loss(logits: Tensor, labels: Tensor, ctx: DistContext) -> tuple[T
 
 
 # --------------------------------------------------------------------------- checkpoints
+def rng_state() -> dict:
+    """Every RNG a run draws from, for an exact resume."""
+    rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    return rng
+
+
+def publish_checkpoint(tmp: Path, final: Path, root: Path, keep: int) -> None:
+    """Make a fully written checkpoint folder visible atomically, point `root/latest` at it, prune old ones."""
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    pointer = root / ".latest.tmp"
+    pointer.write_text(final.name + "\n")
+    os.replace(pointer, root / "latest")
+    for old in sorted(root.glob("step_*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def is_sharded_checkpoint(ckpt: str | os.PathLike) -> bool:
     """Whether a checkpoint folder holds DCP shards (written under FSDP)."""
     return (Path(ckpt) / SHARDED_DIR / ".metadata").is_file()
@@ -304,19 +324,9 @@ def save_sharded_checkpoint(out_dir: str | os.PathLike, model: nn.Module, optimi
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / SHARDED_DIR))
     if ctx.is_main:
         (tmp / "config.yaml").write_text(to_yaml(cfg))
-        rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
-        torch.save({"step": step, "scheduler": scheduler.state_dict(), "rng": rng, "format": SHARDED_DIR,
+        torch.save({"step": step, "scheduler": scheduler.state_dict(), "rng": rng_state(), "format": SHARDED_DIR,
                     "world_size": ctx.world_size}, tmp / "trainer_state.pt")
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        pointer = root / ".latest.tmp"
-        pointer.write_text(final.name + "\n")
-        os.replace(pointer, root / "latest")
-        for old in sorted(root.glob("step_*"))[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+        publish_checkpoint(tmp, final, root, keep)
     barrier(ctx)
     return final
 

@@ -23,7 +23,6 @@ import json
 import math
 import os
 import random
-import shutil
 import tempfile
 import time
 from contextlib import nullcontext
@@ -147,19 +146,9 @@ def save_checkpoint(out_dir: Path, model: nn.Module, optimizer, scheduler, step:
     tmp = Path(tempfile.mkdtemp(prefix=f".step_{step:06d}.", dir=root))
     save_model(getattr(model, "module", model), str(tmp / "model.safetensors"))
     (tmp / "config.yaml").write_text(to_yaml(cfg))
-    rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
-    torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng},
-               tmp / "trainer_state.pt")
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    pointer = root / ".latest.tmp"
-    pointer.write_text(final.name + "\n")
-    os.replace(pointer, root / "latest")
-    for old in sorted(root.glob("step_*"))[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "rng": distributed.rng_state()}, tmp / "trainer_state.pt")
+    distributed.publish_checkpoint(tmp, final, root, keep)
     return final
 
 
