@@ -137,7 +137,7 @@ def _calls(quick: bool):
                     g_gamma = -torch.rand(H) if kind == 1 else None
                     beta = torch.rand(Bd, H, dtype=dt) if delta else None
                     recurrent_step(q, k, v, torch.zeros(Bd, H, K, V), g=g, g_gamma=g_gamma, beta=beta)
-                    NS = topk + 1
+                    NS = M + 1  # every memory's row
                     km, vm = torch.randn(Bd, NS, H, K, dtype=dt), torch.randn(Bd, NS, H, V, dtype=dt)
                     gm = None if g is None else torch.randn(Bd, NS, *g.shape[1:], dtype=dt)
                     bm = torch.rand(Bd, NS, H, dtype=dt) if delta else None

@@ -33,7 +33,6 @@ def _step_kernel(q, k, v, g, gamma, beta, S, S_out, idx, w, o, scale, H: tl.cons
     b_q = tl.load(q + i_bh * K + o_k, mask=m_k, other=0.).to(tl.float32)
     b_o = tl.zeros([BV], dtype=tl.float32)
     for s in tl.static_range(NS):
-        i_bs = i_b * NS + s                                                       # row of the per-memory inputs
         if ROUTED:
             if s < TOPK:
                 slot = tl.load(idx + i_b * TOPK + s).to(tl.int64)
@@ -44,7 +43,8 @@ def _step_kernel(q, k, v, g, gamma, beta, S, S_out, idx, w, o, scale, H: tl.cons
         else:
             slot = 0
             b_w = 1.0
-        p_S = ((i_b * M1 + slot) * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :]
+        i_bs = i_b * M1 + slot                                                    # row of this memory's inputs
+        p_S = (i_bs * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :]
         b_S = tl.load(S + p_S, mask=m_kv, other=0.)
         b_k = tl.load(k + (i_bs * H + i_h) * K + o_k, mask=m_k, other=0.).to(tl.float32)
         b_v = tl.load(v + (i_bs * H + i_h) * V + o_v, mask=m_v, other=0.).to(tl.float32)
@@ -106,16 +106,21 @@ def mom_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, states: torch.Te
              g_gamma: torch.Tensor | None = None, beta: torch.Tensor | None = None, shared: bool = True) -> torch.Tensor:
     """One token of a Mixture-of-Memories layer; only the selected memories (and the shared one) are updated in place.
 
-    q `[B, H, K]` (shared query); states `[B, M(+1), H, K, V]` float32, the shared memory last;
-    indices `[B, topk]` (distinct memory slots per row), weights `[B, topk]`; the per-memory inputs
-    k `[B, S, H, K]`, v `[B, S, H, V]`, g `[B, S, H]` / `[B, S, H, K]`, beta `[B, S, H]` with
-    S = topk (+1 for the shared memory, last). Returns
-    o = sum_s w_s scale S_s^T q (shared weight 1), `[B, H, V]`.
+    q `[B, H, K]` (shared query); states `[B, Ms, H, K, V]` float32, Ms = M (+1: the shared memory, last);
+    indices `[B, topk]` (distinct memory slots < M per row), weights `[B, topk]`; every memory's inputs
+    k `[B, Ms, H, K]`, v `[B, Ms, H, V]`, g `[B, Ms, H]` / `[B, Ms, H, K]`, beta `[B, Ms, H]` (as one
+    projection computes them; the kernel reads the rows of the memories it updates, no gather). Returns
+    o = sum_s w_s scale S_s^T q over the selected memories (and the shared one with weight 1), `[B, H, V]`.
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
+    B, Ms = states.shape[:2]
     topk = indices.shape[1]
-    NS = topk + int(shared)
-    if k.shape[1] != NS or v.shape[1] != NS:
-        raise ValueError(f"k and v must hold one row per updated memory ({NS} = topk{' + shared' if shared else ''}), "
-                         f"got {k.shape[1]} and {v.shape[1]}")
-    return _launch(q, k, v, states, states, scale, g, g_gamma, beta, indices, weights, NS, topk, True)
+    if indices.shape != (B, topk) or weights.shape != (B, topk):
+        raise ValueError(f"indices and weights must be [B, topk] = [{B}, topk], got {tuple(indices.shape)} and "
+                         f"{tuple(weights.shape)}")
+    if topk + int(shared) > Ms:
+        raise ValueError(f"topk ({topk}){' + the shared memory' if shared else ''} exceeds the {Ms} memories in `states`")
+    for name, t in (("k", k), ("v", v), ("g", g), ("beta", beta)):
+        if t is not None and tuple(t.shape[:2]) != (B, Ms):
+            raise ValueError(f"`{name}` must hold every memory's row, [B, Ms, ...] = [{B}, {Ms}, ...], got {tuple(t.shape)}")
+    return _launch(q, k, v, states, states, scale, g, g_gamma, beta, indices, weights, topk + int(shared), topk, True)

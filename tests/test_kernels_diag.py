@@ -120,24 +120,24 @@ def test_mom_step_matches_loop(kind):
     S_ = topk + 1
     states = torch.randn(B, M + 1, H, K, V, device=DEV)
     q = torch.randn(B, H, K, device=DEV)
-    k = F.normalize(torch.randn(B, S_, H, K, device=DEV), dim=-1)
-    v = torch.randn(B, S_, H, V, device=DEV)
+    k = F.normalize(torch.randn(B, M + 1, H, K, device=DEV), dim=-1)    # every memory's row; the kernel picks
+    v = torch.randn(B, M + 1, H, V, device=DEV)
     idx = torch.stack([torch.randperm(M)[:topk] for _ in range(B)]).to(DEV)
     w = torch.rand(B, topk, device=DEV).softmax(-1)
-    g = {"scalar": -torch.rand(B, S_, H, device=DEV), "vector": -torch.rand(B, S_, H, K, device=DEV),
-         "gated_delta": -torch.rand(B, S_, H, device=DEV)}.get(kind)
+    g = {"scalar": -torch.rand(B, M + 1, H, device=DEV), "vector": -torch.rand(B, M + 1, H, K, device=DEV),
+         "gated_delta": -torch.rand(B, M + 1, H, device=DEV)}.get(kind)
     g_gamma = -torch.rand(H, device=DEV) if kind == "gamma" else None
-    beta = torch.rand(B, S_, H, device=DEV) if kind in ("delta", "gated_delta") else None
+    beta = torch.rand(B, M + 1, H, device=DEV) if kind in ("delta", "gated_delta") else None
 
     ref, o_ref = states.clone(), torch.zeros(B, H, V, device=DEV)
     for b in range(B):
         for s in range(S_):
             m, ws = (int(idx[b, s]), w[b, s]) if s < topk else (M, 1.0)
-            gs = g[b:b + 1, s] if g is not None else (g_gamma[None] if g_gamma is not None else None)
+            gs = g[b:b + 1, m] if g is not None else (g_gamma[None] if g_gamma is not None else None)
             if beta is None:
-                o, new = diag_step(q[b:b + 1], k[b:b + 1, s], v[b:b + 1, s], ref[b:b + 1, m], 0.5, gs)
+                o, new = diag_step(q[b:b + 1], k[b:b + 1, m], v[b:b + 1, m], ref[b:b + 1, m], 0.5, gs)
             else:
-                o, new = delta_step(q[b:b + 1], k[b:b + 1, s], v[b:b + 1, s], ref[b:b + 1, m], 0.5, beta[b:b + 1, s], gs)
+                o, new = delta_step(q[b:b + 1], k[b:b + 1, m], v[b:b + 1, m], ref[b:b + 1, m], 0.5, beta[b:b + 1, m], gs)
             ref[b, m] = new[0]
             o_ref[b] += ws * o[0]
     o = mom_step(q, k, v, states, idx, w, 0.5, g=g, g_gamma=g_gamma, beta=beta)

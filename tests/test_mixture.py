@@ -273,6 +273,26 @@ def test_triton_backend_matches_torch(name):
     assert torch.equal(memory(layer, y.cache.state)[:, 0], memory(layer, twin.state)[:, 0])
 
 
+STEP_RULES = [n for n in RULES if R.get(n).has_triton_step]
+
+
+@pytest.mark.parametrize("grad", [False, True])
+@pytest.mark.parametrize("name", STEP_RULES)
+def test_fused_decode_step_matches_torch(name, grad):
+    """Decoding with backend="triton": without autograd one fused kernel (`lsm_kernels.decode.mom_step`)
+    updates the routed memories and the shared one in place; with autograd the gathered step runs.
+    Both equal backend="torch" token by token, and memory 0 (never routed) keeps its state; atol 1e-5."""
+    layer, x, cache, twin = forced_pair(name, "triton", "cuda" if torch.cuda.is_available() else "cpu")
+    before = memory(layer, cache.state)[:, 0].clone()
+    with torch.set_grad_enabled(grad):
+        ys = [layer(x[:, t:t + 1], cache=cache).output for t in range(4)]
+        layer.backend = "torch"
+        ys_ref = [layer(x[:, t:t + 1], cache=twin).output for t in range(4)]
+    torch.testing.assert_close(torch.cat(ys, 1), torch.cat(ys_ref, 1), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(memory(layer, cache.state), memory(layer, twin.state), atol=1e-5, rtol=1e-4)
+    assert torch.equal(memory(layer, cache.state)[:, 0], before)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", [n for n in RULES if R.get(n).has_fla])
 def test_fla_backend_unrouted_memory_on_gpu(name):

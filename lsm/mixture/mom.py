@@ -149,13 +149,13 @@ class MixtureOfMemories(RuleLayer):
         if use_cache and cache is None:
             cache = self.init_cache(B, x.device, torch.promote_types(x.dtype, torch.float32))
         routing = self.router(x)
-        aux_loss = self.aux_loss_weight * load_balancing_loss(routing, self.num_memories)
-        sel, w = self.slots(routing)                                                # [B, T, S]
         q, k, v, gates = self.project(x, cache, cu_seqlens)
         if cache is not None and T == 1:
-            o = self._step(q, k, v, gates, sel, w, cache)
+            # a decoding step: the balancing loss is a training signal, not computed here
+            o, aux_loss = self._step(q, k, v, gates, routing, cache), x.new_zeros(())
         else:
-            o = self._chunk(q, k, v, gates, sel, w, cache, cu_seqlens)
+            aux_loss = self.aux_loss_weight * load_balancing_loss(routing, self.num_memories)
+            o = self._chunk(q, k, v, gates, *self.slots(routing), cache, cu_seqlens)
         if cache is not None:
             cache.seen += T
         return MixerOutput(self.readout(o, x), cache, aux_loss)
@@ -179,22 +179,15 @@ class MixtureOfMemories(RuleLayer):
         o = o[0].index_select(0, d.dest.flatten()).unflatten(0, d.dest.shape)      # [B*T, S, H, V]
         return _mix(o, w.flatten(0, 1)).view(B, T, H, -1)
 
-    def _step(self, q, k, v, gates, sel, w, cache: MoMCache) -> Tensor:
-        """Decoding (T = 1): update only the K selected memories and the shared one. Returns `[B, 1, H, V]`."""
-        B, _, H, K = q.shape
-        S = sel.shape[-1]
-        sel = sel[:, 0]                                                             # [B, S]
+    def _step(self, q, k, v, gates, routing: Routing, cache: MoMCache) -> Tensor:
+        """Decoding (T = 1): update only the K selected memories and the shared one. Returns `[B, 1, H, V]`.
 
-        def index(t: Tensor) -> Tensor:                                             # gather index for [B, Ms, ...]
-            return sel.view(B, S, *([1] * (t.dim() - 2))).expand(B, S, *t.shape[2:])
-
-        pick = lambda t: t.gather(1, index(t)).flatten(0, 1)                        # [B, Ms, ...] -> [B*S, ...]
-        o, new = self.rule.step(q[:, 0, None].expand(B, S, H, K).flatten(0, 1), pick(k[:, 0]), pick(v[:, 0]),
-                                tuple(pick(s) for s in cache.state),
-                                **{n: pick(g[:, 0]) for n, g in gates.items()}, **self.rule_options)
-        cache.state = tuple(s.scatter(1, index(s), n.unflatten(0, (B, S)).to(s.dtype))
-                            for s, n in zip(cache.state, new))
-        return _mix(o.unflatten(0, (B, S)), w[:, 0])[:, None]
+        `rule.routed_step` reads the selected memories' rows of k, v and gates; with the Triton
+        backend it is one fused kernel updating the cache in place."""
+        o, cache.state = self.rule.routed_step(q[:, 0], k[:, 0], v[:, 0], cache.state, routing.index[:, 0],
+                                               routing.weight[:, 0], self.shared_memory, backend=self.backend,
+                                               **{n: g[:, 0] for n, g in gates.items()}, **self.rule_options)
+        return o[:, None]
 
     def _check_inputs(self, x, cache, cu_seqlens) -> None:
         name = type(self).__name__

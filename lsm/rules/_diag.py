@@ -99,8 +99,3 @@ class GatedDiagRule(UpdateRule):
     def _chunk_triton(self, q, k, v, initial_state, output_final_state, scale, cu_seqlens, chunk_size, g):
         from lsm_kernels.diag import chunk_diag
         return chunk_diag(q, k, v, g, None, scale, initial_state, output_final_state, cu_seqlens, chunk_size)
-
-    def _step_triton(self, q, k, v, state, scale, g):
-        from lsm_kernels.decode import recurrent_step
-        o, S = recurrent_step(q, k, v, state[0], scale, g=g, inplace=False)
-        return o, (S,)

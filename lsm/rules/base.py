@@ -177,10 +177,65 @@ class UpdateRule:
     def _step(self, q, k, v, state: DecodeState, scale: float, **gates) -> tuple[Tensor, DecodeState]:
         raise NotImplementedError
 
-    def _step_triton(self, q, k, v, state, scale, **gates):
-        raise NotImplementedError(f"{self.name}: no Triton decode step yet; use backend='torch'")
-
+    #: True for rules whose decode state is one `[.., K, V]` memory updated by `lsm_kernels.decode`
+    #: (the diagonal-decay and delta families: their gates are the kernel's `g`, `g_gamma`, `beta`)
     has_triton_step: bool = False
+
+    def _kernel_gates(self, gates: dict) -> dict:
+        return {n: gates[n] for n in ("g", "g_gamma", "beta") if gates.get(n) is not None}
+
+    def _step_triton(self, q, k, v, state, scale, **gates):
+        if not self.has_triton_step:
+            raise NotImplementedError(f"{self.name}: no Triton decode step; use backend='torch'")
+        from lsm_kernels.decode import recurrent_step
+        o, S = recurrent_step(q, k, v, state[0], scale, inplace=False, **self._kernel_gates(gates))
+        return o, (S,)
+
+    def routed_step(self, q: Tensor, k: Tensor, v: Tensor, state: DecodeState, index: Tensor, weight: Tensor,
+                    shared: bool, scale=None, backend: Backend = "auto", **gates) -> tuple[Tensor, DecodeState]:
+        """One decoding step of a Mixture-of-Memories layer: update only the routed memories (and the shared one).
+
+        q `[B, H, K]` (the shared query); every memory's inputs k `[B, Ms, H, K]`, v `[B, Ms, H, V]`,
+        gates `[B, Ms, H(, K)]`; state: the decode-state tuple, every tensor `[B, Ms, H, ...]`
+        (Ms = M routed memories + the shared one, last, when `shared`); index `[B, topk]` distinct
+        memories < M and weight `[B, topk]`. Returns (o `[B, H, V]` = sum_s w_s o_s with the shared
+        memory's weight 1, the new state). The memories not selected keep their state exactly.
+
+        With the Triton backend, a float32 state and no autograd graph to record, one fused kernel
+        updates the selected memories in place (`lsm_kernels.decode.mom_step`); otherwise the
+        selected states are gathered, stepped with `step` as one batch, and scattered back.
+        """
+        B, Ms = state[0].shape[:2]
+        backend = self._resolve_step_backend(backend, q)
+        fused = (backend == "triton" and self.has_triton_step and len(state) == 1 and state[0].dtype == torch.float32
+                 and state[0].is_contiguous()
+                 and not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, state[0], weight,
+                                                                                      *gates.values()) if isinstance(t, Tensor))))
+        if fused:
+            from lsm_kernels.decode import mom_step
+            gates = self._fill(q, gates)
+            o = mom_step(q, k, v, state[0], index, weight, self._scale(scale, q), shared=shared,
+                         **self._kernel_gates(gates))
+            return o, state
+        sel, w = index, weight
+        if shared:
+            sel = torch.cat([sel, torch.full_like(sel[:, :1], Ms - 1)], 1)
+            w = torch.cat([w, torch.ones_like(w[:, :1])], 1)
+        S = sel.shape[1]
+        H, K = q.shape[1:]
+
+        def at(t: Tensor) -> Tensor:                                            # gather index for [B, Ms, ...]
+            return sel.view(B, S, *([1] * (t.dim() - 2))).expand(B, S, *t.shape[2:])
+
+        pick = lambda t: t.gather(1, at(t)).flatten(0, 1)                       # [B, Ms, ...] -> [B*S, ...]
+        per_memory = {n: pick(t) for n, t in gates.items() if isinstance(t, Tensor) and t.shape[:2] == (B, Ms)}
+        fixed = {n: t for n, t in gates.items() if n not in per_memory}
+        o, new = self.step(q[:, None].expand(B, S, H, K).flatten(0, 1), pick(k), pick(v), tuple(pick(s) for s in state),
+                           scale=scale, backend=backend, **per_memory, **fixed)
+        state = tuple(s.scatter(1, at(s), n.unflatten(0, (B, S)).to(s.dtype)) for s, n in zip(state, new))
+        ct = torch.promote_types(o.dtype, torch.float32)
+        o = (o.unflatten(0, (B, S)).to(ct) * w.to(ct)[..., None, None]).sum(1).to(o.dtype)
+        return o, state
 
     def _resolve_step_backend(self, backend: str, q: Tensor) -> str:
         _check(backend in BACKENDS, ValueError, f"{self.name}: unknown backend {backend!r}; choose one of {BACKENDS}")

@@ -25,6 +25,7 @@ class DeltaNet(UpdateRule):
     gates = {"beta": GateSpec(per="head", kind="rate")}
     normalize_keys = True
     has_fla = True
+    has_triton_step = True
 
     def _step(self, q, k, v, state, scale, beta):
         o, S = delta_step(q, k, v, state[0], scale, beta)

@@ -28,6 +28,7 @@ class GatedDeltaNet(UpdateRule):
     gates = {"beta": GateSpec(per="head", kind="rate"), "g": GateSpec(per="head", kind="log_decay")}
     normalize_keys = True
     has_fla = True
+    has_triton_step = True
 
     def _step(self, q, k, v, state, scale, beta, g):
         o, S = delta_step(q, k, v, state[0], scale, beta, g)

@@ -27,8 +27,3 @@ class LinearAttention(UpdateRule):
     def _chunk_triton(self, q, k, v, initial_state, output_final_state, scale, cu_seqlens, chunk_size):
         from lsm_kernels.diag import chunk_diag
         return chunk_diag(q, k, v, None, None, scale, initial_state, output_final_state, cu_seqlens, chunk_size)
-
-    def _step_triton(self, q, k, v, state, scale):
-        from lsm_kernels.decode import recurrent_step
-        o, S = recurrent_step(q, k, v, state[0], scale, inplace=False)
-        return o, (S,)

@@ -63,11 +63,6 @@ class _ConstantDecay(UpdateRule):
         from lsm_kernels.diag import chunk_diag
         return chunk_diag(q, k, v, None, g_gamma, scale, initial_state, output_final_state, cu_seqlens, chunk_size)
 
-    def _step_triton(self, q, k, v, state, scale, g_gamma):
-        from lsm_kernels.decode import recurrent_step
-        o, S = recurrent_step(q, k, v, state[0], scale, g_gamma=g_gamma, inplace=False)
-        return o, (S,)
-
 
 @register
 class RetNet(_ConstantDecay):
