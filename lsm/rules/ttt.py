@@ -208,6 +208,10 @@ class TTT(UpdateRule):
         b = gates.get("mini_batch_size", self.options["mini_batch_size"])
         if isinstance(b, int) and not isinstance(b, bool) and b >= 1 and isinstance(chunk_size, int) and chunk_size >= 1:
             chunk_size = b * max(1, chunk_size // b)
+        if backend == "auto" and isinstance(q, Tensor) and isinstance(v, Tensor):
+            # fla has no kernel for this function (see the module docstring): our Triton kernel where it takes
+            # the call, else the torch form. A shape/dtype/option decision only: no host synchronisation.
+            backend = "triton" if q.is_cuda and self._triton_unsupported(q, v, gates) is None else "torch"
         return super().chunk(q, k, v, initial_state=initial_state, output_final_state=output_final_state, scale=scale,
                              cu_seqlens=cu_seqlens, chunk_size=chunk_size, backend=backend, max_seqlen=max_seqlen,
                              **gates)
@@ -263,6 +267,43 @@ class TTT(UpdateRule):
             states.append(S)
         o = layout.from_chunks(torch.stack(outs, 1))                                   # [B, T, H, V]
         return o, layout.final_states(torch.stack(states, 1))
+
+    # ---------------------------------------------------------------- Triton (lsm_kernels.ttt)
+    #: the largest mini-batch the chunk kernel holds in one tile (its [b, b] and [b, K] blocks live in registers)
+    triton_max_mini_batch = 64
+    #: the largest key head dim the chunk kernel holds (the state tile spans all of K)
+    triton_max_key_dim = 256
+
+    def _triton_unsupported(self, q: Tensor, v: Tensor, gates: dict) -> str | None:
+        """Why the Triton chunk kernel cannot take this call (a message naming the option and the fix), or None."""
+        fix = "use backend='torch'"
+        if gates.get("ln_weight") is not None or gates.get("ln_bias") is not None:
+            return (f"{self.name}: backend='triton' runs the plain form only; the LayerNorm form (`ln_weight` / "
+                    f"`ln_bias` given) has no Triton chunk kernel yet: {fix}, or drop `ln_weight`/`ln_bias`")
+        K = q.shape[-1]
+        if K > self.triton_max_key_dim:
+            return (f"{self.name}: backend='triton' needs the key head dim K <= {self.triton_max_key_dim} "
+                    f"(the kernel holds a [K, BV] state tile), got K={K}: {fix} or use smaller heads")
+        b = gates.get("mini_batch_size", self.options["mini_batch_size"])
+        if isinstance(b, int) and not isinstance(b, bool) and b > self.triton_max_mini_batch:
+            return (f"{self.name}: backend='triton' needs `mini_batch_size` <= {self.triton_max_mini_batch} "
+                    f"(a mini-batch is one tile of the kernel), got {b}: {fix} or a smaller `mini_batch_size`")
+        kernel_dtypes = (torch.float32, torch.bfloat16, torch.float16)
+        if q.dtype not in kernel_dtypes or v.dtype not in kernel_dtypes:
+            return (f"{self.name}: backend='triton' takes float32/bfloat16/float16 q, k, v, got {q.dtype}: "
+                    f"{fix}, or cast the inputs to float32")
+        return None
+
+    def _chunk_triton(self, q, k, v, initial_state, output_final_state, scale, cu_seqlens, chunk_size, eta,
+                      mini_batch_size, ln_weight, ln_bias, ln_eps):
+        """The plain form by `lsm_kernels.ttt.chunk_ttt_linear`: one kernel step per mini-batch (the chunk is
+        the mini-batch; `chunk_size` does not change the result and is not used)."""
+        why = self._triton_unsupported(q, v, {"ln_weight": ln_weight, "ln_bias": ln_bias,
+                                              "mini_batch_size": mini_batch_size})
+        if why is not None:
+            raise ValueError(why)
+        from lsm_kernels.ttt import chunk_ttt_linear
+        return chunk_ttt_linear(q, k, v, eta, scale, initial_state, output_final_state, cu_seqlens, mini_batch_size)
 
     def _chunk_fla(self, q, k, v, initial_state, output_final_state, scale, cu_seqlens, **gates):
         raise ValueError(f"{self.name}: fla's chunk_ttt_linear computes a different function (an inner bias, "

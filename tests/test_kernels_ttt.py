@@ -1,0 +1,194 @@
+"""TTT-Linear's Triton backend (lsm_kernels.ttt through `TTT.chunk(..., backend="triton")`) against the torch
+mini-batch dual form (`backend="torch"`) and the token-by-token definition (`recurrent`).
+
+Without a GPU these run under TRITON_INTERPRET=1 (set by conftest.py) on tiny float32 shapes. Tolerances
+(float32; the forms differ by reassociation and by the kernel's float32 accumulation order):
+outputs and gradients atol 1e-4 / rtol 1e-4, final states atol 2e-5 / rtol 1e-5 (`STATE_TOL`).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lsm import rules
+
+RULE = rules.get("ttt")
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = dict(atol=1e-4, rtol=1e-4)
+STATE_TOL = dict(atol=2e-5, rtol=1e-5)
+H = 2
+
+
+def make(B, T, K=8, V=8, N=None, seed=0, eta_max=0.5, ln=False):
+    """Leaves q, unit k, v, eta in (0, eta_max), h0 `[N, H, K, V]` (and LN parameters when `ln`), all requiring grad."""
+    gen = torch.Generator().manual_seed(seed)
+    rnd = lambda *s: torch.randn(*s, generator=gen)
+    x = {"q": rnd(B, T, H, K), "k": F.normalize(rnd(B, T, H, K), dim=-1), "v": rnd(B, T, H, V),
+         "eta": eta_max * torch.rand(B, T, H, generator=gen), "h0": 0.5 * rnd(B if N is None else N, H, K, V)}
+    if ln:
+        x["ln_weight"] = 1 + 0.3 * rnd(H, V)
+        x["ln_bias"] = 0.3 * rnd(H, V)
+    return {n: t.to(DEV).requires_grad_() for n, t in x.items()}
+
+
+def run(fn, x, with_h0=True, **kw):
+    gates = {n: t for n, t in x.items() if n not in ("q", "k", "v", "h0")}
+    return fn(x["q"], x["k"], x["v"], initial_state=x["h0"] if with_h0 else None, output_final_state=True,
+              **gates, **kw)
+
+
+def grads(o, S, x, seed=0):
+    """Gradients of a random linear function of (o, S) in every leaf."""
+    gen = torch.Generator().manual_seed(seed + 1)
+    loss = (o * torch.randn(o.shape, generator=gen).to(DEV)).sum()
+    if S is not None:
+        loss = loss + (S * torch.randn(S.shape, generator=gen).to(DEV)).sum()
+    names = list(x)
+    return dict(zip(names, torch.autograd.grad(loss, [x[n] for n in names], allow_unused=True)))
+
+
+def close(got, want, what, tol=TOL):
+    assert got is not None, f"{what}: no value"
+    assert torch.isfinite(got).all(), f"{what}: non-finite values"
+    torch.testing.assert_close(got.float(), want.float(), **tol, msg=lambda m: f"{what}: {m}")
+
+
+def check_grads(g, g_ref, names):
+    for n in names:
+        if g_ref[n] is None:
+            assert g[n] is None or not g[n].any(), f"grad of {n}: expected none"
+            continue
+        close(g[n], g_ref[n], f"grad of {n}")
+
+
+# ------------------------------------------------------------------ chunk: triton == torch == recurrent
+
+@settings(max_examples=8)
+@given(T=st.integers(1, 19), b=st.sampled_from([1, 3, 4, 8]), with_h0=st.booleans(), B=st.integers(1, 2),
+       seed=st.integers(0, 2**16))
+def test_chunk_matches_torch_and_recurrent(T, b, with_h0, B, seed):
+    """Ragged T (any T, not only multiples of the mini-batch), b = 1 and > 1, with and without an initial
+    state: outputs, final states, and gradients of q, k, v, eta, h0."""
+    x = make(B, T, seed=seed)
+    o, S = run(RULE.chunk, x, with_h0, mini_batch_size=b, backend="triton")
+    o_t, S_t = run(RULE.chunk, x, with_h0, mini_batch_size=b, backend="torch")
+    o_r, S_r = run(RULE.recurrent, x, with_h0, mini_batch_size=b)
+    assert o.dtype == torch.float32 and S.dtype == torch.float32 and S.shape == (B, H, 8, 8)
+    close(o, o_t, "output vs torch")
+    close(o, o_r, "output vs recurrent")
+    close(S, S_t, "final state vs torch", STATE_TOL)
+    close(S, S_r, "final state vs recurrent", STATE_TOL)
+    g, g_t = grads(o, S, x, seed), grads(o_t, S_t, x, seed)
+    check_grads(g, g_t, ["q", "k", "v", "eta", "h0"])
+    if not with_h0:
+        assert g["h0"] is None
+
+
+@settings(max_examples=6)
+@given(lens=st.lists(st.integers(0, 11), min_size=1, max_size=4), b=st.sampled_from([1, 4, 5]),
+       with_h0=st.booleans(), seed=st.integers(0, 2**16))
+def test_varlen_equals_separate_runs(lens, b, with_h0, seed):
+    """Packed sequences (empty ones included) with `cu_seqlens` on the device equal one run per sequence,
+    and the torch packed run; gradients too."""
+    T = sum(lens)
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device=DEV)
+    x = make(1, T, N=len(lens), seed=seed)
+    o, S = run(RULE.chunk, x, with_h0, cu_seqlens=cu, mini_batch_size=b, backend="triton")
+    o_t, S_t = run(RULE.chunk, x, with_h0, cu_seqlens=cu, mini_batch_size=b, backend="torch")
+    close(o, o_t, "packed output vs torch")
+    close(S, S_t, "packed final state vs torch", STATE_TOL)
+    g, g_t = grads(o, S, x, seed), grads(o_t, S_t, x, seed)
+    check_grads(g, g_t, ["q", "k", "v", "eta", "h0"])
+    for n, (a, e) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
+        if e == a:  # an empty sequence: its final state is its initial state (or zeros)
+            close(S[n], x["h0"][n] if with_h0 else torch.zeros_like(S[n]), f"empty sequence {n}", STATE_TOL)
+            continue
+        xs = {m: (t[:, a:e] if m not in ("h0",) else t[n:n + 1]) for m, t in x.items()}
+        o_n, S_n = run(RULE.chunk, xs, with_h0, mini_batch_size=b, backend="triton")
+        close(o[:, a:e], o_n, f"sequence {n} output")
+        close(S[n:n + 1], S_n, f"sequence {n} final state", STATE_TOL)
+
+
+def test_tiled_key_and_value_dims():
+    """K and V span several tiles of the backward's dq/dk kernel (K = 80 > 64) and of the value dim (V = 80 > 64):
+    partial per-tile sums of deta and of the state gradient."""
+    x = make(1, 7, K=80, V=80, seed=3, eta_max=0.1)
+    o, S = run(RULE.chunk, x, mini_batch_size=4, backend="triton")
+    o_t, S_t = run(RULE.chunk, x, mini_batch_size=4, backend="torch")
+    close(o, o_t, "output")
+    close(S, S_t, "final state", STATE_TOL)
+    check_grads(grads(o, S, x), grads(o_t, S_t, x), ["q", "k", "v", "eta", "h0"])
+
+
+def test_grad_of_output_only_without_initial_state():
+    """No initial state, no final state requested: the backward starts from a zero state gradient."""
+    x = make(2, 13, seed=4)
+    del x["h0"]
+    o = RULE.chunk(x["q"], x["k"], x["v"], eta=x["eta"], mini_batch_size=4, backend="triton")[0]
+    o_t = RULE.chunk(x["q"], x["k"], x["v"], eta=x["eta"], mini_batch_size=4, backend="torch")[0]
+    close(o, o_t, "output")
+    check_grads(grads(o, None, x), grads(o_t, None, x), ["q", "k", "v", "eta"])
+
+
+def test_inference_without_final_state():
+    """Under no_grad, no final state requested: S is None, o as torch's."""
+    x = make(1, 10, seed=5)
+    with torch.no_grad():
+        o, S = RULE.chunk(x["q"], x["k"], x["v"], initial_state=x["h0"], eta=x["eta"], backend="triton",
+                          mini_batch_size=3)
+        o_t, _ = RULE.chunk(x["q"], x["k"], x["v"], initial_state=x["h0"], eta=x["eta"], backend="torch",
+                            mini_batch_size=3)
+    assert S is None
+    close(o, o_t, "output")
+
+
+def test_chunk_size_does_not_change_the_result():
+    """The kernel's chunk is the mini-batch: any chunk_size gives the same output."""
+    x = make(1, 12, seed=6)
+    outs = [run(RULE.chunk, x, mini_batch_size=4, chunk_size=c, backend="triton")[0] for c in (4, 64)]
+    close(outs[0], outs[1], "chunk_size 4 vs 64", dict(atol=0, rtol=0))
+
+
+# ------------------------------------------------------------------ backend choice and unsupported inputs
+
+def test_auto_on_cpu_is_torch(monkeypatch):
+    """CPU tensors: backend='auto' runs the torch form, never the Triton kernel."""
+    def boom(*a, **kw):
+        raise AssertionError("auto picked triton on CPU")
+    monkeypatch.setattr(type(RULE), "_chunk_triton", boom)
+    x = make(1, 5, seed=7)
+    if DEV == "cpu":
+        run(RULE.chunk, x, backend="auto")
+
+
+def test_triton_support_decision():
+    """What `auto` checks on CUDA tensors (shapes, dtypes and options only, no values read)."""
+    q, v = torch.zeros(1, 4, H, 8), torch.zeros(1, 4, H, 8)
+    assert RULE._triton_unsupported(q, v, {}) is None
+    assert RULE._triton_unsupported(q, v, {"mini_batch_size": 64}) is None
+    assert "ln_weight" in RULE._triton_unsupported(q, v, {"ln_weight": torch.ones(H, 8)})
+    assert "mini_batch_size" in RULE._triton_unsupported(q, v, {"mini_batch_size": 65})
+    assert "K <= 256" in RULE._triton_unsupported(torch.zeros(1, 4, H, 257), v, {})
+    assert "float32" in RULE._triton_unsupported(q.double(), v.double(), {})
+
+
+@pytest.mark.parametrize("case", ["ln_weight", "ln_bias", "K", "mini_batch_size", "float64"])
+def test_unsupported_inputs_raise(case):
+    """backend='triton' on inputs the kernel cannot take: a ValueError naming the option and the fix."""
+    K = 257 if case == "K" else 8
+    q = torch.randn(1, 3, H, K, device=DEV)
+    k, v, eta = F.normalize(torch.randn(1, 3, H, K, device=DEV), dim=-1), torch.randn(1, 3, H, K, device=DEV), \
+        torch.rand(1, 3, H, device=DEV)
+    kw = {"eta": eta}
+    if case in ("ln_weight", "ln_bias"):
+        kw[case] = torch.ones(H, K, device=DEV)
+    if case == "mini_batch_size":
+        kw[case] = 128
+    if case == "float64":
+        q, k, v = q.double(), k.double(), v.double()
+    with pytest.raises(ValueError, match=r"backend='triton'.*" + {"float64": "float32"}.get(case, case)) as e:
+        RULE.chunk(q, k, v, backend="triton", **kw)
+    assert "backend='torch'" in str(e.value)
