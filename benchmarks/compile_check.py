@@ -1,7 +1,7 @@
 """Compile every Triton kernel of `lsm_kernels` for a GPU target without a GPU (default sm_90, H100).
 
 The public entry points (chunk_diag for the four decay kinds, chunk_delta gated and ungated, chunk_ttt_linear,
-recurrent_step and mom_step; forward without gradients, forward and backward with them) are called on CPU
+recurrent_step, mom_step and ttt_step; forward without gradients, forward and backward with them) are called on CPU
 tensors with every kernel launch intercepted: each launch is turned into a (signature, constexprs) pair exactly
 as the launcher passes it (None arguments become constexpr None), the distinct pairs are compiled with
 `triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", 90, 64))` down to a cubin
@@ -36,7 +36,7 @@ assert os.environ.get("TRITON_INTERPRET") != "1", "run without TRITON_INTERPRET:
 from lsm_kernels.decode import mom_step, recurrent_step   # noqa: E402 (after the check above)
 from lsm_kernels.delta import chunk_delta                 # noqa: E402
 from lsm_kernels.diag import chunk_diag                   # noqa: E402
-from lsm_kernels.ttt import chunk_ttt_linear              # noqa: E402
+from lsm_kernels.ttt import chunk_ttt_linear, ttt_step    # noqa: E402
 
 DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int32: "i32",
           torch.int64: "i64", torch.bool: "i1"}
@@ -143,6 +143,12 @@ def _calls(quick: bool):
                     bm = torch.rand(Bd, NS, H, dtype=dt) if delta else None
                     mom_step(q, km, vm, torch.zeros(Bd, M + 1, H, K, V), torch.tensor([[0, 2], [1, 3]]),
                              torch.rand(Bd, topk, dtype=dt), g=gm, g_gamma=g_gamma, beta=bm)
+            # TTT-Linear decode step, plain and LayerNorm form (K == V)
+            for ln in (False, True):
+                q, k, v = torch.randn(Bd, H, K, dtype=dt), torch.randn(Bd, H, K, dtype=dt), torch.randn(Bd, H, V, dtype=dt)
+                state = (torch.zeros(Bd, H, K, V), torch.zeros(Bd, H, K, V), torch.zeros(Bd, H))
+                ttt_step(q, k, v, torch.rand(Bd, H), state, None, 16,
+                         torch.ones(H, V) if ln else None, torch.zeros(H, V) if ln else None)
 
 
 def _compile(job):
@@ -167,7 +173,7 @@ def _compile(job):
 
 
 def _describe(cx):
-    keep = ("K", "V", "BT", "BK", "BV", "DECAY", "GATED", "T_MODE", "DELTA", "ROUTED", "USE_H0", "STORE_H", "PREC")
+    keep = ("K", "V", "BT", "BK", "BV", "DECAY", "GATED", "T_MODE", "DELTA", "ROUTED", "USE_H0", "STORE_H", "PREC", "LN")
     return " ".join(f"{k}={v}" for k, v in cx.items() if k in keep)
 
 

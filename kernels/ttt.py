@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lsm_kernels.diag import _chunk_rows, _prec, _tune, chunk_layout
+from lsm_kernels.diag import _check_device, _chunk_rows, _prec, _tune, chunk_layout
 
 MAX_K = 256
 
@@ -268,3 +268,98 @@ def chunk_ttt_linear(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eta: tor
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     return TTTLinearFunction.apply(q, k, v, eta, initial_state, scale, cu_seqlens, mini_batch_size,
                                    bool(output_final_state))
+
+
+# ----------------------------------------------------------------------------------------- decode step
+@triton.jit
+def _step_kernel(q, k, v, eta, lnw, lnb, S0, S, n, S0_out, S_out, n_out, o, scale, eps, MB, H: tl.constexpr,
+                 K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, LN: tl.constexpr):
+    """One token of TTT's decode state (S0, S, n) for one (V tile, batch row x head); the key dim in BK tiles.
+
+    e = dl/dz at z = S0^T k (plain: z - v; LN form: through the LayerNorm, the V tile is all of V),
+    S' = S - eta k e^T, o = scale S'^T q (LN form: q + LN(scale S'^T q)); after MB tokens S0' = S', n' = 0."""
+    i_v, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    i_h = i_bh % H
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_v = o_v < V
+    b_eta = tl.load(eta + i_bh).to(tl.float32)
+    b_n = tl.load(n + i_bh).to(tl.float32)
+    # 1. z = S0^T k over this V tile
+    b_z = tl.zeros([BV], dtype=tl.float32)
+    for i_k in range(0, tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_k = o_k < K
+        p_kv = i_bh * K * V + o_k[:, None] * V + o_v[None, :]
+        b_k = tl.load(k + i_bh * K + o_k, mask=m_k, other=0.).to(tl.float32)
+        b_S0 = tl.load(S0 + p_kv, mask=m_k[:, None] & m_v[None, :], other=0.).to(tl.float32)
+        b_z += tl.sum(b_k[:, None] * b_S0, axis=0)
+    b_v = tl.load(v + i_bh * V + o_v, mask=m_v, other=0.).to(tl.float32)
+    # 2. e = dl/dz (the token's gradient is k e^T)
+    if LN:
+        b_w = tl.load(lnw + i_h * V + o_v, mask=m_v, other=0.).to(tl.float32)
+        b_b = tl.load(lnb + i_h * V + o_v, mask=m_v, other=0.).to(tl.float32)
+        b_kv = tl.load(k + i_bh * K + o_v, mask=m_v, other=0.).to(tl.float32)      # k over V (K == V)
+        b_zc = tl.where(m_v, b_z - tl.sum(b_z, axis=0) / V, 0.)
+        b_r = 1.0 / tl.sqrt(tl.sum(b_zc * b_zc, axis=0) / V + eps)
+        b_zh = b_zc * b_r
+        b_gh = tl.where(m_v, b_w * (b_w * b_zh + b_b + b_kv - b_v), 0.)
+        b_e = b_r * (b_gh - tl.sum(b_gh, axis=0) / V - b_zh * (tl.sum(b_gh * b_zh, axis=0) / V))
+    else:
+        b_e = b_z - b_v
+    full = b_n + 1.0 >= MB
+    # 3. descend, mini-batch boundary, read out
+    b_y = tl.zeros([BV], dtype=tl.float32)
+    for i_k in range(0, tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_k = o_k < K
+        m_kv = m_k[:, None] & m_v[None, :]
+        p_kv = i_bh * K * V + o_k[:, None] * V + o_v[None, :]
+        b_k = tl.load(k + i_bh * K + o_k, mask=m_k, other=0.).to(tl.float32)
+        b_q = tl.load(q + i_bh * K + o_k, mask=m_k, other=0.).to(tl.float32)
+        b_S = tl.load(S + p_kv, mask=m_kv, other=0.).to(tl.float32) - b_eta * b_k[:, None] * b_e[None, :]
+        b_S0 = tl.load(S0 + p_kv, mask=m_kv, other=0.).to(tl.float32)
+        tl.store(S_out + p_kv, b_S.to(S_out.dtype.element_ty), mask=m_kv)
+        tl.store(S0_out + p_kv, tl.where(full, b_S, b_S0).to(S0_out.dtype.element_ty), mask=m_kv)
+        b_y += tl.sum(b_q[:, None] * b_S, axis=0)
+    b_o = b_y * scale
+    if LN:
+        b_qv = tl.load(q + i_bh * K + o_v, mask=m_v, other=0.).to(tl.float32)
+        b_oc = tl.where(m_v, b_o - tl.sum(b_o, axis=0) / V, 0.)
+        b_o = b_qv + b_oc / tl.sqrt(tl.sum(b_oc * b_oc, axis=0) / V + eps) * b_w + b_b
+    tl.store(o + i_bh * V + o_v, b_o.to(o.dtype.element_ty), mask=m_v)
+    tl.store(n_out + i_bh, tl.where(full, 0., b_n + 1.0).to(n_out.dtype.element_ty), mask=i_v == 0)
+
+
+def ttt_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eta: torch.Tensor,
+             state: tuple[torch.Tensor, torch.Tensor, torch.Tensor], scale: float | None = None,
+             mini_batch_size: int = 16, ln_weight: torch.Tensor | None = None, ln_bias: torch.Tensor | None = None,
+             ln_eps: float = 1e-6) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """One decoding token of TTT-Linear (plain form, or the LayerNorm form when `ln_weight`/`ln_bias` are
+    given; forward only, not differentiable).
+
+    q, k `[B, H, K]`, v `[B, H, V]`, eta `[B, H]`; state (S0 `[B, H, K, V]`, S `[B, H, K, V]`, n `[B, H]`) as
+    `TTT.init_state` (the state at the current mini-batch's start, the current state, the tokens already in
+    the current mini-batch); ln_weight, ln_bias `[H, V]` (LN form, K == V). Returns (o `[B, H, V]` in v's
+    dtype, the new state in new tensors of the state's dtypes; computed in float32).
+    """
+    _check_device(q)
+    B, H, K = q.shape
+    V = v.shape[-1]
+    if isinstance(mini_batch_size, bool) or not isinstance(mini_batch_size, int) or mini_batch_size < 1:
+        raise ValueError(f"ttt_step: `mini_batch_size` must be a positive int, got {mini_batch_size!r}")
+    ln = ln_weight is not None or ln_bias is not None
+    if ln:
+        if K != V:
+            raise ValueError(f"ttt_step: the LayerNorm form needs K == V, got K={K}, V={V}")
+        ln_weight = torch.ones(H, V, device=q.device) if ln_weight is None else ln_weight.contiguous()
+        ln_bias = torch.zeros(H, V, device=q.device) if ln_bias is None else ln_bias.contiguous()
+    S0, S, n = (x.contiguous() for x in state)
+    scale = K ** -0.5 if scale is None else float(scale)
+    BV = triton.next_power_of_2(V) if ln else max(16, min(64, triton.next_power_of_2(V)))   # LN: all of V
+    BK = max(16, min(triton.next_power_of_2(K), max(1, 4096 // BV)))
+    o = torch.empty(B, H, V, device=q.device, dtype=v.dtype)
+    S0_out, S_out, n_out = torch.empty_like(S0), torch.empty_like(S), torch.empty_like(n)
+    _step_kernel[(triton.cdiv(V, BV), B * H)](q.contiguous(), k.contiguous(), v.contiguous(), eta.contiguous(),
+                                              ln_weight, ln_bias, S0, S, n, S0_out, S_out, n_out, o, scale,
+                                              float(ln_eps), mini_batch_size, H, K, V, BK, BV, ln)
+    return o, (S0_out, S_out, n_out)

@@ -192,3 +192,72 @@ def test_unsupported_inputs_raise(case):
     with pytest.raises(ValueError, match=r"backend='triton'.*" + {"float64": "float32"}.get(case, case)) as e:
         RULE.chunk(q, k, v, backend="triton", **kw)
     assert "backend='torch'" in str(e.value)
+
+
+# ------------------------------------------------------------------ decode step: triton == torch
+
+def _decode(backend, x, state, b, T):
+    """Feed x's tokens one by one through `step`; returns (o `[B, T, H, V]`, the final decode state)."""
+    ln = {n: x[n] for n in ("ln_weight", "ln_bias") if n in x}
+    outs = []
+    for t in range(T):
+        o, state = RULE.step(x["q"][:, t], x["k"][:, t], x["v"][:, t], state, backend=backend, eta=x["eta"][:, t],
+                             mini_batch_size=b, **ln)
+        outs.append(o)
+    return torch.stack(outs, 1), state
+
+
+@settings(max_examples=8)
+@given(T=st.integers(1, 9), b=st.sampled_from([1, 3, 4]), ln=st.booleans(), from_state=st.booleans(),
+       dims=st.sampled_from([(8, 8), (80, 80), (8, 24)]), seed=st.integers(0, 2**16))
+def test_step_matches_torch_step(T, b, ln, from_state, dims, seed):
+    """`step(backend='triton')` (lsm_kernels.ttt.ttt_step) against the autograd definition `TTT._step`, token by
+    token through mini-batch boundaries: outputs, S0, S and n; plain and LayerNorm forms, from an empty state
+    or a final state, K and V in several tiles (80)."""
+    K, V = dims
+    ln = ln and K == V
+    with torch.no_grad():
+        x = {n: t.detach() for n, t in make(2, T, K=K, V=V, seed=seed, ln=ln).items()}
+        state = RULE.state_from_final(x["h0"]) if from_state else RULE.init_state(2, H, K, V, device=DEV)
+        o, st_ = _decode("triton", x, state, b, T)
+        o_t, st_t = _decode("torch", x, state, b, T)
+    # empty start, LN form: LN(0) divides by sqrt(ln_eps), so the first updates are ~1e3 and carry its rounding
+    tol = dict(atol=1e-4, rtol=2e-4) if ln else STATE_TOL
+    close(o, o_t, "decoded outputs", TOL)
+    for name, a, e in zip(("S0", "S", "n"), st_, st_t):
+        assert a.dtype == e.dtype and a.shape == e.shape, name
+        close(a, e, f"decode state {name}", tol)
+    assert (st_[2] == T % b).all()
+
+
+def test_step_continues_the_chunked_run():
+    """Prefill with the Triton chunk kernel, decode with the Triton step: equals one chunked run over all tokens."""
+    x = make(1, 11, seed=8)
+    with torch.no_grad():
+        o_all, S_all = run(RULE.chunk, x, mini_batch_size=4, backend="triton")
+        pre = {n: (t[:, :8] if n != "h0" else t) for n, t in x.items()}
+        _, S8 = run(RULE.chunk, pre, mini_batch_size=4, backend="triton")         # 8 tokens: two whole mini-batches
+        rest = {n: (t[:, 8:] if n != "h0" else t) for n, t in x.items()}
+        o, state = _decode("triton", rest, RULE.state_from_final(S8), 4, 3)
+    close(o, o_all[:, 8:], "decoded outputs")
+    close(RULE.final_from_state(state), S_all, "final state", STATE_TOL)
+
+
+def test_step_auto_on_cpu_is_torch(monkeypatch):
+    def boom(*a, **kw):
+        raise AssertionError("auto picked the triton step on CPU")
+    monkeypatch.setattr(type(RULE), "_step_triton", boom)
+    x = make(1, 2, seed=9)
+    if DEV == "cpu":
+        _decode("auto", x, RULE.init_state(1, H, 8, 8), 4, 2)
+
+
+def test_step_kernel_rejects_bad_inputs():
+    from lsm_kernels.ttt import ttt_step
+    q = torch.randn(1, H, 8, device=DEV)
+    state = RULE.init_state(1, H, 8, 4, device=DEV)
+    with pytest.raises(ValueError, match="K == V"):
+        ttt_step(q, q, torch.randn(1, H, 4, device=DEV), torch.rand(1, H, device=DEV), state,
+                 ln_weight=torch.ones(H, 4, device=DEV))
+    with pytest.raises(ValueError, match="mini_batch_size"):
+        ttt_step(q, q, torch.randn(1, H, 4, device=DEV), torch.rand(1, H, device=DEV), state, mini_batch_size=0)

@@ -200,6 +200,29 @@ class TTT(UpdateRule):
         n = torch.where(full, torch.zeros_like(n), n)
         return o, (S0, S, n)
 
+    # ---------------------------------------------------------------- decoding on the GPU (lsm_kernels.ttt.ttt_step)
+    has_triton_step = True
+
+    def step(self, q, k, v, state, scale=None, backend="auto", **gates):
+        """As `UpdateRule.step`. backend='auto' runs the fused Triton step on CUDA tensors when nothing needs
+        gradients through the step (the kernel is forward only) and the state is float32; else the torch step."""
+        if backend == "auto" and isinstance(q, Tensor):
+            tensors = [q, k, v, *(state if isinstance(state, tuple) else ()), *gates.values()]
+            tensors = [t for t in tensors if isinstance(t, Tensor)]
+            needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+            f32_state = isinstance(state, tuple) and all(isinstance(t, Tensor) and t.dtype == torch.float32
+                                                         for t in state)
+            backend = "triton" if q.is_cuda and f32_state and not needs_grad else "torch"
+        return super().step(q, k, v, state, scale=scale, backend=backend, **gates)
+
+    def _step_triton(self, q, k, v, state, scale, eta, mini_batch_size, ln_weight, ln_bias, ln_eps):
+        """One token by the fused kernel (forward only): the same (o, (S0, S, n)) as `_step`, in new tensors."""
+        _check(len(state) == 3, ValueError,
+               f"{self.name}: `state` must be the (S0, S, n) tuple of init_state/state_from_final/step, "
+               f"got {len(state)} tensors")
+        from lsm_kernels.ttt import ttt_step
+        return ttt_step(q, k, v, eta, state, scale, mini_batch_size, ln_weight, ln_bias, ln_eps)
+
     # ---------------------------------------------------------------- chunked (mini-batch dual form)
     def chunk(self, q, k, v, initial_state=None, output_final_state=False, scale=None, cu_seqlens=None,
               chunk_size=64, backend="auto", max_seqlen=None, **gates):
