@@ -1,6 +1,6 @@
 """Race this project's Triton kernels (backend="triton") against fla's (backend="fla") and SDPA attention.
 
-For every diagonal-decay rule and T in {2048, 8192} at B*T = 32K tokens, H = 16, D = 128, bf16:
+For every rule with a Triton kernel (diagonal-decay, delta, ttt) and T in {2048, 8192} at B*T = 32K tokens, H = 16, D = 128, bf16:
 checks ours against fla on the same inputs (outputs, final state, gradients), then times forward and
 forward+backward with triton.testing.do_bench (median) and prints the ratio fla / ours (> 1: ours is
 faster). Every row is guarded: a failing provider prints its error and the table goes on.
@@ -36,6 +36,9 @@ def make_inputs(name: str, B: int, T: int, H: int, D: int, dtype=torch.bfloat16,
         shape = (B, T, H, D) if spec.per == "key" else (B, T, H)
         # GLA-style gates: logsigmoid / 16 (decays close to 1); mamba2-style: a few tenths per token
         x = torch.randn(shape, device=device, generator=g)
+        if n == "eta":  # ttt's learning rate: base_lr / 2 on average, as TTTGate starts
+            gates[n] = (x.sigmoid() / D).requires_grad_()
+            continue
         gates[n] = (x.sigmoid() if spec.kind == "rate" else F.logsigmoid(x) / 16 if spec.per == "key"
                     else -F.softplus(x) * 0.2).requires_grad_()  # rate: beta in (0, 1)
     return rule, q, k, v, gates
@@ -107,7 +110,7 @@ def _ratio(a, b) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rules", nargs="+", default=DIAG + ["deltanet", "gated_deltanet"])
+    p.add_argument("--rules", nargs="+", default=DIAG + ["deltanet", "gated_deltanet", "ttt"])
     p.add_argument("--T", nargs="+", type=int, default=[2048, 8192])
     p.add_argument("--tokens", type=int, default=32768, help="B * T")
     p.add_argument("--heads", type=int, default=16)
@@ -119,6 +122,9 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("bench_kernels needs a CUDA GPU", file=sys.stderr)
         return 1
+    from _gpu import configure_autotuning
+    configure_autotuning()
+    from lsm import rules
     import triton
     print(f"# {torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}  "
           f"B*T={a.tokens} H={a.heads} D={a.dim} bf16, times in ms (do_bench median)")
@@ -137,6 +143,10 @@ def main(argv=None) -> int:
         for name in a.rules:
             row = {"rule": name, "T": T, "B": B, "sdpa_fwd": sdpa[0], "sdpa_fwdbwd": sdpa[1]}
             for backend in ("triton", "fla"):
+                if backend == "fla" and not rules.get(name).has_fla:
+                    row["fla_fwd"] = row["fla_fwdbwd"] = None
+                    row["fla_error"] = "fla has no kernel for this function (see the rule's docstring)"
+                    continue
                 try:
                     row[f"{backend}_fwd"], row[f"{backend}_fwdbwd"] = time_rule(name, backend, B, T, a.heads, a.dim)
                 except Exception as e:  # noqa: BLE001
@@ -145,8 +155,8 @@ def main(argv=None) -> int:
                     traceback.print_exc(limit=3)
                 finally:
                     torch.cuda.empty_cache()
-            if a.no_check:
-                row["check"] = "skipped"
+            if a.no_check or not rules.get(name).has_fla:
+                row["check"] = "skipped" if a.no_check else "no fla peer (tests compare with the torch form)"
             else:
                 try:
                     row["check"] = check(name, B, T, a.heads, a.dim)
@@ -157,9 +167,9 @@ def main(argv=None) -> int:
                   f"{_ratio(row['fla_fwd'], row['triton_fwd']):>8} | {_fmt(row['triton_fwdbwd'])} "
                   f"{_fmt(row['fla_fwdbwd'])} {_ratio(row['fla_fwdbwd'], row['triton_fwdbwd']):>8} | "
                   f"{_fmt(row['sdpa_fwd'])} {_fmt(row['sdpa_fwdbwd'])} | {row['check']}", flush=True)
-    if a.out:
-        with open(a.out, "w") as f:
-            json.dump(rows, f, indent=1)
+            if a.out:  # after every row: a run cut short keeps what it measured
+                with open(a.out, "w") as f:
+                    json.dump(rows, f, indent=1)
     if a.plot:
         try:
             _plot(rows, a.plot)

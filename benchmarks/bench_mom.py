@@ -11,7 +11,8 @@ shared memory. Rows, all in one run:
 For each shape (B x T): forward time (no_grad), forward+backward time (dy random, x requires grad),
 and peak memory of forward+backward above what was allocated before the call (weights, inputs).
 Times are medians over `--reps` calls after warm-up, measured with CUDA events.
-Decode: one token at B = `--decode-batch` from a cache filled by a 32-token prefill, median per step.
+Decode: one token at B = `--decode-batch` from a cache filled by a 32-token prefill, median per step;
+our layers also with the step captured once and replayed as a CUDA graph (lsm.decoding.GraphedStep).
 Sync check: how many host synchronisations one forward of our MoM makes, per rule backend
 (torch.cuda.set_sync_debug_mode), to show where a sync remains.
 
@@ -123,15 +124,23 @@ def bench_train(name: str, B: int, T: int, reps: int) -> dict:
 
 
 def bench_decode(name: str, B: int, reps: int, prefill: int = 32) -> dict:
-    m, fwd, new_cache = build(name)
+    """Median ms of one decoding step; "(CUDA graph)" rows replay the step captured by lsm.decoding.GraphedStep."""
+    graph = name.endswith(" (CUDA graph)")
+    m, fwd, new_cache = build(name.removesuffix(" (CUDA graph)"))
     m = m.to("cuda", DTYPE).eval()
     with torch.no_grad():
         _, cache = fwd(torch.randn(B, prefill, D, device="cuda", dtype=DTYPE), new_cache(), use_cache=True)
         x = torch.randn(B, 1, D, device="cuda", dtype=DTYPE)
         state = {"cache": cache}
+        if graph:
+            from lsm.decoding import GraphedStep
+            graphed = GraphedStep(lambda xt, c: fwd(xt, c, use_cache=True), x, cache)
 
-        def step():
-            _, state["cache"] = fwd(x, state["cache"], use_cache=True)
+            def step():
+                graphed(x)
+        else:
+            def step():
+                _, state["cache"] = fwd(x, state["cache"], use_cache=True)
         row = {"decode_ms": cuda_time(step, reps * 5)}
     del m, state
     return row
@@ -185,12 +194,14 @@ def main():
     BACKEND = a.backend
     if not torch.cuda.is_available():
         raise SystemExit("bench_mom.py needs a CUDA GPU")
+    from _gpu import configure_autotuning
+    configure_autotuning()
     torch.manual_seed(0)
     lines = [f"# MoM benchmark: {torch.cuda.get_device_name()}, bf16, d={D}, {H} heads x {HEAD}, "
              f"{M} memories, top-{TOPK}, shared memory, rule gated_deltanet", ""]
     results = {}
     lines += [f"| layer | decode step, B={a.decode_batch} (ms) |", "|---|---:|"]
-    for name in a.layers:
+    for name in a.layers + [f"{n} (CUDA graph)" for n in a.layers if n.startswith("lsm")]:
         r = guarded(bench_decode, name, a.decode_batch, a.reps)
         results[(name, "decode")] = r
         lines.append(f"| {name} | {fmt(r['decode_ms'], '.3f') if isinstance(r, dict) else r} |")
@@ -220,11 +231,14 @@ def main():
                      f"fwd+bwd {ratio(('fla MomAttention', shape), ('fla GatedDeltaNet', shape), 'fwdbwd_ms')}; "
                      f"our MoM vs fla MoM fwd+bwd: {ratio(('fla MomAttention', shape), ('lsm MoM', shape), 'fwdbwd_ms')} faster")
     lines.append(f"- decode: fla MoM step / our MoM step = "
-                 f"{ratio(('fla MomAttention', 'decode'), ('lsm MoM', 'decode'), 'decode_ms')} (target >= 20x)")
-    for backend in ("torch", "fla"):
+                 f"{ratio(('fla MomAttention', 'decode'), ('lsm MoM', 'decode'), 'decode_ms')} eager, "
+                 f"{ratio(('fla MomAttention', 'decode'), ('lsm MoM (CUDA graph)', 'decode'), 'decode_ms')} "
+                 f"with the step replayed as a CUDA graph (target >= 20x; fla's MoM step synchronises, "
+                 f"so it cannot be captured)")
+    for backend in ("torch", "triton", "fla"):
         n = guarded(count_syncs, backend)
         lines.append(f"- host synchronisations in one forward of our MoM, rule backend {backend!r}: {n}")
-    print("\n".join(lines[-(len(a.shapes) + 3):]))
+    print("\n".join(lines[-(len(a.shapes) + 5):]))
     out = a.out or (os.path.join(os.environ["OUT"], "bench_mom.md") if os.environ.get("OUT") else None)
     if out:
         with open(out, "w") as f:

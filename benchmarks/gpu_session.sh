@@ -1,21 +1,56 @@
 #!/usr/bin/env bash
 # One GPU session on the lent H100/H200 (see benchmarks/README.md): install the carried wheels
-# (fla 0.6.0, triton 3.7.1 reassembled from /tmp/tw), then run the GPU-marked tests and the benchmarks.
-# Logs go to $OUT. Usage: bash benchmarks/gpu_session.sh [tests|kernels|mom|all]...
+# (fla 0.6.0, triton 3.7.1 reassembled from /tmp/tw), then run the steps named on the command line.
+# Logs go to $OUT.   Usage: bash benchmarks/gpu_session.sh [warm|check|mom|kernels|kernels2048|kernels8192|tests]...
+#
+#   warm     compile every kernel variant the timed steps need, in parallel processes sharing the disk
+#            cache (benchmarks/_gpu.py: LSM_WARM_SHARD splits each autotuner's configs), while the GPU
+#            correctness checks run beside them. Nothing timed here; autotune choices are not kept.
+#   mom      benchmarks/bench_mom.py (issue table: MoM vs single layer vs fla, decode, syncs)
+#   kernels* benchmarks/bench_kernels.py (ours vs fla vs SDPA, every rule), T = 2048 and/or 8192
+# Timed steps autotune alone on the GPU, with LSM_TUNE_MS=5,25 for ours and fla's kernels alike.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 if [ ! -d /tmp/site/fla ]; then
   cat /tmp/tw/part.* > /tmp/triton-3.7.1-cp312-cp312-manylinux_2_27_x86_64.manylinux_2_28_x86_64.whl
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site \
     /tmp/triton-3.7.1-*.whl .whl/*.whl || exit 1
-  ln -sfn "$PWD/kernels" /tmp/site/lsm_kernels
 fi
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
+ln -sfn "$PWD/kernels" /tmp/site/lsm_kernels   # every call runs in a fresh copy of the tree
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TRITON_CACHE_DIR=/tmp/triton-cache
+export LSM_TUNE_MS=${LSM_TUNE_MS:-5,25}
 python3 -c "import torch, triton, fla; print('torch', torch.__version__, 'triton', triton.__version__, 'fla', fla.__version__, torch.cuda.get_device_name())"
+RULES="linear_attention retnet lightning gla hgrn2 mamba2 deltanet gated_deltanet ttt"
 for what in "$@"; do
+  t0=$(date +%s)
   case $what in
+    warm)
+      mkdir -p "$OUT/warm"
+      for r in $RULES; do
+        for i in 0 1; do
+          ( export FLA_CACHE_RESULTS=0 LSM_WARM_SHARD=$i/2
+            # B = 16 (T=2048 timed) and B = 4 (T=8192 timed): same integer specialisations, smaller T
+            timeout 540 python3 benchmarks/bench_kernels.py --rules $r --T 1024 --tokens 16384 --no-check
+            timeout 300 python3 benchmarks/bench_kernels.py --rules $r --T 1024 --tokens 4096 --no-check
+          ) > "$OUT/warm/$r.$i.log" 2>&1 &
+        done
+      done
+      for i in 0 1; do
+        FLA_CACHE_RESULTS=0 LSM_WARM_SHARD=$i/2 timeout 540 python3 benchmarks/bench_mom.py --shapes 2x2048 \
+          --reps 1 --out /tmp/warm_mom_$i.md > "$OUT/warm/mom.$i.log" 2>&1 &
+      done
+      ( timeout 540 python3 -m pytest -n 0 -m gpu -p no:cacheprovider -k "not fla" \
+          $(ls tests/test_decoding.py tests/test_mixture.py tests/test_kernels_ttt.py 2>/dev/null) ; \
+        timeout 300 python3 benchmarks/gpu_check.py --rules deltanet gated_deltanet ttt mamba2 ) > "$OUT/gpu_correct.log" 2>&1 &
+      wait
+      tail -25 "$OUT/gpu_correct.log"; grep -h "Error\|error" "$OUT"/warm/*.log | sort | uniq -c | head -20 ;;
+    check)   timeout 500 python3 benchmarks/gpu_check.py 2>&1 | tee "$OUT/gpu_check.log" | tail -40 ;;
     tests)   timeout 420 python3 -m pytest -n 0 -m gpu -p no:cacheprovider tests 2>&1 | tee "$OUT/gpu_tests.log" | tail -30 ;;
-    kernels) timeout 500 python3 benchmarks/bench_kernels.py --out "$OUT/bench_kernels.json" --plot "$OUT/bench_kernels.png" 2>&1 | tee "$OUT/bench_kernels.log" | tail -40 ;;
-    mom)     timeout 500 python3 benchmarks/bench_mom.py 2>&1 | tee "$OUT/bench_mom.log" | tail -40 ;;
+    mom)     timeout 560 python3 benchmarks/bench_mom.py --out "$OUT/bench_mom.md" 2>&1 | tee "$OUT/bench_mom.log" | tail -40 ;;
+    kernels) timeout 580 python3 benchmarks/bench_kernels.py --out "$OUT/bench_kernels.json" --plot "$OUT/bench_kernels.png" 2>&1 | tee "$OUT/bench_kernels.log" | tail -40 ;;
+    kernels2048|kernels8192)
+      T=${what#kernels}
+      timeout 580 python3 benchmarks/bench_kernels.py --T $T --out "$OUT/bench_kernels_$T.json" 2>&1 | tee "$OUT/bench_kernels_$T.log" | tail -40 ;;
   esac
+  echo "# step $what took $(( $(date +%s) - t0 )) s"
 done

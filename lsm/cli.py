@@ -91,7 +91,8 @@ def _cmd_generate(args) -> int:
             raise ConfigError("--prompt: give at least one token id")
     g = torch.Generator(device=device).manual_seed(args.seed)
     prompt = torch.tensor([ids], device=device)
-    out = model.generate(prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, generator=g)
+    out = model.generate(prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, generator=g,
+                         cuda_graph=args.cuda_graph)
     new = out[0, len(ids):].tolist()
     if cfg.data.kind == "text":
         sys.stdout.write(args.prompt + bytes(new).decode("utf-8", errors="replace") + "\n")
@@ -137,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=int, default=None)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="auto")
+    g.add_argument("--cuda-graph", action="store_true",
+                   help="replay the decoding step as a CUDA graph (CUDA, models without attention blocks)")
     g.set_defaults(func=_cmd_generate)
     return p
 

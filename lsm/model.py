@@ -127,14 +127,22 @@ class LanguageModel(nn.Module):
 
     @torch.no_grad()
     def generate(self, input_ids: Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-                 generator: torch.Generator | None = None) -> Tensor:
+                 generator: torch.Generator | None = None, cuda_graph: bool = False) -> Tensor:
         """Continue `input_ids [B, T]` by `max_new_tokens` sampled tokens -> `[B, T + max_new_tokens]`.
 
         The prompt runs once in parallel (prefill); each new token is one recurrent step on the
         caches. `temperature=0` is greedy decoding; `top_k` keeps the k likeliest tokens.
+        `cuda_graph=True` (CUDA, models without attention blocks) captures the step once and
+        replays it (`lsm.decoding.GraphedStep`): the same tokens, without per-kernel launch overhead.
         """
         out = self(input_ids, use_cache=True)
         tokens = [input_ids]
+        step = None
+        if cuda_graph and max_new_tokens > 1:
+            from lsm.decoding import GraphedStep
+            caches = out.caches
+            step = GraphedStep(lambda ids, c: (self(ids, caches=c, use_cache=True).logits, c),
+                               input_ids[:, -1:], caches)
         for i in range(max_new_tokens):
             logits = out.logits[:, -1].float()                               # [B, vocab]
             if temperature == 0:
@@ -147,7 +155,8 @@ class LanguageModel(nn.Module):
                 nxt = torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1)
             tokens.append(nxt[:, None])
             if i + 1 < max_new_tokens:
-                out = self(nxt[:, None], caches=out.caches, use_cache=True)
+                out = (ModelOutput(step(nxt[:, None]), None, caches) if step is not None
+                       else self(nxt[:, None], caches=out.caches, use_cache=True))
         return torch.cat(tokens, 1)
 
     def num_params(self) -> int:
