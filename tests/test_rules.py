@@ -309,3 +309,23 @@ def test_fla_backend_matches_torch_on_gpu(name, varlen):
     g_out = grads(tuple(o.float() for o in out), {**xb, "h0": h0b}, 5)
     for n in g_ref:
         assert rel(g_out[n], g_ref[n]) < 5e-2, f"{name} grad {n}: {rel(g_out[n], g_ref[n])}"
+
+
+def test_auto_backend_policy(monkeypatch):
+    """On CUDA, "auto" picks ours for the rules listed for the device's compute capability, fla's kernel
+    where fla has the rule, else ours; on CPU always the torch form. (A stub stands in for a CUDA tensor.)"""
+    import types
+
+    import lsm.rules.base as base
+    cuda_q = types.SimpleNamespace(is_cuda=True, device="cuda:0")
+    monkeypatch.setattr(base, "_capability", lambda device: (9, 0))
+    monkeypatch.setattr(base, "_has_fla", lambda: True)
+    monkeypatch.setattr(base, "TRITON_FIRST", {(9, 0): frozenset({"retnet"})})
+    assert R.get("retnet").resolve_backend("auto", cuda_q) == "triton"
+    assert R.get("gla").resolve_backend("auto", cuda_q) == "fla"
+    monkeypatch.setattr(base, "_capability", lambda device: (8, 0))
+    assert R.get("retnet").resolve_backend("auto", cuda_q) == "fla"
+    monkeypatch.setattr(base, "_has_fla", lambda: False)
+    assert R.get("gla").resolve_backend("auto", cuda_q) == "triton"
+    for name in R.names():
+        assert R.get(name).resolve_backend("auto", torch.zeros(1)) == "torch"

@@ -18,6 +18,7 @@ only for CPU tensors: on an accelerator they would force a host synchronisation 
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Literal
 
@@ -48,6 +49,18 @@ class GateSpec:
 def _check(cond: bool, exc: type[Exception], msg: str) -> None:
     if not cond:
         raise exc(msg)
+
+
+#: The "auto" policy on CUDA: per compute capability, the rules whose Triton kernels (this project's)
+#: measured at least as fast as fla's in forward+backward at every size of benchmarks/bench_kernels.py
+#: (numbers in benchmarks/README.md). "auto" picks ours for these, fla's kernel where fla has the rule,
+#: else ours, else the torch form. A device not listed gets fla wherever fla has the rule.
+TRITON_FIRST: dict[tuple[int, int], frozenset[str]] = {}
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
 
 
 def _has_fla() -> bool:
@@ -319,9 +332,14 @@ class UpdateRule:
         """The concrete backend `chunk` runs for `backend` on q's device."""
         _check(backend in BACKENDS, ValueError, f"{self.name}: unknown backend {backend!r}; choose one of {BACKENDS}")
         if backend == "auto":
-            if q.is_cuda and self.has_fla and _has_fla():
+            if not q.is_cuda:
+                return "torch"
+            ours = type(self)._chunk_triton is not UpdateRule._chunk_triton
+            if ours and self.name in TRITON_FIRST.get(_capability(q.device), ()):
+                return "triton"
+            if self.has_fla and _has_fla():
                 return "fla"
-            return "torch"
+            return "triton" if ours else "torch"
         if backend == "fla":
             _check(self.has_fla, ValueError, f"{self.name}: flash-linear-attention has no kernel for this rule; use backend='torch'")
             _check(q.is_cuda, ValueError, f"{self.name}: backend='fla' runs Triton kernels on a GPU; q is on {q.device}. Use backend='torch' on CPU")
