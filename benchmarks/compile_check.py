@@ -1,9 +1,10 @@
 """Compile every Triton kernel of `lsm_kernels` for a GPU target without a GPU (default sm_90, H100).
 
-The public entry points (chunk_diag for the four decay kinds, chunk_delta gated and ungated, chunk_ttt_linear,
-recurrent_step, mom_step and ttt_step; forward without gradients, forward and backward with them) are called on CPU
-tensors with every kernel launch intercepted: each launch is turned into a (signature, constexprs) pair exactly
-as the launcher passes it (None arguments become constexpr None), the distinct pairs are compiled with
+The public entry points (chunk_diag for the four decay kinds, chunk_delta gated and ungated, chunk_ttt_linear
+plain and LayerNorm form, recurrent_step, mom_step and ttt_step; forward without gradients, forward and backward
+with them) are called on CPU tensors with every kernel launch intercepted: each launch is turned into a
+(signature, constexprs) pair exactly as the launcher passes it (None arguments become constexpr None), the
+distinct pairs are compiled with
 `triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", 90, 64))` down to a cubin
 (ptxas ships in the triton wheel), and nothing is ever run. Variants: bf16 and fp32 inputs, K = V = 64 and
 K = V = 256, dense and packed (varlen) batches. To check another triton release, install its wheel into a
@@ -128,6 +129,10 @@ def _calls(quick: bool):
                 h0 = torch.randn(N, H, K, V).requires_grad_()
                 chunk_ttt_linear(*_detach(q, k, v, eta), cu_seqlens=cu)
                 grad(chunk_ttt_linear(q, k, v, eta, None, h0, True, cu, 16), [q, k, v, eta, h0])
+                if K == V:   # the LayerNorm form
+                    w, b = torch.ones(H, V).requires_grad_(), torch.zeros(H, V).requires_grad_()
+                    chunk_ttt_linear(*_detach(q, k, v, eta), cu_seqlens=cu, ln_weight=w.detach(), ln_bias=b.detach())
+                    grad(chunk_ttt_linear(q, k, v, eta, None, h0, True, cu, 16, w, b), [q, k, v, eta, h0, w, b])
             # decode steps (no varlen)
             Bd, M, topk = 2, 4, 2
             for kind in range(4):

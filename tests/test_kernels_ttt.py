@@ -1,5 +1,6 @@
-"""TTT-Linear's Triton backend (lsm_kernels.ttt through `TTT.chunk(..., backend="triton")`) against the torch
-mini-batch dual form (`backend="torch"`) and the token-by-token definition (`recurrent`).
+"""TTT-Linear's Triton backend (lsm_kernels.ttt through `TTT.chunk(..., backend="triton")` and
+`TTT.step(..., backend="triton")`), plain and LayerNorm form, against the torch mini-batch dual form
+(`backend="torch"`), the token-by-token definition (`recurrent`) and the autograd step (`TTT._step`).
 
 Without a GPU these run under TRITON_INTERPRET=1 (set by conftest.py) on tiny float32 shapes. Tolerances
 (float32; the forms differ by reassociation and by the kernel's float32 accumulation order):
@@ -66,13 +67,16 @@ def check_grads(g, g_ref, names):
 
 # ------------------------------------------------------------------ chunk: triton == torch == recurrent
 
-@settings(max_examples=8)
+GRADS = ["q", "k", "v", "eta", "h0", "ln_weight", "ln_bias"]
+
+
+@settings(max_examples=10)
 @given(T=st.integers(1, 19), b=st.sampled_from([1, 3, 4, 8]), with_h0=st.booleans(), B=st.integers(1, 2),
-       seed=st.integers(0, 2**16))
-def test_chunk_matches_torch_and_recurrent(T, b, with_h0, B, seed):
+       ln=st.booleans(), seed=st.integers(0, 2**16))
+def test_chunk_matches_torch_and_recurrent(T, b, with_h0, B, ln, seed):
     """Ragged T (any T, not only multiples of the mini-batch), b = 1 and > 1, with and without an initial
-    state: outputs, final states, and gradients of q, k, v, eta, h0."""
-    x = make(B, T, seed=seed)
+    state, plain and LayerNorm form: outputs, final states, and gradients of q, k, v, eta, h0 (ln_weight, ln_bias)."""
+    x = make(B, T, seed=seed, ln=ln)
     o, S = run(RULE.chunk, x, with_h0, mini_batch_size=b, backend="triton")
     o_t, S_t = run(RULE.chunk, x, with_h0, mini_batch_size=b, backend="torch")
     o_r, S_r = run(RULE.recurrent, x, with_h0, mini_batch_size=b)
@@ -82,45 +86,47 @@ def test_chunk_matches_torch_and_recurrent(T, b, with_h0, B, seed):
     close(S, S_t, "final state vs torch", STATE_TOL)
     close(S, S_r, "final state vs recurrent", STATE_TOL)
     g, g_t = grads(o, S, x, seed), grads(o_t, S_t, x, seed)
-    check_grads(g, g_t, ["q", "k", "v", "eta", "h0"])
+    check_grads(g, g_t, GRADS[:7 if ln else 5])
     if not with_h0:
         assert g["h0"] is None
 
 
 @settings(max_examples=6)
 @given(lens=st.lists(st.integers(0, 11), min_size=1, max_size=4), b=st.sampled_from([1, 4, 5]),
-       with_h0=st.booleans(), seed=st.integers(0, 2**16))
-def test_varlen_equals_separate_runs(lens, b, with_h0, seed):
+       with_h0=st.booleans(), ln=st.booleans(), seed=st.integers(0, 2**16))
+def test_varlen_equals_separate_runs(lens, b, with_h0, ln, seed):
     """Packed sequences (empty ones included) with `cu_seqlens` on the device equal one run per sequence,
-    and the torch packed run; gradients too."""
+    and the torch packed run; gradients too; plain and LayerNorm form."""
     T = sum(lens)
     cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device=DEV)
-    x = make(1, T, N=len(lens), seed=seed)
+    x = make(1, T, N=len(lens), seed=seed, ln=ln)
     o, S = run(RULE.chunk, x, with_h0, cu_seqlens=cu, mini_batch_size=b, backend="triton")
     o_t, S_t = run(RULE.chunk, x, with_h0, cu_seqlens=cu, mini_batch_size=b, backend="torch")
     close(o, o_t, "packed output vs torch")
     close(S, S_t, "packed final state vs torch", STATE_TOL)
     g, g_t = grads(o, S, x, seed), grads(o_t, S_t, x, seed)
-    check_grads(g, g_t, ["q", "k", "v", "eta", "h0"])
+    check_grads(g, g_t, GRADS[:7 if ln else 5])
     for n, (a, e) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
         if e == a:  # an empty sequence: its final state is its initial state (or zeros)
             close(S[n], x["h0"][n] if with_h0 else torch.zeros_like(S[n]), f"empty sequence {n}", STATE_TOL)
             continue
-        xs = {m: (t[:, a:e] if m not in ("h0",) else t[n:n + 1]) for m, t in x.items()}
+        xs = {m: (t[n:n + 1] if m == "h0" else t if m.startswith("ln_") else t[:, a:e]) for m, t in x.items()}
         o_n, S_n = run(RULE.chunk, xs, with_h0, mini_batch_size=b, backend="triton")
         close(o[:, a:e], o_n, f"sequence {n} output")
         close(S[n:n + 1], S_n, f"sequence {n} final state", STATE_TOL)
 
 
-def test_tiled_key_and_value_dims():
+@pytest.mark.parametrize("ln", [False, True])
+def test_tiled_key_and_value_dims(ln):
     """K and V span several tiles of the backward's dq/dk kernel (K = 80 > 64) and of the value dim (V = 80 > 64):
-    partial per-tile sums of deta and of the state gradient."""
-    x = make(1, 7, K=80, V=80, seed=3, eta_max=0.1)
+    partial per-tile sums of deta and of the state gradient (the LN form: one 128-wide V tile in the state pass,
+    two in the dq/dk pass)."""
+    x = make(1, 7, K=80, V=80, seed=3, eta_max=0.1, ln=ln)
     o, S = run(RULE.chunk, x, mini_batch_size=4, backend="triton")
     o_t, S_t = run(RULE.chunk, x, mini_batch_size=4, backend="torch")
     close(o, o_t, "output")
     close(S, S_t, "final state", STATE_TOL)
-    check_grads(grads(o, S, x), grads(o_t, S_t, x), ["q", "k", "v", "eta", "h0"])
+    check_grads(grads(o, S, x), grads(o_t, S_t, x), GRADS[:7 if ln else 5])
 
 
 def test_grad_of_output_only_without_initial_state():
@@ -169,13 +175,13 @@ def test_triton_support_decision():
     q, v = torch.zeros(1, 4, H, 8), torch.zeros(1, 4, H, 8)
     assert RULE._triton_unsupported(q, v, {}) is None
     assert RULE._triton_unsupported(q, v, {"mini_batch_size": 64}) is None
-    assert "ln_weight" in RULE._triton_unsupported(q, v, {"ln_weight": torch.ones(H, 8)})
+    assert RULE._triton_unsupported(q, v, {"ln_weight": torch.ones(H, 8), "ln_bias": None}) is None
     assert "mini_batch_size" in RULE._triton_unsupported(q, v, {"mini_batch_size": 65})
     assert "K <= 256" in RULE._triton_unsupported(torch.zeros(1, 4, H, 257), v, {})
     assert "float32" in RULE._triton_unsupported(q.double(), v.double(), {})
 
 
-@pytest.mark.parametrize("case", ["ln_weight", "ln_bias", "K", "mini_batch_size", "float64"])
+@pytest.mark.parametrize("case", ["K", "mini_batch_size", "float64"])
 def test_unsupported_inputs_raise(case):
     """backend='triton' on inputs the kernel cannot take: a ValueError naming the option and the fix."""
     K = 257 if case == "K" else 8
@@ -183,8 +189,6 @@ def test_unsupported_inputs_raise(case):
     k, v, eta = F.normalize(torch.randn(1, 3, H, K, device=DEV), dim=-1), torch.randn(1, 3, H, K, device=DEV), \
         torch.rand(1, 3, H, device=DEV)
     kw = {"eta": eta}
-    if case in ("ln_weight", "ln_bias"):
-        kw[case] = torch.ones(H, K, device=DEV)
     if case == "mini_batch_size":
         kw[case] = 128
     if case == "float64":
@@ -261,3 +265,23 @@ def test_step_kernel_rejects_bad_inputs():
                  ln_weight=torch.ones(H, 4, device=DEV))
     with pytest.raises(ValueError, match="mini_batch_size"):
         ttt_step(q, q, torch.randn(1, H, 4, device=DEV), torch.rand(1, H, device=DEV), state, mini_batch_size=0)
+
+
+def test_chunk_kernel_rejects_bad_inputs_and_defaults_ln_parameters():
+    """lsm_kernels.ttt.chunk_ttt_linear directly: the LN form needs K == V, the mini-batch fits one tile, and a
+    missing ln_bias / ln_weight defaults to zeros / ones."""
+    from lsm_kernels.ttt import chunk_ttt_linear
+    q = F.normalize(torch.randn(1, 5, H, 8, device=DEV), dim=-1)
+    eta = torch.rand(1, 5, H, device=DEV)
+    with pytest.raises(ValueError, match="K == V"):
+        chunk_ttt_linear(q, q, torch.randn(1, 5, H, 4, device=DEV), eta, ln_weight=torch.ones(H, 4, device=DEV))
+    with pytest.raises(ValueError, match="mini_batch_size"):
+        chunk_ttt_linear(q, q, q, eta, mini_batch_size=65)
+    w = 1 + 0.3 * torch.randn(H, 8, device=DEV)
+    with torch.no_grad():
+        o_w = chunk_ttt_linear(q, q, q, eta, mini_batch_size=4, ln_weight=w)[0]
+        o_wb = chunk_ttt_linear(q, q, q, eta, mini_batch_size=4, ln_weight=w, ln_bias=torch.zeros(H, 8, device=DEV))[0]
+        o_b = chunk_ttt_linear(q, q, q, eta, mini_batch_size=4, ln_bias=torch.zeros(H, 8, device=DEV))[0]
+        o_1 = chunk_ttt_linear(q, q, q, eta, mini_batch_size=4, ln_weight=torch.ones(H, 8, device=DEV))[0]
+    close(o_w, o_wb, "ln_weight alone", dict(atol=0, rtol=0))
+    close(o_b, o_1, "ln_bias alone", dict(atol=0, rtol=0))

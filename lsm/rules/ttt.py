@@ -300,9 +300,6 @@ class TTT(UpdateRule):
     def _triton_unsupported(self, q: Tensor, v: Tensor, gates: dict) -> str | None:
         """Why the Triton chunk kernel cannot take this call (a message naming the option and the fix), or None."""
         fix = "use backend='torch'"
-        if gates.get("ln_weight") is not None or gates.get("ln_bias") is not None:
-            return (f"{self.name}: backend='triton' runs the plain form only; the LayerNorm form (`ln_weight` / "
-                    f"`ln_bias` given) has no Triton chunk kernel yet: {fix}, or drop `ln_weight`/`ln_bias`")
         K = q.shape[-1]
         if K > self.triton_max_key_dim:
             return (f"{self.name}: backend='triton' needs the key head dim K <= {self.triton_max_key_dim} "
@@ -319,14 +316,14 @@ class TTT(UpdateRule):
 
     def _chunk_triton(self, q, k, v, initial_state, output_final_state, scale, cu_seqlens, chunk_size, eta,
                       mini_batch_size, ln_weight, ln_bias, ln_eps):
-        """The plain form by `lsm_kernels.ttt.chunk_ttt_linear`: one kernel step per mini-batch (the chunk is
-        the mini-batch; `chunk_size` does not change the result and is not used)."""
-        why = self._triton_unsupported(q, v, {"ln_weight": ln_weight, "ln_bias": ln_bias,
-                                              "mini_batch_size": mini_batch_size})
+        """Plain and LayerNorm form by `lsm_kernels.ttt.chunk_ttt_linear`: one kernel step per mini-batch (the
+        chunk is the mini-batch; `chunk_size` does not change the result and is not used)."""
+        why = self._triton_unsupported(q, v, {"mini_batch_size": mini_batch_size})
         if why is not None:
             raise ValueError(why)
         from lsm_kernels.ttt import chunk_ttt_linear
-        return chunk_ttt_linear(q, k, v, eta, scale, initial_state, output_final_state, cu_seqlens, mini_batch_size)
+        return chunk_ttt_linear(q, k, v, eta, scale, initial_state, output_final_state, cu_seqlens, mini_batch_size,
+                                ln_weight, ln_bias, ln_eps)
 
     def _chunk_fla(self, q, k, v, initial_state, output_final_state, scale, cu_seqlens, **gates):
         raise ValueError(f"{self.name}: fla's chunk_ttt_linear computes a different function (an inner bias, "
