@@ -179,6 +179,11 @@ def test_triton_support_decision():
     assert "mini_batch_size" in RULE._triton_unsupported(q, v, {"mini_batch_size": 65})
     assert "K <= 256" in RULE._triton_unsupported(torch.zeros(1, 4, H, 257), v, {})
     assert "float32" in RULE._triton_unsupported(q.double(), v.double(), {})
+    assert RULE._triton_preferred(q, v, {"ln_weight": torch.ones(H, 8)})
+    big = torch.zeros(1, 4, H, 256)
+    assert RULE._triton_preferred(big, big, {}) and RULE._triton_unsupported(big, big, {"ln_bias": torch.zeros(H, 256)}) is None
+    assert not RULE._triton_preferred(big, big, {"ln_bias": torch.zeros(H, 256)})   # LN at V = 256: torch under auto
+    assert not RULE._triton_preferred(q, v, {"mini_batch_size": 65})
 
 
 @pytest.mark.parametrize("case", ["K", "mini_batch_size", "float64"])

@@ -33,6 +33,11 @@ mini-batch's start, the current state, and the number of tokens already in the c
 mini-batch (held in the state's float dtype; always < b). `state_from_final(S)` starts a fresh
 mini-batch from S, `final_from_state` returns the current S.
 
+Backends: "torch" (the dual form below, any device), "triton" (`lsm_kernels.ttt.chunk_ttt_linear`, both forms,
+K <= 256, mini_batch_size <= 64, float32/bf16/fp16 inputs; anything else is a ValueError naming the fix) and, for
+`step`, the fused `lsm_kernels.ttt.ttt_step` (forward only). "auto" picks triton on CUDA tensors where the kernel
+takes the call (the LN form only up to V = 128; the step only for float32 states with no gradient needed), else torch.
+
 flash-linear-attention (0.6, `fla.ops.ttt.chunk_ttt_linear` / `naive.ttt_linear`) implements a
 different function, so `has_fla = False` and backend="fla" is refused:
   1. its inner model has a bias: state `(W, b1)`, prediction `LN(W^T k + b1)`, and b1 is trained
@@ -234,7 +239,7 @@ class TTT(UpdateRule):
         if backend == "auto" and isinstance(q, Tensor) and isinstance(v, Tensor):
             # fla has no kernel for this function (see the module docstring): our Triton kernel where it takes
             # the call, else the torch form. A shape/dtype/option decision only: no host synchronisation.
-            backend = "triton" if q.is_cuda and self._triton_unsupported(q, v, gates) is None else "torch"
+            backend = "triton" if q.is_cuda and self._triton_preferred(q, v, gates) else "torch"
         return super().chunk(q, k, v, initial_state=initial_state, output_final_state=output_final_state, scale=scale,
                              cu_seqlens=cu_seqlens, chunk_size=chunk_size, backend=backend, max_seqlen=max_seqlen,
                              **gates)
@@ -313,6 +318,15 @@ class TTT(UpdateRule):
             return (f"{self.name}: backend='triton' takes float32/bfloat16/float16 q, k, v, got {q.dtype}: "
                     f"{fix}, or cast the inputs to float32")
         return None
+
+    #: the LN form holds all of V in one program: `auto` takes the kernel up to this head dim (at 256 the
+    #: [256, 256] float32 state tile spills registers and the backward takes minutes per autotune config to compile)
+    triton_auto_max_ln_dim = 128
+
+    def _triton_preferred(self, q: Tensor, v: Tensor, gates: dict) -> bool:
+        """Whether backend='auto' runs the Triton kernel (given a CUDA device)."""
+        ln = gates.get("ln_weight") is not None or gates.get("ln_bias") is not None
+        return self._triton_unsupported(q, v, gates) is None and not (ln and v.shape[-1] > self.triton_auto_max_ln_dim)
 
     def _chunk_triton(self, q, k, v, initial_state, output_final_state, scale, cu_seqlens, chunk_size, eta,
                       mini_batch_size, ln_weight, ln_bias, ln_eps):
