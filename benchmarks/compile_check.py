@@ -11,8 +11,9 @@ K = V = 256, dense and packed (varlen) batches. To check another triton release,
 separate folder and put it first on the path, e.g.
 `pip download --no-deps triton==3.6.0 --python-version 3.11 --platform manylinux_2_27_x86_64 --only-binary=:all:`,
 `pip install --no-deps --target /tmp/t36 triton-3.6.0-*.whl`, then
-`PYTHONPATH=/tmp/t36 python benchmarks/compile_check.py` (278 variants, about 7-10 minutes on two
-cores; `--quick` about one minute). Exits non-zero if any variant fails.
+`PYTHONPATH=/tmp/t36 python benchmarks/compile_check.py` (301 variants, about 20 minutes on two cores, of
+which the LayerNorm TTT kernels at K = V = 256 take about 10 (`--only ttt`: 39 variants, 11 minutes);
+`--quick` about one minute). Exits non-zero if any variant fails.
 
     python benchmarks/compile_check.py [--arch 90] [--warps 4] [--stages 3] [--jobs 2] [--quick] [--only NAME]
 """
