@@ -317,11 +317,16 @@ def test_auto_backend_policy(monkeypatch):
     import types
 
     import lsm.rules.base as base
-    cuda_q = types.SimpleNamespace(is_cuda=True, device="cuda:0")
+    cuda_q = types.SimpleNamespace(is_cuda=True, device="cuda:0", requires_grad=True)
     monkeypatch.setattr(base, "_capability", lambda device: (9, 0))
     monkeypatch.setattr(base, "_has_fla", lambda: True)
-    monkeypatch.setattr(base, "TRITON_FIRST", {(9, 0): frozenset({"retnet"})})
+    monkeypatch.setattr(base, "TRITON_FIRST", {(9, 0): {"train": frozenset({"retnet", "mamba2"}),
+                                                        "infer": frozenset({"retnet"})}})
     assert R.get("retnet").resolve_backend("auto", cuda_q) == "triton"
+    assert R.get("mamba2").resolve_backend("auto", cuda_q) == "triton"          # training: ours
+    with torch.no_grad():
+        assert R.get("mamba2").resolve_backend("auto", cuda_q) == "fla"         # inference: fla's
+        assert R.get("retnet").resolve_backend("auto", cuda_q) == "triton"
     assert R.get("gla").resolve_backend("auto", cuda_q) == "fla"
     monkeypatch.setattr(base, "_capability", lambda device: (8, 0))
     assert R.get("retnet").resolve_backend("auto", cuda_q) == "fla"

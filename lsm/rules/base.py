@@ -52,10 +52,19 @@ def _check(cond: bool, exc: type[Exception], msg: str) -> None:
 
 
 #: The "auto" policy on CUDA: per compute capability, the rules whose Triton kernels (this project's)
-#: measured at least as fast as fla's in forward+backward at every size of benchmarks/bench_kernels.py
-#: (numbers in benchmarks/README.md). "auto" picks ours for these, fla's kernel where fla has the rule,
-#: else ours, else the torch form. A device not listed gets fla wherever fla has the rule.
-TRITON_FIRST: dict[tuple[int, int], frozenset[str]] = {}
+#: measured at least as fast as fla's at every size of benchmarks/bench_kernels.py (B*T = 32K, H = 16,
+#: D = 128, T = 2048 and 8192, bf16; numbers in benchmarks/README.md), for training (forward+backward,
+#: used when an input requires grad) and for inference (forward). "auto" picks ours for these, fla's
+#: kernel where fla has the rule, else ours, else the torch form. An unlisted device gets fla wherever
+#: fla has the rule.
+TRITON_FIRST: dict[tuple[int, int], dict[str, frozenset[str]]] = {
+    # H100 (sm_90), triton 3.7.1, fla 0.6.0. fwd+bwd fla/ours: linear_attention 1.27/1.34, retnet 1.27/1.31,
+    # lightning 1.26/1.31, mamba2 1.37/1.39 (T=2048/8192). Forward: retnet 1.37/1.02, lightning 1.40/1.02;
+    # linear_attention 0.97/1.05 and mamba2 1.08/0.98 lose at one size. gla, hgrn2 (0.56), deltanet
+    # (0.88), gated_deltanet (0.82) stay on fla.
+    (9, 0): {"train": frozenset({"linear_attention", "retnet", "lightning", "mamba2"}),
+             "infer": frozenset({"retnet", "lightning"})},
+}
 
 
 @functools.lru_cache(maxsize=None)
@@ -335,8 +344,10 @@ class UpdateRule:
             if not q.is_cuda:
                 return "torch"
             ours = type(self)._chunk_triton is not UpdateRule._chunk_triton
-            if ours and self.name in TRITON_FIRST.get(_capability(q.device), ()):
-                return "triton"
+            if ours:
+                mode = "train" if torch.is_grad_enabled() and getattr(q, "requires_grad", False) else "infer"
+                if self.name in TRITON_FIRST.get(_capability(q.device), {}).get(mode, ()):
+                    return "triton"
             if self.has_fla and _has_fla():
                 return "fla"
             return "triton" if ours else "torch"
