@@ -109,9 +109,18 @@ class GraphedStep:
     def __init__(self, fn: Callable[[Tensor, Any], tuple[Tensor, Any]], example: Tensor, cache: Any,
                  warmup: int = 2, graph: bool = True):
         self.fn, self.cache = fn, cache
-        self.static = cache_tensors(cache)
-        if not self.static:
+        static = cache_tensors(cache)
+        if not static:
             raise ValueError("GraphedStep: the cache holds no tensors; run a prefill with use_cache=True first")
+        # one buffer per slot: a tensor held twice (e.g. ttt's (S0, S) right after a prefill) gets its own copy,
+        # or copying the step's new values into one slot would overwrite the other
+        seen: set[int] = set()
+        for i, t in enumerate(static):
+            if t.data_ptr() in seen:
+                static[i] = t.clone()
+            seen.add(static[i].data_ptr())
+        self.static = static
+        _rebind(cache, static)
         self.x = example.clone()
         self.graph = None
         if graph:
