@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from lsm.layers import MixerOutput, RuleLayer
 from lsm.mixture.routing import Router, Routing, dispatch, load_balancing_loss
 from lsm.modules import ShortConv
-from lsm.rules.base import DecodeState
+from lsm.rules.base import DecodeState, mix_slots, with_shared_slot
 
 
 @dataclass
@@ -128,11 +128,9 @@ class MixtureOfMemories(RuleLayer):
     def slots(self, routing: Routing) -> tuple[Tensor, Tensor]:
         """The memories a token reads and writes, and their weights: `[B, T, S]` each, S = K + shared.
         The shared memory is index M with weight 1."""
-        sel, w = routing.index, routing.weight
         if self.shared_memory:
-            sel = torch.cat([sel, torch.full_like(sel[..., :1], self.num_memories)], -1)
-            w = torch.cat([w, torch.ones_like(w[..., :1])], -1)
-        return sel, w
+            return with_shared_slot(routing.index, routing.weight, self.num_memories)
+        return routing.index, routing.weight
 
     def init_cache(self, batch_size: int, device=None, dtype=torch.float32) -> MoMCache:
         """An empty cache: every memory's decode state from `rule.init_state`, `[B, Ms, ...]`."""
@@ -177,7 +175,7 @@ class MixtureOfMemories(RuleLayer):
         if cache is not None:
             cache.state = tuple(s.unflatten(0, (B, Ms)) for s in self.rule.state_from_final(S))
         o = o[0].index_select(0, d.dest.flatten()).unflatten(0, d.dest.shape)      # [B*T, S, H, V]
-        return _mix(o, w.flatten(0, 1)).view(B, T, H, -1)
+        return mix_slots(o, w.flatten(0, 1)).view(B, T, H, -1)
 
     def _step(self, q, k, v, gates, routing: Routing, cache: MoMCache) -> Tensor:
         """Decoding (T = 1): update only the K selected memories and the shared one. Returns `[B, 1, H, V]`.
@@ -212,12 +210,6 @@ class MixtureOfMemories(RuleLayer):
         lead = tuple(cache.state[0].shape[:3])
         if lead != (x.shape[0], self.num_states, self.num_heads):
             raise ValueError(f"{name}: the cache holds states for batch size {lead[0]}, got a batch of {x.shape[0]}")
-
-
-def _mix(o: Tensor, w: Tensor) -> Tensor:
-    """Weighted sum over slots: o `[L, S, H, V]`, w `[L, S]` -> `[L, H, V]` in o's dtype (summed in >= float32)."""
-    ct = torch.promote_types(o.dtype, torch.float32)
-    return (o.to(ct) * w.to(ct)[..., None, None]).sum(1).to(o.dtype)
 
 
 def _check_mixture_args(num_memories, topk, shared_memory, aux_loss_weight) -> None:

@@ -239,10 +239,7 @@ class UpdateRule:
             o = mom_step(q, k, v, state[0], index, weight, self._scale(scale, q), shared=shared,
                          **self._kernel_gates(gates))
             return o, state
-        sel, w = index, weight
-        if shared:
-            sel = torch.cat([sel, torch.full_like(sel[:, :1], Ms - 1)], 1)
-            w = torch.cat([w, torch.ones_like(w[:, :1])], 1)
+        sel, w = with_shared_slot(index, weight, Ms - 1) if shared else (index, weight)
         S = sel.shape[1]
         H, K = q.shape[1:]
 
@@ -255,9 +252,7 @@ class UpdateRule:
         o, new = self.step(q[:, None].expand(B, S, H, K).flatten(0, 1), pick(k), pick(v), tuple(pick(s) for s in state),
                            scale=scale, backend=backend, **per_memory, **fixed)
         state = tuple(s.scatter(1, at(s), n.unflatten(0, (B, S)).to(s.dtype)) for s, n in zip(state, new))
-        ct = torch.promote_types(o.dtype, torch.float32)
-        o = (o.unflatten(0, (B, S)).to(ct) * w.to(ct)[..., None, None]).sum(1).to(o.dtype)
-        return o, state
+        return mix_slots(o.unflatten(0, (B, S)), w), state
 
     def _resolve_step_backend(self, backend: str, q: Tensor) -> str:
         _check(backend in BACKENDS, ValueError, f"{self.name}: unknown backend {backend!r}; choose one of {BACKENDS}")
@@ -374,6 +369,18 @@ class UpdateRule:
 
     def __repr__(self) -> str:
         return f"<rule {self.name}>"
+
+
+def with_shared_slot(index: Tensor, weight: Tensor, shared: int) -> tuple[Tensor, Tensor]:
+    """Append the always-on shared memory (slot `shared`, weight 1) to routed slots `[..., K]` -> `[..., K + 1]`."""
+    return (torch.cat([index, torch.full_like(index[..., :1], shared)], -1),
+            torch.cat([weight, torch.ones_like(weight[..., :1])], -1))
+
+
+def mix_slots(o: Tensor, w: Tensor) -> Tensor:
+    """Weighted sum over slots: o `[L, S, H, V]`, w `[L, S]` -> `[L, H, V]` in o's dtype (summed in >= float32)."""
+    ct = torch.promote_types(o.dtype, torch.float32)
+    return (o.to(ct) * w.to(ct)[..., None, None]).sum(1).to(o.dtype)
 
 
 class NoGates(nn.Module):
