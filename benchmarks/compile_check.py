@@ -39,6 +39,8 @@ from lsm_kernels.decode import mom_step, recurrent_step   # noqa: E402 (after th
 from lsm_kernels.delta import chunk_delta                 # noqa: E402
 from lsm_kernels.diag import chunk_diag                   # noqa: E402
 from lsm_kernels.ttt import chunk_ttt_linear, ttt_step    # noqa: E402
+from lsm_kernels.conv import short_conv                  # noqa: E402
+from lsm_kernels.norm import gated_rms_norm              # noqa: E402
 
 DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int32: "i32",
           torch.int64: "i64", torch.bool: "i1"}
@@ -155,6 +157,17 @@ def _calls(quick: bool):
                 state = (torch.zeros(Bd, H, K, V), torch.zeros(Bd, H, K, V), torch.zeros(Bd, H))
                 ttt_step(q, k, v, torch.rand(Bd, H), state, None, 16,
                          torch.ones(H, V) if ln else None, torch.zeros(H, V) if ln else None)
+            # the layer's fused short conv (+ L2 norm of q, k) and gated RMSNorm, dense and packed
+            C = H * K
+            for head in (None, K):
+                for packed in (False, True):
+                    x = torch.randn(1 if packed else 2, T, C, dtype=dt).requires_grad_()
+                    w, b = torch.randn(C, 4).requires_grad_(), torch.zeros(C).requires_grad_()
+                    pos = torch.arange(T) % 30 if packed else None
+                    torch.autograd.grad(short_conv(x, w, b, pos, True, head).float().sum(), [x, w, b])
+            x, gate = torch.randn(2, T, H, V, dtype=dt).requires_grad_(), torch.randn(2, T, H, V, dtype=dt).requires_grad_()
+            w = torch.ones(V).requires_grad_()
+            torch.autograd.grad(gated_rms_norm(x, w, gate).float().sum(), [x, w, gate])
 
 
 def _compile(job):

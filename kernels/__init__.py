@@ -2,6 +2,8 @@
 
     lsm_kernels.diag     chunked forward/backward of the diagonal-decay family (`chunk_diag`)
     lsm_kernels.decode   fused one-token decode steps, single memory (`recurrent_step`) and MoM (`mom_step`)
+    lsm_kernels.conv     the layers' short conv + SiLU (+ L2 norm), dense, packed, and routed (MoM) rows
+    lsm_kernels.norm     the readout's gated RMSNorm
 
 Importing this package does not import triton; the submodules do.
 """

@@ -91,10 +91,13 @@ class RuleLayer(nn.Module):
         self.o_norm = GatedRMSNorm(V, eps=norm_eps)
         self.o_proj = nn.Linear(H * V, hidden_size, bias=False)
 
-    def _conv(self, name: str, x: Tensor, cache: RuleCache | None, cu_seqlens) -> Tensor:
+    def _conv(self, name: str, x: Tensor, cache: RuleCache | None, cu_seqlens, head: int | None = None) -> Tensor:
+        """Short conv + SiLU of projection `name` (+ L2 norm over every `head` channels), updating the cache's tail."""
         if name not in self.convs:
-            return F.silu(x)
-        y, tail = self.convs[name](x, None if cache is None else cache.conv.get(name), cu_seqlens)
+            x = F.silu(x)
+            return x if head is None else F.normalize(x.unflatten(-1, (-1, head)), dim=-1).flatten(-2)
+        y, tail = self.convs[name](x, None if cache is None else cache.conv.get(name), cu_seqlens, head=head,
+                                   backend=self.backend)
         if cache is not None:
             cache.conv[name] = tail
         return y
@@ -103,19 +106,18 @@ class RuleLayer(nn.Module):
         """x `[B, T, D]` -> q, k `[B, T, H, K]`, v `[B, T, H, V]` and the rule's gates."""
         H, K, V = self.num_heads, self.head_dim, self.value_dim
         gates = {**self.gates(x), **self.rule_options}
-        q = self._conv("q", self.q_proj(x), cache, cu_seqlens).unflatten(-1, (H, K))
+        q = self._conv("q", self.q_proj(x), cache, cu_seqlens, head=K).unflatten(-1, (H, K))
         v = self._conv("v", self.v_proj(x), cache, cu_seqlens).unflatten(-1, (H, V))
         if self.key_from_gate:
             k = -torch.expm1(gates["g"]).to(q.dtype)                    # k = 1 - alpha
         else:
-            k = F.normalize(self._conv("k", self.k_proj(x), cache, cu_seqlens).unflatten(-1, (H, K)), dim=-1)
-        q = F.normalize(q, dim=-1)
+            k = self._conv("k", self.k_proj(x), cache, cu_seqlens, head=K).unflatten(-1, (H, K))
         return q, k, v, gates
 
     def readout(self, o: Tensor, x: Tensor) -> Tensor:
         """o `[B, T, H, V]` -> `[B, T, D]`: per-head norm, output gate, projection."""
         gate = None if self.g_proj is None else self.g_proj(x).unflatten(-1, (self.num_heads, self.value_dim))
-        return self.o_proj(self.o_norm(o, gate).flatten(-2))
+        return self.o_proj(self.o_norm(o, gate, backend=self.backend).flatten(-2))
 
     def forward(self, x: Tensor, cache: RuleCache | None = None, cu_seqlens: Tensor | None = None,
                 use_cache: bool = False) -> MixerOutput:

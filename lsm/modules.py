@@ -20,11 +20,22 @@ def seq_positions(cu_seqlens: Tensor, T: int) -> Tensor:
     return t - cu_seqlens.long()[seq]
 
 
+def use_kernels(backend: str, x: Tensor) -> bool:
+    """Whether a layer with rule backend `backend` runs this project's fused Triton kernels on x:
+    always on a GPU unless backend="torch" (the plain reference), and on CPU tensors only for
+    backend="triton" (Triton's interpreter)."""
+    return backend == "triton" or (backend != "torch" and x.is_cuda)
+
+
 class ShortConv(nn.Module):
     """Causal depthwise convolution over time (width W), SiLU after, as in Mamba / fla's ShortConvolution.
 
-    forward(x `[B, T, C]`, state `[B, C, W-1]` or None, cu_seqlens) -> (y `[B, T, C]`, new state `[B, C, W-1]`).
-    With `cu_seqlens` taps never reach across a sequence boundary.
+    forward(x `[B, T, C]`, state `[B, C, W-1]` or None, cu_seqlens, head=None, backend="torch")
+        -> (y `[B, T, C]`, new state `[B, C, W-1]`).
+    With `cu_seqlens` taps never reach across a sequence boundary. `head`: L2-normalise every group
+    of `head` channels after the activation (queries and keys). Without a state and with
+    `use_kernels(backend, x)` it runs the fused kernel `lsm_kernels.conv.short_conv` (one pass
+    forward, two backward, no host sync); otherwise the plain torch form below.
     """
 
     def __init__(self, channels: int, kernel_size: int = 4, activation: bool = True):
@@ -34,9 +45,15 @@ class ShortConv(nn.Module):
         self.bias = nn.Parameter(torch.zeros(channels))
         nn.init.uniform_(self.weight, -1 / math.sqrt(kernel_size), 1 / math.sqrt(kernel_size))
 
-    def forward(self, x: Tensor, state: Tensor | None = None, cu_seqlens: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, state: Tensor | None = None, cu_seqlens: Tensor | None = None,
+                head: int | None = None, backend: str = "torch") -> tuple[Tensor, Tensor]:
         B, T, C = x.shape
         W = self.kernel_size
+        if state is None and T > 0 and W <= 4 and use_kernels(backend, x):
+            from lsm_kernels.conv import short_conv
+            pos = None if cu_seqlens is None else seq_positions(cu_seqlens, T)
+            y = short_conv(x, self.weight, self.bias, pos, self.activation, head)
+            return y, conv_tail(x, W)
         past = x.new_zeros(B, W - 1, C) if state is None else state.transpose(1, 2).to(x.dtype)
         xp = torch.cat([past, x], 1)                                   # [B, W-1+T, C]
         if T == 0:
@@ -54,18 +71,36 @@ class ShortConv(nn.Module):
                 y = y + tap
         if self.activation:
             y = F.silu(y)
+        if head is not None:
+            y = F.normalize(y.unflatten(-1, (C // head, head)), dim=-1).flatten(-2)
         return y, xp[:, T:].transpose(1, 2).contiguous() if W > 1 else x.new_zeros(B, C, 0)
 
 
+def conv_tail(x: Tensor, width: int) -> Tensor:
+    """The last `width - 1` inputs of x `[B, T, C]` as a conv state `[B, C, width-1]` (zeros before the start)."""
+    B, T, C = x.shape
+    n = width - 1
+    tail = x[:, max(T - n, 0):]
+    if tail.shape[1] < n:
+        tail = torch.cat([x.new_zeros(B, n - tail.shape[1], C), tail], 1)
+    return tail.transpose(1, 2).contiguous()
+
+
 class GatedRMSNorm(nn.Module):
-    """Per-head RMSNorm of the readout, times `silu(gate)` when a gate is given. x `[..., V]`."""
+    """Per-head RMSNorm of the readout, times `silu(gate)` when a gate is given. x `[..., V]`.
+
+    forward(x, gate=None, backend="torch"): with `use_kernels(backend, x)` one fused kernel
+    (`lsm_kernels.norm.gated_rms_norm`), else the plain torch form."""
 
     def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: Tensor, gate: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, gate: Tensor | None = None, backend: str = "torch") -> Tensor:
+        if use_kernels(backend, x):
+            from lsm_kernels.norm import gated_rms_norm
+            return gated_rms_norm(x, self.weight, gate, self.eps)
         dtype = x.dtype
         x = x.to(_upcast(dtype))
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.to(x.dtype)
