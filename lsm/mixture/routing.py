@@ -60,12 +60,14 @@ class Dispatch:
         src:  `[R]` flat index into `[L * Ms]` (token, memory) of every packed row
         tok:  `[R]` flat token index of every packed row (for the shared query)
         dest: `[L, S]` packed row of each (token, slot)
+        inv:  `[L * Ms]` packed row of each (token, memory), -1 where the token is not routed there
         cu_seqlens: `[N * Ms + 1]` segment boundaries of the packed batch
     """
 
     src: Tensor
     tok: Tensor
     dest: Tensor
+    inv: Tensor
     cu_seqlens: Tensor
 
 
@@ -88,8 +90,9 @@ def dispatch(sel: Tensor, num_slots_memories: int, cu_seqlens: Tensor | None = N
     t = torch.arange(L, device=dev)
     seq = torch.searchsorted(cu[1:], t, right=True).clamp(max=N - 1)           # [L] sequence of each token
     # 1. how many tokens each memory received before each token, inside the token stream
-    mask = torch.zeros(L, Ms, dtype=torch.long, device=dev).scatter_(1, sel, 1)  # [L, Ms] routed?
-    csum = torch.cat([mask.new_zeros(1, Ms), mask.cumsum(0)])                   # [L+1, Ms] exclusive counts
+    #    (scanned along the last dim of an [Ms, L] tensor: a scan over dim 0 of [L, Ms] is ~20x slower on GPUs)
+    mask = torch.zeros(Ms, L, dtype=torch.long, device=dev).scatter_(0, sel.t(), 1)  # [Ms, L] routed?
+    csum = torch.cat([mask.new_zeros(Ms, 1), mask.cumsum(1)], 1).t()            # [L+1, Ms] exclusive counts
     # 2. per segment (n, m): its length and the rank of each routed token inside it
     base = csum.index_select(0, cu[:-1])                                        # [N, Ms] count before sequence start
     counts = csum.index_select(0, cu[1:]) - base                                # [N, Ms] segment lengths
@@ -100,4 +103,46 @@ def dispatch(sel: Tensor, num_slots_memories: int, cu_seqlens: Tensor | None = N
     dest = pos.gather(1, sel)                                                   # [L, S]
     pair = t[:, None] * Ms + sel                                                # [L, S] flat (token, memory)
     src = torch.empty(L * S, dtype=torch.long, device=dev).scatter_(0, dest.reshape(-1), pair.reshape(-1))
-    return Dispatch(src=src, tok=src // Ms, dest=dest, cu_seqlens=cu_seg)
+    inv = torch.full((L * Ms,), -1, dtype=torch.long, device=dev).scatter_(0, pair.reshape(-1), dest.reshape(-1))
+    return Dispatch(src=src, tok=src // Ms, dest=dest, inv=inv, cu_seqlens=cu_seg)
+
+
+class _TakeRows(torch.autograd.Function):
+    """x[idx] along dim 0 for indices that are all distinct: the backward writes each row once
+    (index_copy into zeros), with no atomic accumulation as index_select's backward does."""
+
+    @staticmethod
+    def forward(ctx, x, idx):
+        ctx.save_for_backward(idx)
+        ctx.n = x.shape[0]
+        return x.index_select(0, idx)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (idx,) = ctx.saved_tensors
+        return grad.new_zeros(ctx.n, *grad.shape[1:]).index_copy_(0, idx, grad), None
+
+
+class _TakeTokens(torch.autograd.Function):
+    """Per-token x `[L, ...]` to packed rows `[R, ...]` (row r holds token tok[r]); every token fills
+    the S rows dest[t]. The backward gathers those S rows and sums them: no atomics."""
+
+    @staticmethod
+    def forward(ctx, x, tok, dest):
+        ctx.save_for_backward(dest)
+        return x.index_select(0, tok)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (dest,) = ctx.saved_tensors
+        return grad.index_select(0, dest.reshape(-1)).unflatten(0, dest.shape).sum(1), None, None
+
+
+def take_rows(x: Tensor, idx: Tensor) -> Tensor:
+    """`x.index_select(0, idx)` for distinct indices, with a scatter-free backward."""
+    return _TakeRows.apply(x, idx)
+
+
+def take_tokens(x: Tensor, d: Dispatch) -> Tensor:
+    """Per-token x `[L, ...]` -> the packed rows `[R, ...]` of dispatch d, with a gather-sum backward."""
+    return _TakeTokens.apply(x, d.tok, d.dest)
