@@ -22,25 +22,13 @@ from lsm import rules
 from lsm.layers import RuleLayer
 from lsm.mixture import MixtureOfMemories
 
+from bench_mom import cuda_time  # noqa: E402 (benchmarks/ is on sys.path when run as a script)
+
 D, H, HEAD, M, TOPK = 1024, 4, 256, 4, 2
 
 
 def stand_in(q, k, v, initial_state=None, output_final_state=False, **_):
     return v + (q * k).sum(-1, keepdim=True), initial_state
-
-
-def median_ms(fn, reps=10):
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    return sorted(times)[len(times) // 2]
 
 
 def main() -> None:
@@ -67,8 +55,8 @@ def main() -> None:
         def step():
             y = layer(x).output
             y.backward(dy)
-        fwd = median_ms(lambda: layer(x))
-        both = median_ms(step)
+        fwd = cuda_time(lambda: layer(x), 10)
+        both = cuda_time(step, 10)
         print(f"{name}: fwd {fwd:.2f} ms, fwd+bwd {both:.2f} ms  ({'rule kernel' if args.real else 'stand-in chunk'})")
         with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
             step()

@@ -66,16 +66,23 @@ def _pre(x, w, b, xr, m_r, p, g, o_c, m_c, CX, MS: tl.constexpr, W: tl.constexpr
 
 
 @triton.jit
-def _conv_fwd(x, w, b, pos, src, y, R, T, CX, MS: tl.constexpr, W: tl.constexpr, BR: tl.constexpr,
-              BC: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr, MAP: tl.constexpr,
-              ACT: tl.constexpr, NORM: tl.constexpr, ACC: tl.constexpr):
+def _tile(x, w, b, pos, src, R, T, CX, MS: tl.constexpr, W: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr,
+          HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr, MAP: tl.constexpr, ACC: tl.constexpr):
+    """This program's output tile: rows o_r, channels o_c, their masks, and u (before the activation)."""
     i_r, i_c = tl.program_id(0), tl.program_id(1)
     o_r = i_r.to(tl.int64) * BR + tl.arange(0, BR)
     o_c = i_c * BC + tl.arange(0, BC)
     m_r, m_c = o_r < R, o_c < CX
     xr, t, g = _rows(src, o_r, m_r, MS, MAP)
     p = _pos(pos, t, m_r, T, HAS_POS)
-    u = _pre(x, w, b, xr, m_r, p, g, o_c, m_c, CX, MS, W, HAS_BIAS, MAP, ACC)
+    return o_r, o_c, m_r, m_c, _pre(x, w, b, xr, m_r, p, g, o_c, m_c, CX, MS, W, HAS_BIAS, MAP, ACC)
+
+
+@triton.jit
+def _conv_fwd(x, w, b, pos, src, y, R, T, CX, MS: tl.constexpr, W: tl.constexpr, BR: tl.constexpr,
+              BC: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr, MAP: tl.constexpr,
+              ACT: tl.constexpr, NORM: tl.constexpr, ACC: tl.constexpr):
+    o_r, o_c, m_r, m_c, u = _tile(x, w, b, pos, src, R, T, CX, MS, W, BR, BC, HAS_BIAS, HAS_POS, MAP, ACC)
     if ACT:
         u = u * tl.sigmoid(u)
     if NORM:
@@ -88,14 +95,8 @@ def _conv_bwd_g(x, w, b, pos, src, dy, gr, R, T, CX, MS: tl.constexpr, W: tl.con
                 BC: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr, MAP: tl.constexpr,
                 ACT: tl.constexpr, NORM: tl.constexpr, ACC: tl.constexpr):
     """G = dL/du of every output row (u recomputed from x)."""
-    i_r, i_c = tl.program_id(0), tl.program_id(1)
-    o_r = i_r.to(tl.int64) * BR + tl.arange(0, BR)
-    o_c = i_c * BC + tl.arange(0, BC)
-    m_r, m_c = o_r < R, o_c < CX
+    o_r, o_c, m_r, m_c, u = _tile(x, w, b, pos, src, R, T, CX, MS, W, BR, BC, HAS_BIAS, HAS_POS, MAP, ACC)
     m = m_r[:, None] & m_c[None, :]
-    xr, t, g = _rows(src, o_r, m_r, MS, MAP)
-    p = _pos(pos, t, m_r, T, HAS_POS)
-    u = _pre(x, w, b, xr, m_r, p, g, o_c, m_c, CX, MS, W, HAS_BIAS, MAP, ACC)
     d = tl.load(dy + o_r[:, None] * CX + o_c[None, :], mask=m, other=0.).to(ACC)
     a = u
     if ACT:
