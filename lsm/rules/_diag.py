@@ -76,7 +76,7 @@ def diag_chunk(q: Tensor, k: Tensor, v: Tensor, h0: Tensor | None, scale: float,
     V = v.shape[-1]
     dt = torch.promote_types(q.dtype, torch.float32)
     # chunks with heads first: [Nb, NC, H, C, K|V]
-    qc, kc, vc = (layout.to_chunks(x.to(dt)).transpose(2, 3) for x in (q, k, v))
+    qc, kc, vc = (layout.to_chunks(x.to(dt)).transpose(2, 3).contiguous() for x in (q, k, v))
     h0s = layout.initial_states(h0, (H, K, V), dt, q.device)                 # [N, H, K, V]
     C = layout.C
     causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()       # [Ci, Cj]
@@ -85,7 +85,7 @@ def diag_chunk(q: Tensor, k: Tensor, v: Tensor, h0: Tensor | None, scale: float,
         o = (qc @ kc.transpose(-1, -2)).masked_fill(~causal, 0) @ vc
         q_in, k_out, last = qc, kc, None
     else:
-        G = layout.to_chunks(g.to(dt)).transpose(2, 3).cumsum(3)              # [Nb, NC, H, C(, K)]
+        G = layout.to_chunks(g.to(dt)).transpose(2, 3).contiguous().cumsum(3)  # [Nb, NC, H, C(, K)]
         if g.dim() == 3:
             diff = (G[..., :, None] - G[..., None, :]).masked_fill(~causal, float("-inf"))
             o = ((qc @ kc.transpose(-1, -2)) * diff.exp()) @ vc
