@@ -17,7 +17,7 @@ import lsm.rules as R
 from lsm.rules._diag import GatedDiagRule
 
 GATED = [n for n in R.names() if isinstance(R.get(n), GatedDiagRule)]
-F64 = dict(dtype=torch.float64)
+F64 = {"dtype": torch.float64}
 ATOL, RTOL = 1e-9, 1e-7
 
 
@@ -42,9 +42,9 @@ def check(rule, q, k, v, g, h0, chunk_size, cu_seqlens=None, seed=0):
     leaves = [t for t in (q, k, v, g, h0) if t is not None]
     g_c = torch.autograd.grad((o_c * wo).sum() + (S_c * wS).sum(), leaves)
     g_r = torch.autograd.grad((o_r * wo).sum() + (S_r * wS).sum(), leaves)
-    for name, a, b in zip("q k v g h0".split(), g_c, g_r):
+    for name, a, b in zip(["q", "k", "v", "g", "h0"], g_c, g_r):
         assert torch.isfinite(a).all(), f"grad of {name} not finite"
-        torch.testing.assert_close(a, b, atol=ATOL, rtol=RTOL, msg=lambda m: f"grad of {name}: {m}")
+        torch.testing.assert_close(a, b, atol=ATOL, rtol=RTOL, msg=lambda m, name=name: f"grad of {name}: {m}")
 
 
 @pytest.mark.parametrize("name", GATED)

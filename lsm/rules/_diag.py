@@ -72,7 +72,7 @@ def diag_chunk(q: Tensor, k: Tensor, v: Tensor, h0: Tensor | None, scale: float,
       3. inter-chunk: S_c  = exp(G_C) * S_{c-1} + U   (the only loop, over chunk columns)
       4. readout:     o_i += (q_i * exp(G_i)) S_{c-1}
     """
-    B, T, H, K = q.shape
+    H, K = q.shape[2:]
     V = v.shape[-1]
     dt = torch.promote_types(q.dtype, torch.float32)
     # chunks with heads first: [Nb, NC, H, C, K|V]
