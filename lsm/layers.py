@@ -142,10 +142,12 @@ class RuleLayer(nn.Module):
             o, state = self.rule.step(q[:, 0], k[:, 0], v[:, 0], state, **{n: _at(t, 0, T) for n, t in gates.items()})
             o = o[:, None]
         else:
-            h0 = None if state is None else self.rule.final_from_state(state)
-            o, S = self.rule.chunk(q, k, v, initial_state=h0, output_final_state=cache is not None,
-                                   cu_seqlens=cu_seqlens, chunk_size=self.chunk_size, backend=self.backend, **gates)
-            state = None if cache is None else self.rule.state_from_final(S)
+            if cache is not None and state is None:
+                state = self.rule.init_state(B, self.num_heads, self.head_dim, self.value_dim, device=x.device,
+                                             dtype=torch.promote_types(x.dtype, torch.float32))
+            # from the cache's decode-state tuple: the chunked path continues it exactly (ttt mid-mini-batch too)
+            o, state = self.rule.chunk(q, k, v, initial_state=state, output_final_state=cache is not None,
+                                       cu_seqlens=cu_seqlens, chunk_size=self.chunk_size, backend=self.backend, **gates)
         if cache is not None:
             cache.state = state
             cache.seen += T

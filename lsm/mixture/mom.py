@@ -193,7 +193,7 @@ class MixtureOfMemories(RuleLayer):
             k = -torch.expm1(rows(gates["g"])).to(q.dtype)                           # k = 1 - alpha
         else:
             k = self._routed("k", self.k_proj(x), d, cache, cu_seqlens, K).unflatten(-1, (H, K))[None]
-        h0 = None if cache is None else self.rule.final_from_state(cache.state).flatten(0, 1)  # [B*Ms, H, K, V]
+        h0 = None if cache is None else tuple(s.flatten(0, 1) for s in cache.state)  # decode state, [B*Ms, H, ...]
         o, S = self.rule.chunk(take_tokens(q.flatten(0, 1), d)[None], k, v, initial_state=h0,
                                output_final_state=cache is not None, cu_seqlens=d.cu_seqlens,
                                chunk_size=self.chunk_size, backend=self.backend,
@@ -201,7 +201,7 @@ class MixtureOfMemories(RuleLayer):
                                max_seqlen=T if cu_seqlens is None else None,
                                **{n: rows(g) for n, g in gates.items()}, **self.rule_options)
         if cache is not None:
-            cache.state = tuple(s.unflatten(0, (B, Ms)) for s in self.rule.state_from_final(S))
+            cache.state = tuple(s.unflatten(0, (B, Ms)) for s in S)
         o = take_rows(o[0], d.dest.flatten()).unflatten(0, d.dest.shape)           # [B*T, S, H, V]
         return mix_slots(o, w.flatten(0, 1)).view(B, T, H, -1)
 
