@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lsm import rules
-from lsm.modules import GatedRMSNorm, ShortConv
+from lsm.modules import GatedRMSNorm, ShortConv, rule_inputs
 from lsm.rules.base import DecodeState, UpdateRule
 
 
@@ -56,6 +56,10 @@ def check_dims(hidden_size: int, num_heads: int, head_dim: int | None, value_dim
 
 class RuleLayer(nn.Module):
     """Single-memory linear-attention layer for any registered update rule.
+
+    Dtypes (one rule for every layer, `lsm.modules.rule_inputs`): q, k, v reach the rule in the activation
+    dtype (autocast's dtype where autocast is on, bf16 on GPU, else the input's dtype), gates in at least
+    float32, and states (the cache, the rule's initial/final states) in float32.
 
     Args:
         rule: registry name (or rule object).
@@ -112,7 +116,7 @@ class RuleLayer(nn.Module):
             k = -torch.expm1(gates["g"]).to(q.dtype)                    # k = 1 - alpha
         else:
             k = self._conv("k", self.k_proj(x), cache, cu_seqlens, head=K).unflatten(-1, (H, K))
-        return q, k, v, gates
+        return rule_inputs(x, q, k, v, gates)
 
     def readout(self, o: Tensor, x: Tensor) -> Tensor:
         """o `[B, T, H, V]` -> `[B, T, D]`: per-head norm, output gate, projection."""
