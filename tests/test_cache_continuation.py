@@ -69,10 +69,14 @@ def test_layer_split_equals_one_pass(kind, name, lengths, B, seed):
     close(run_split(layer, x, lengths), layer(x).output, F64, f"{kind} {name} {lengths}")
 
 
-@pytest.mark.parametrize("kind", ["rule", "mom"])
-@pytest.mark.parametrize("name", TRITON_RULES)
-@settings(max_examples=2)
-@given(lengths=st.lists(st.integers(1, 5), min_size=2, max_size=3), seed=st.integers(0, 2**16))
+# the interpreter is slow: every rule through the single layer, the MoM layer for ttt (whose state is more
+# than S) and one delta rule
+TRITON_CASES = [(k, n) for n in TRITON_RULES for k in ("rule", "mom") if k == "rule" or n in ("ttt", "gated_deltanet")]
+
+
+@pytest.mark.parametrize("kind,name", TRITON_CASES)
+@settings(max_examples=1)
+@given(lengths=st.lists(st.integers(1, 5), min_size=3, max_size=3), seed=st.integers(0, 2**16))
 def test_triton_layer_split_equals_one_pass(kind, name, lengths, seed):
     """float32, this project's Triton kernels under the interpreter: the split equals one pass."""
     layer = layer_for(kind, name, "triton", torch.float32, seed)
