@@ -363,9 +363,9 @@ class UpdateRule:
                    ValueError, f"{self.name}: a decode-state `initial_state` must be the tuple of init_state/step/chunk "
                    f"with floating-point tensors of leading dims [N, H] = {(N, q.shape[-2])}, got "
                    f"{[tuple(getattr(s, 'shape', ())) for s in state]}")
-        _check(len(state) == len(self.init_state(1, 1, 1, 1)), ValueError,
-               f"{self.name}: a decode-state `initial_state` holds {len(self.init_state(1, 1, 1, 1))} tensors, "
-               f"got {len(state)}")
+        want = len(self.init_state(1, 1, 1, 1))
+        _check(len(state) == want, ValueError,
+               f"{self.name}: a decode-state `initial_state` holds {want} tensors, got {len(state)}")
         return self.final_from_state(state)
 
     def _chunk_from_state(self, q, k, v, state, output_final_state, scale, cu_seqlens, chunk_size, backend,
