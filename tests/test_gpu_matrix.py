@@ -41,12 +41,18 @@ DEVICE = os.environ.get("LSM_MATRIX_DEVICE", "cuda")
 ON_CPU = DEVICE == "cpu"
 pytestmark = [] if ON_CPU else [pytest.mark.gpu]
 
-if not ON_CPU and torch.cuda.is_available():  # fla's and our autotuners: short timing runs, as the benchmarks
-    os.environ.setdefault("LSM_TUNE_MS", "5,25")
-    _spec = importlib.util.spec_from_file_location("_lsm_gpu", Path(__file__).parents[1] / "benchmarks" / "_gpu.py")
-    _gpu = importlib.util.module_from_spec(_spec)
-    _spec.loader.exec_module(_gpu)
-    _gpu.configure_autotuning()
+
+@pytest.fixture(scope="module", autouse=True)
+def quick_autotune():
+    """fla's and our autotuners time each config briefly, as the benchmarks do (benchmarks/_gpu.py); only when a
+    case of this file runs on a GPU."""
+    if not ON_CPU and torch.cuda.is_available():
+        os.environ.setdefault("LSM_TUNE_MS", "5,25")
+        spec = importlib.util.spec_from_file_location("_lsm_gpu", Path(__file__).parents[1] / "benchmarks" / "_gpu.py")
+        gpu = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(gpu)
+        gpu.configure_autotuning()
+
 
 RULES = R.names()
 B, T, D, H, KD, VOCAB = 2, 64, 64, 2, 32, 32
@@ -207,7 +213,7 @@ def test_packed_varlen(kind, name, backend):
 GEN_VOCAB, PROMPT, NEW = 16, 8, 16
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def trained(name: str) -> LanguageModel:
     """A 2-layer MoM model briefly trained (fp32, torch form) on x_{i+1} = (5 x_i + 3) mod 16: confident margins."""
     with torch.enable_grad():

@@ -352,7 +352,7 @@ class TTT(UpdateRule):
           3. state:  S = S0 - K^T diag(eta) E
         Padding slots (eta 0, k = v = 0) give grad 0 and A-column 0: they change nothing (`_mini_batch`).
         """
-        B, T, H, K = q.shape
+        H, K = q.shape[-2:]
         V = v.shape[-1]
         dt = torch.promote_types(q.dtype, torch.float32)
         b, C = mini_batch_size, layout.C
