@@ -4,6 +4,7 @@
     lsm train configs/mqar_gdn_mom.yaml train.steps=200 # dot-list overrides after the config
     lsm train configs/text_gdn.yaml --resume
     NCCL_NVLS_ENABLE=0 torchrun --nproc_per_node 2 -m lsm train configs/mqar_gdn_mom.yaml train.parallel=fsdp
+    lsm info configs/mqar_gdn_mom.yaml                  # parameters, state and FLOPs of the declared model
     lsm eval runs/text_gdn
     lsm ablate configs/ablate_rules.yaml
     lsm generate runs/text_gdn --prompt "def main("
@@ -41,6 +42,17 @@ def _cmd_train(args) -> int:
     if result.eval:
         print(format_result(result.eval), end="")
     print(f"{result.step} steps in {result.seconds:.1f} s; checkpoint {result.checkpoint}")
+    return 0
+
+
+def _cmd_info(args) -> int:
+    from lsm.accounting import account_config
+    from lsm.config import load_config
+    from lsm.console import info_lines
+
+    cfg = load_config(args.config, args.overrides)
+    print(f"{cfg.name}:")
+    print("\n".join(info_lines(cfg, account_config(cfg))))
     return 0
 
 
@@ -112,6 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in train.out_dir")
     t.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (resume later)")
     t.set_defaults(func=_cmd_train)
+
+    i = sub.add_parser("info", help="parameters (total, active), state per sequence and per token, FLOPs per token")
+    i.add_argument("config")
+    i.add_argument("overrides", **ov)
+    i.set_defaults(func=_cmd_info)
 
     e = sub.add_parser("eval", help="evaluate a checkpoint (MQAR accuracy per pairs, or bits per byte)")
     e.add_argument("checkpoint", help="a run folder or a checkpoint folder")

@@ -123,3 +123,32 @@ def format_line(rec: dict, total_steps: int) -> str:
         parts.append(f"mem {rec['mem_gib']:.2f} GiB ({rec['mem_pct']:.1f}%)")
     parts.append(f"ETA {tqdm.format_interval(rec['eta_s'])}")
     return " | ".join(parts)
+
+
+def _floats(n: int) -> str:
+    return f"{n:,} floats = {tqdm.format_sizeof(4 * n, 'B')}"
+
+
+def info_lines(cfg, acc) -> list[str]:
+    """What `lsm info` and the start of training print: the model, and its `lsm.accounting.Account`."""
+    m, mx = cfg.model, cfg.model.mixer
+    from lsm.accounting import config_seq_len
+    from lsm.config import model_vocab_size
+
+    if mx.type == "mom":
+        mixer = (f"{mx.rule} MoM ({mx.num_memories} memories, top-{mx.topk}"
+                 f"{' + shared' if mx.shared_memory else ''})")
+    else:
+        mixer = "softmax attention" if mx.type == "attention" else mx.rule
+    hybrid = " + attention blocks" if mx.type != "attention" and (m.attention_every or m.attention_layers) else ""
+    lines = [f"model            {mixer}{hybrid}, {m.num_layers} blocks, width {m.hidden_size}, "
+             f"vocab {model_vocab_size(cfg)}, context {config_seq_len(cfg)}",
+             f"parameters       {acc.params_total:,} total, {acc.params_active:,} active per token",
+             f"memories         {_floats(acc.memory_floats)} per sequence (the matrix memories S)",
+             f"decode cache     {_floats(acc.state_floats)} per sequence; "
+             f"{_floats(acc.state_rw_floats)} read/written per token"]
+    if acc.kv_floats_per_token:
+        lines.append(f"attention KV     {_floats(acc.kv_floats_per_token)} per token of context")
+    lines.append(f"FLOPs per token  {acc.flops_per_token:,} forward, {acc.train_flops_per_token:,} training "
+                 f"(forward + backward)")
+    return lines

@@ -44,7 +44,8 @@ from torch import nn
 
 from lsm import distributed
 from lsm.config import Config, ConfigError, load_config, to_yaml
-from lsm.console import StepMeter, StepRow, device_peak_tflops, format_line
+from lsm.accounting import account, config_seq_len
+from lsm.console import StepMeter, StepRow, device_peak_tflops, format_line, info_lines
 from lsm.data import IGNORE, Batch, build_data
 from lsm.model import LanguageModel, build_model
 
@@ -263,7 +264,7 @@ def _train(cfg: Config, ctx: distributed.DistContext, resume: bool, max_steps: i
     torch.manual_seed(t.seed)
     random.seed(t.seed)
     model = build_model(cfg).to(device)
-    num_params = model.num_params()
+    acc = account(model, config_seq_len(cfg))
     model = distributed.wrap_model(model, cfg)
     optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=tuple(t.betas),
                                   fused=device.type == "cuda")
@@ -299,13 +300,14 @@ def _train(cfg: Config, ctx: distributed.DistContext, resume: bool, max_steps: i
     result = TrainResult(out_dir, start, rank=ctx.rank)
     if main and not quiet:
         ranks = f" x {ctx.world_size} ranks ({t.parallel})" if ctx.world_size > 1 else ""
-        print(f"{cfg.name}: {num_params / 1e6:.3f}M parameters on {device}{ranks}, steps {start} -> {end} of {t.steps}")
+        print(f"{cfg.name}: {acc.params_total / 1e6:.3f}M parameters on {device}{ranks}, steps {start} -> {end} of {t.steps}")
+        print("\n".join(info_lines(cfg, acc)))
 
     from tqdm.auto import tqdm
     bar = tqdm(total=t.steps, initial=start, disable=not (t.progress and main) or quiet, dynamic_ncols=True,
                desc=cfg.name, unit="step")
     every_step = _reads_back_every_step(device)
-    meter = StepMeter(device, flops_per_token=None, peak_tflops=device_peak_tflops(device, t.peak_tflops))
+    meter = StepMeter(device, flops_per_token=acc.train_flops_per_token, peak_tflops=device_peak_tflops(device, t.peak_tflops))
     t0 = time.perf_counter()
     step = start
     try:

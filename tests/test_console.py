@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import lsm.train
+from lsm.cli import main
 from lsm.config import load_config
 from lsm.console import format_line
 from lsm.train import TrainingDiverged, train
@@ -80,3 +81,25 @@ def test_nan_inside_a_log_window_names_its_step(tmp_path, monkeypatch, deferred)
         train(_cfg(tmp_path, "nan", "train.steps=8", "train.log_every=4", "train.ckpt_every=4",
                    "model.mixer.rule=linear_attention"), quiet=True)
     assert not (tmp_path / "nan" / "checkpoints").exists()  # checked before the step-4 checkpoint
+
+
+def test_lsm_info_against_a_hand_counted_model(tmp_path, capsys):
+    # D = 8, H = 2, K = V = 4, conv 4, output gate, tied head, vocab 16, one block, no MLP, MoM M = 2, top-1, shared.
+    # params: embed 16*8 + 2 RMSNorms 8 + q, g, o projections 3*64 + o_norm 4 + q conv 8*5
+    #         + per-memory k, v projections 2 * 8*24 and convs 2 * 24*5 (3 memories' channels) + router 8*2 = 1020;
+    #         active: the per-memory 624 count 2 of 3 memories -> 1020 - 624 + 416 = 812
+    # memories 3 * 2*4*4 = 96; cache + conv tails (q 8*3, k 24*3, v 24*3) = 264, per step 96 * 2/3 + 168 = 232
+    # forward FLOPs: 2 * (q 64 + k, v 2/3 of 192 each + g 64 + o 64 + router 16) = 2*464, + head 2*16*8,
+    #   + 2 memories touched * H * (2*64*(4 + 4) + 4*16) = 2 * 2176 -> 5536
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text("name: tiny\ndata: {mqar: {vocab_size: 16, seq_len: 64, train_pairs: [4], test_pairs: [4]}}\n"
+                   "model: {hidden_size: 8, num_layers: 1, mlp_ratio: 0,\n"
+                   "        mixer: {type: mom, rule: linear_attention, num_heads: 2, num_memories: 2, topk: 1}}\n")
+    assert main(["info", str(cfg)]) == 0
+    out = capsys.readouterr().out
+    assert "linear_attention MoM (2 memories, top-1 + shared), 1 blocks, width 8, vocab 16, context 64" in out
+    assert "parameters       1,020 total, 812 active per token" in out
+    assert "memories         96 floats = 384B per sequence" in out
+    assert "decode cache     264 floats = 1.06kB per sequence; 232 floats = 928B read/written per token" in out
+    assert "FLOPs per token  5,536 forward, 16,608 training" in out
+    assert main(["info", str(cfg), "model.mixer.topk=3"]) == 2           # a bad override: one clear error
