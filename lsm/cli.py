@@ -8,6 +8,7 @@
     lsm eval runs/text_gdn
     lsm ablate configs/ablate_rules.yaml
     lsm generate runs/text_gdn --prompt "def main("
+    lsm export runs/text_gdn out/text_gdn-hf            # a Hugging Face folder (see lsm.hf); eval/generate take it too
 
 A bad config is one line on stderr and exit status 2; a diverged run exits with status 1.
 """
@@ -84,6 +85,15 @@ def _cmd_main(args) -> int:
     return _cmd_ablate(args, args.config or _default_config())
 
 
+def _cmd_export(args) -> int:
+    from lsm.export import export
+
+    out = export(args.checkpoint, args.out_dir)
+    print(f"wrote {out} (config.json, model.safetensors); load it with `import lsm.hf` and "
+          f"transformers.AutoModelForCausalLM.from_pretrained({str(out)!r}), or `lsm eval {out}`")
+    return 0
+
+
 def _cmd_generate(args) -> int:
     import torch
 
@@ -131,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.set_defaults(func=_cmd_info)
 
     e = sub.add_parser("eval", help="evaluate a checkpoint (MQAR accuracy per pairs, or bits per byte)")
-    e.add_argument("checkpoint", help="a run folder or a checkpoint folder")
+    e.add_argument("checkpoint", help="a run folder, a checkpoint folder or an `lsm export` folder")
     e.add_argument("overrides", **ov)
     e.add_argument("--device", default="auto")
     e.set_defaults(func=_cmd_eval)
@@ -146,6 +156,11 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--config", default=None, help=f"another experiment config (default configs/{DEFAULT_EXPERIMENT})")
     m.add_argument("overrides", **ov)
     m.set_defaults(func=_cmd_main)
+
+    x = sub.add_parser("export", help="write a Hugging Face folder (config.json + model.safetensors) of a run")
+    x.add_argument("checkpoint", help="a run folder or a checkpoint folder (single-file or sharded)")
+    x.add_argument("out_dir")
+    x.set_defaults(func=_cmd_export)
 
     g = sub.add_parser("generate", help="sample from a checkpoint")
     g.add_argument("checkpoint")

@@ -181,7 +181,14 @@ def find_checkpoint(path: str | os.PathLike) -> Path:
 
 def load_trained(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = (),
                  device: str | torch.device = "cpu") -> tuple[Config, LanguageModel]:
-    """(config, model with the checkpoint's weights) of a checkpoint or run folder."""
+    """(config, model with the checkpoint's weights) of a checkpoint or run folder, or of an `lsm export` folder."""
+    from lsm import export
+
+    if export.is_hf_folder(path):
+        cfg = export.read_hf_config(path, overrides)
+        model = build_model(cfg)
+        export.load_hf_weights(model, path)
+        return cfg, model.to(device).eval()
     ckpt = find_checkpoint(path)
     cfg = load_config(ckpt / "config.yaml", overrides)
     model = build_model(cfg)
