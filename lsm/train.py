@@ -371,6 +371,9 @@ def _train(cfg: Config, ctx: distributed.DistContext, resume: bool, max_steps: i
     except KeyboardInterrupt:
         # several ranks may be interrupted at different points: no collective checkpoint then
         if ctx.world_size == 1 and result.step > start:
+            rows = meter.flush()
+            _check_finite(rows)  # never checkpoint a diverged model
+            result.losses += [r.loss for r in rows]
             result.checkpoint = _save(ctx, out_dir, model, optimizer, scheduler, result.step, cfg)
             bar.write(f"interrupted after step {result.step}: checkpoint {result.checkpoint}; continue with --resume")
         raise

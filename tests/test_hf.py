@@ -54,6 +54,7 @@ def test_auto_classes_load_the_export_with_its_logits(exported, tmp_path):
     # lsm reads the folder too
     assert load_trained(folder)[1].state_dict().keys() == ref.state_dict().keys()
     assert main(["eval", str(folder)]) == 0
+    assert main(["generate", str(folder), "--prompt", "3 4 5", "--max-new-tokens", "2"]) == 0
 
 
 def _forward_lengths(model: LSMForCausalLM) -> list[int]:
