@@ -43,8 +43,8 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from lsm import distributed
-from lsm.config import Config, ConfigError, load_config, to_yaml
 from lsm.accounting import account, config_seq_len
+from lsm.config import Config, ConfigError, load_config, to_yaml
 from lsm.console import StepMeter, StepRow, device_peak_tflops, format_line, info_lines
 from lsm.data import IGNORE, Batch, build_data
 from lsm.model import LanguageModel, build_model

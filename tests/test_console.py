@@ -103,3 +103,24 @@ def test_lsm_info_against_a_hand_counted_model(tmp_path, capsys):
     assert "decode cache     264 floats = 1.06kB per sequence; 232 floats = 928B read/written per token" in out
     assert "FLOPs per token  5,536 forward, 16,608 training" in out
     assert main(["info", str(cfg), "model.mixer.topk=3"]) == 2           # a bad override: one clear error
+
+
+@pytest.mark.gpu
+def test_gpu_steps_do_not_synchronise(tmp_path):
+    """On CUDA, the synchronising calls of a run do not grow with the steps between log steps (after a warm-up
+    run that compiles and autotunes the kernels)."""
+    import warnings
+
+    counts = []
+    for steps in (2, 4, 12):
+        cfg = _cfg(tmp_path, f"gpu{steps}", f"train.steps={steps}", f"train.log_every={steps}", "train.device=cuda",
+                   "model.mixer.backend=triton")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                train(cfg, quiet=True)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        counts.append(sum("synchroniz" in str(w.message) for w in caught))
+    assert counts[1] == counts[2], counts

@@ -103,9 +103,9 @@ def test_cache_is_a_transformers_cache_and_refuses_beam_search(exported):
 
 
 def test_export_of_a_sharded_checkpoint(tmp_path, monkeypatch):
+    from lsm.distributed import is_sharded_checkpoint
     from tests.test_distributed import TINY as DIST_TINY
     from tests.test_distributed import _rendezvous
-    from lsm.distributed import is_sharded_checkpoint
 
     _rendezvous(monkeypatch, world_size=1)
     cfg = load_config(None, DIST_TINY + ["train.steps=1", "train.parallel=fsdp", f"train.out_dir={tmp_path / 'run'}"])
