@@ -26,22 +26,23 @@ def main() -> None:
     p.add_argument("--max-new-tokens", type=int, default=64, help="text: new bytes; MQAR: 8x the continuation")
     p.add_argument("--sample", action="store_true", help="sample (temperature 0.8, top-k 20) instead of greedy")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
 
-    model = AutoModelForCausalLM.from_pretrained(args.folder)
+    model = AutoModelForCausalLM.from_pretrained(args.folder).to(args.device)
     cfg = model.config.lsm_config()
     print(f"{type(model).__name__} ({cfg.model.mixer.type} {cfg.model.mixer.rule}), "
-          f"{sum(t.numel() for t in model.parameters()):,} parameters, from {args.folder}")
+          f"{sum(t.numel() for t in model.parameters()):,} parameters, from {args.folder}, on {args.device}")
     torch.manual_seed(args.seed)
     sampling = dict(do_sample=True, temperature=0.8, top_k=20) if args.sample else dict(do_sample=False)
     if cfg.data.kind == "text":
-        ids = torch.tensor([list(args.prompt.encode("utf-8"))])
+        ids = torch.tensor([list(args.prompt.encode("utf-8"))], device=args.device)
         out = model.generate(ids, max_new_tokens=args.max_new_tokens, **sampling)
         print(bytes(out[0].tolist()).decode("utf-8", errors="replace"))
         return
     n, V = args.pairs, cfg.data.mqar.vocab_size
     ex = mqar_examples(1, n, 4 * n, V, torch.Generator().manual_seed(args.seed))
-    kv = ex.input_ids[0, :2 * n]                                                 # k1 v1 k2 v2 ... kn vn
+    kv = ex.input_ids[0, :2 * n].to(args.device)                                                 # k1 v1 k2 v2 ... kn vn
     keys, values = kv[0::2], kv[1::2]
     prompts = torch.cat([kv.expand(n, -1), keys[:, None]], 1)                    # [n, 2n + 1]: pairs, then one key
     out = model.generate(prompts, max_new_tokens=1, **sampling)

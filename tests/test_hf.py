@@ -10,8 +10,9 @@ import transformers  # the `hf` extra (also a dependency of flash-linear-attenti
 import lsm.hf  # noqa: F401  (registers the model type)
 from lsm.cli import main
 from lsm.config import ConfigError, load_config
-from lsm.export import export
+from lsm.export import export, write_hf_folder
 from lsm.hf import LSMCache, LSMConfig, LSMForCausalLM
+from lsm.model import build_model
 from lsm.train import load_trained, train
 from tests.test_train import TINY
 
@@ -131,3 +132,7 @@ def test_missing_or_foreign_folder_is_one_clear_error(tmp_path, capsys):
     assert "a 'gpt2' model, not an lsm export" in err and len(err.strip().splitlines()) == 1
     with pytest.raises(ConfigError, match="not an lsm export"):
         LSMForCausalLM.from_pretrained(foreign)
+    cfg = load_config(None, TINY)
+    with pytest.raises(ConfigError, match="exists and is not an lsm export"):    # never written over
+        write_hf_folder(build_model(cfg), cfg, foreign)
+    assert sorted(p.name for p in foreign.iterdir()) == ["config.json"] and not list(tmp_path.glob(".gpt2.*"))
