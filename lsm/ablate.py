@@ -109,7 +109,7 @@ def make_cell(cfg: Config, rule: str, variant: str, swept: tuple, lr: float, see
     vc = variant_config(base, rule, variant)
     cid = config_hash(vc)
     name = f"{rule}-{variant}-{cid}"
-    vc = with_overrides(vc, {"name": name, "train.out_dir": str(Path(cfg.ablate.out_dir) / "cells" / name)})
+    vc = replace(vc, name=name, train=replace(vc.train, out_dir=str(Path(cfg.ablate.out_dir) / "cells" / name)))
     return Cell(rule, variant, tuple(swept), lr, seed, vc, cid)
 
 
@@ -210,12 +210,10 @@ def run_cell(cell: Cell, provenance: dict | None = None) -> dict:
 
 
 def _static_columns(cfg: Config, provenance: dict | None) -> dict:
-    """Accounting (parameters, state floats) and provenance of a cell's config."""
-    from lsm.model import build_model, memory_state_size
+    """Accounting (parameters, state floats, FLOPs: lsm.accounting) and provenance of a cell's config."""
+    from lsm.accounting import account_config
 
-    model = build_model(cfg)
-    return {"params_total": model.num_params(), "state_matrix": memory_state_size(cfg.model),
-            "run_dir": cfg.train.out_dir, **(provenance or provenance_of(cfg))}
+    return {**account_config(cfg).as_dict(), "run_dir": cfg.train.out_dir, **(provenance or provenance_of(cfg))}
 
 
 def provenance_of(cfg: Config) -> dict:
@@ -477,7 +475,7 @@ def summarize(rows: list[dict], selection: str = "mean", seeds: list[int] | None
                 "steps_mean": statistics.fmean(r["steps"] for r in ok) if ok else math.nan,
                 "reached_target": sum(1 for r in ok if r.get("steps_to_target") not in ("", None)),
                 "train_s_mean": statistics.fmean(r["train_s"] for r in ok) if ok else math.nan}
-        for k in ("params_total", "params_active", "state_total", "state_matrix"):
+        for k in ("params_total", "params_active", "state_floats", "memory_floats", "state_rw_floats"):
             if members[0].get(k) is not None:
                 line[k] = members[0][k]
         line.update({c: statistics.fmean(r[c] for r in ok) for c in (ok[0] if ok else {}) if c.startswith(("acc@", "val_"))})
@@ -520,7 +518,7 @@ def markdown_table(lines: list[dict], cfg: Config, metric: str = "accuracy") -> 
         n = f"{ln['n_seeds']}" + (f" (+{ln['failed']} failed)" if ln["failed"] else "")
         cells = [ln["rule"], VARIANT_LABELS[ln["variant"]], *[_fmt(ln.get(k)) for k in swept], _fmt(ln["lr"]), n,
                  f"{_num(ln['mean'])} ± {_num(ln['std'])}", f"{_num(ln['min'])}–{_num(ln['max'])}",
-                 _num(ln["val_mean"]), f"{ln.get('state_total', ln.get('state_matrix', 0)):,}",
+                 _num(ln["val_mean"]), f"{ln.get('state_floats', 0):,}",
                  f"{ln.get('params_total', 0) / 1e3:.0f}k", _num(ln["steps_mean"], ".0f"), vs, ln.get("verdict", "")]
         out.append("| " + " | ".join(cells) + " |")
     return head + "\n".join(out) + "\n"
@@ -596,13 +594,13 @@ def plot_all(rows: list[dict], lines: list[dict], out: Path, metric: str) -> Non
 
     fig, ax = plt.subplots(figsize=(8, 4))
     for i, ln in enumerate(lines):
-        x = ln.get("state_total", ln.get("state_matrix"))
+        x = ln.get("state_floats")
         if x and not math.isnan(ln["mean"]):
             st = style(ln, i)
             ax.errorbar([x], [ln["mean"]], yerr=[[0 if math.isnan(ln["std"]) else ln["std"]]], ls="none",
                         marker=st["marker"], color=st["color"], capsize=3, label=_label(ln))
     ax.set_xscale("log")
-    ax.set(xlabel="decode state per sequence (floats, log)", ylabel=f"{metric} (mean ± std over seeds)",
+    ax.set(xlabel="decode cache per sequence (floats: memories, conv tails, ttt extra; log)", ylabel=f"{metric} (mean ± std over seeds)",
            title=f"{metric} vs state size")
     save(fig, ax, f"{metric}_vs_state.png")
 

@@ -128,8 +128,8 @@ def read_text_bytes(cfg: TextConfig) -> bytes:
             continue
         chunks.append(b[: cfg.max_bytes - total])
         total += len(chunks[-1])
-    smallest = min(cfg.test_fraction, cfg.val_fraction, 1 - cfg.test_fraction - cfg.val_fraction)
-    if total < 2 * (cfg.seq_len + 1) / smallest:
+    smallest = min(cfg.test_fraction, 1 - cfg.test_fraction - cfg.val_fraction)
+    if total < 2 * (cfg.seq_len + 1) / smallest or total * cfg.val_fraction < cfg.seq_len + 2:
         raise ConfigError(f"data.text.path: {root} holds {total} bytes under glob {cfg.glob!r}, too few for "
                           f"seq_len={cfg.seq_len} with test_fraction={cfg.test_fraction}, val_fraction={cfg.val_fraction}")
     return b"".join(chunks)
