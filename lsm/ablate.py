@@ -261,6 +261,11 @@ def _run_cells(cells: list[Cell], cfg: Config, on_row) -> None:
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
+    from lsm.accounting import account_config
+
+    # the costliest cells first, so that the last cell to finish is a short one (order changes no number)
+    cells = sorted(cells, key=lambda c: -account_config(c.config).train_flops_per_token * c.config.train.steps)
+
     ctx = mp.get_context("spawn")  # a fresh interpreter per worker: no forked torch thread pools
     devices = ctx.Queue()
     for i in range(jobs):
