@@ -43,6 +43,7 @@ import statistics
 import subprocess
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -286,6 +287,26 @@ def run_sweep(cfg: Config, rerun: bool = False, shard: tuple[int, int] | None = 
     out = Path(cfg.ablate.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     runs_path = out / "runs.csv" if shard is None else out / "shards" / f"{shard[0]}of{shard[1]}" / "runs.csv"
+    with _exclusive(runs_path):
+        return _run_sweep(cfg, rerun, shard, quiet, out, runs_path)
+
+
+@contextmanager
+def _exclusive(runs_path: Path):
+    """One sweep at a time writes a runs.csv: a second `lsm ablate` on the same folder (and shard) is an error."""
+    import fcntl
+
+    runs_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(runs_path.parent / f".{runs_path.name}.lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(f"ablate.out_dir: another `lsm ablate` is writing {runs_path}; wait for it, or give "
+                              f"this one another ablate.out_dir or --shard") from None
+        yield
+
+
+def _run_sweep(cfg: Config, rerun: bool, shard, quiet: bool, out: Path, runs_path: Path) -> list[dict]:
     mine = {r["cell"]: r for r in read_runs(runs_path)}
     merged = {r["cell"]: r for r in read_runs(out / "runs.csv")} if shard is not None else {}
     ran: set[str] = set()
