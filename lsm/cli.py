@@ -1,6 +1,6 @@
 """The `lsm` command: train, eval, ablate, generate, and `main` (the default experiment).
 
-    lsm main                                            # the MQAR recall experiment of configs/mqar_gdn_mom.yaml
+    lsm main                                            # the MQAR recall sweep of configs/mqar_gdn_mom.yaml
     lsm train configs/mqar_gdn_mom.yaml train.steps=200 # dot-list overrides after the config
     lsm train configs/text_gdn.yaml --resume
     NCCL_NVLS_ENABLE=0 torchrun --nproc_per_node 2 -m lsm train configs/mqar_gdn_mom.yaml train.parallel=fsdp
@@ -144,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.set_defaults(func=_cmd_ablate)
 
     m = sub.add_parser("main", help=f"the default experiment (configs/{DEFAULT_EXPERIMENT}): "
-                                    "Gated DeltaNet, one memory vs MoM, on MQAR")
+                                    "Gated DeltaNet: one memory, MoM, same-state one memory; 3 seeds; on MQAR")
     m.add_argument("--config", default=None, help=f"another experiment config (default configs/{DEFAULT_EXPERIMENT})")
     m.add_argument("overrides", **ov)
     _sweep_flags(m)

@@ -195,3 +195,16 @@ def test_bad_sweep_config_is_one_line_exit_2(tmp_path, capsys, override, message
     err = capsys.readouterr().err
     assert err.startswith(f"lsm ablate: error: {message}") and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists()
+
+
+def test_text_sweep_reports_bits_per_byte(tmp_path):
+    text = tmp_path / "corpus.txt"
+    text.write_bytes(b"def f(x):\n    return x + 1\n" * 400)
+    cfg = load_config(None, [o for o in TINY if not o.startswith("data.mqar")] + [
+        "data.kind=text", f"data.text.path={text}", "data.text.seq_len=16", "eval.text_batches=1",
+        "ablate.variants=[single,mom]", "ablate.seeds=[0,1]", f"ablate.out_dir={tmp_path / 'sweep'}"])
+    rows = ablate.run_sweep(cfg, quiet=True)
+    assert len(rows) == 4 and all(r["bpb"] > 0 and r["val_bpb"] > 0 for r in rows)
+    table = (tmp_path / "sweep" / "results.md").read_text()
+    assert "bpb mean ± std" in table and "bits per byte (lower is better)" in table
+    assert (tmp_path / "sweep" / "bpb_vs_state.png").exists() and not (tmp_path / "sweep" / "accuracy_vs_pairs.png").exists()
