@@ -556,7 +556,10 @@ def write_results(rows: list[dict], cfg: Config) -> list[dict]:
     if not any(r.get("status") == "ok" for r in rows):
         _atomic_write(out / "results.md", "no finished runs\n")
         return []
-    lines = summarize(rows, cfg.ablate.selection, list(cfg.ablate.seeds))
+    a = cfg.ablate
+    order = lambda ln: (a.rules.index(ln["rule"]) if ln["rule"] in a.rules else len(a.rules),
+                        a.variants.index(ln["variant"]) if ln["variant"] in a.variants else len(a.variants))
+    lines = sorted(summarize(rows, a.selection, list(a.seeds)), key=order)  # the config's order, not the finishing order
     metric = _metric(rows)
     _atomic_write(out / "results.md", markdown_table(lines, cfg, metric))
     _atomic_write(out / "results.csv", _csv_text(lines))
