@@ -133,6 +133,7 @@ class TrainConfig:
     keep_checkpoints: int = 2          # keep the newest n checkpoints
     progress: bool = True              # tqdm progress bar
     tensorboard: bool = True           # also log to TensorBoard when it is installed
+    peak_tflops: float = 0.0           # device peak TFLOP/s for MFU; 0 = from lsm.console's table by GPU name
 
 
 @dataclass
@@ -398,7 +399,7 @@ def validate(cfg: Config) -> None:
                           "(how often the validation accuracy is checked)")
     if t.target_accuracy and d.kind != "mqar":
         raise ConfigError("train.target_accuracy: early stopping on accuracy needs data.kind: mqar (set it to 0 for text)")
-    for key in ("threads", "warmup_steps", "eval_every", "ckpt_every", "grad_clip", "weight_decay"):
+    for key in ("threads", "warmup_steps", "eval_every", "ckpt_every", "grad_clip", "weight_decay", "peak_tflops"):
         if getattr(t, key) < 0:
             raise ConfigError(f"train.{key}: must be >= 0, got {getattr(t, key)}")
     _positive("train.lr", t.lr)

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from lsm.layers import MixerOutput, RuleLayer
 from lsm.mixture.routing import Router, Routing, dispatch, load_balancing_loss, take_rows, take_tokens
-from lsm.modules import ShortConv, seq_positions, use_kernels
+from lsm.modules import ShortConv, rule_inputs, seq_positions, use_kernels
 from lsm.rules.base import DecodeState, mix_slots, with_shared_slot
 
 
@@ -55,6 +55,9 @@ class MixtureOfMemories(RuleLayer):
         num_memories: M, routed memories per layer. topk: K memories per token (1 <= K <= M).
         shared_memory: add an always-on memory that every token updates and reads with weight 1.
         aux_loss_weight: weight of the load-balancing loss returned in `MixerOutput.aux_loss`.
+
+    Dtypes as in `RuleLayer` (the same `lsm.modules.rule_inputs`): q, k, v in the activation dtype, gates
+    in at least float32, states (every memory's) in float32.
 
     It subclasses `RuleLayer` for the shared query projection and short conv, the output gate,
     norm and projection (`readout`); keys, values and gates get `Ms = M + shared` times the heads.
@@ -118,7 +121,7 @@ class MixtureOfMemories(RuleLayer):
             k = -torch.expm1(gates["g"]).to(q.dtype)                                 # k = 1 - alpha
         else:
             k = self._conv("k", self.k_proj(x), cache, cu_seqlens, head=K).unflatten(-1, (Ms, H, K))
-        return q, k, v, gates
+        return rule_inputs(x, q, k, v, gates)
 
     def _gates(self, x: Tensor) -> dict[str, Tensor]:
         """The rule's per-token gates of every memory, `[B, T, Ms, H(, K)]`."""
@@ -193,15 +196,15 @@ class MixtureOfMemories(RuleLayer):
             k = -torch.expm1(rows(gates["g"])).to(q.dtype)                           # k = 1 - alpha
         else:
             k = self._routed("k", self.k_proj(x), d, cache, cu_seqlens, K).unflatten(-1, (H, K))[None]
-        h0 = None if cache is None else self.rule.final_from_state(cache.state).flatten(0, 1)  # [B*Ms, H, K, V]
-        o, S = self.rule.chunk(take_tokens(q.flatten(0, 1), d)[None], k, v, initial_state=h0,
-                               output_final_state=cache is not None, cu_seqlens=d.cu_seqlens,
-                               chunk_size=self.chunk_size, backend=self.backend,
+        h0 = None if cache is None else tuple(s.flatten(0, 1) for s in cache.state)  # decode state, [B*Ms, H, ...]
+        q, k, v, gates = rule_inputs(x, take_tokens(q.flatten(0, 1), d)[None], k, v,
+                                     {**{n: rows(g) for n, g in gates.items()}, **self.rule_options})
+        o, S = self.rule.chunk(q, k, v, initial_state=h0, output_final_state=cache is not None,
+                               cu_seqlens=d.cu_seqlens, chunk_size=self.chunk_size, backend=self.backend,
                                # a batch row gives each memory at most T tokens: segments side by side
-                               max_seqlen=T if cu_seqlens is None else None,
-                               **{n: rows(g) for n, g in gates.items()}, **self.rule_options)
+                               max_seqlen=T if cu_seqlens is None else None, **gates)
         if cache is not None:
-            cache.state = tuple(s.unflatten(0, (B, Ms)) for s in self.rule.state_from_final(S))
+            cache.state = tuple(s.unflatten(0, (B, Ms)) for s in S)
         o = take_rows(o[0], d.dest.flatten()).unflatten(0, d.dest.shape)           # [B*T, S, H, V]
         return mix_slots(o, w.flatten(0, 1)).view(B, T, H, -1)
 
