@@ -1,4 +1,4 @@
-"""Ablation: update rules x memory variants, each trained and evaluated, as a table and a plot.
+"""Sweeps: rules x memory variants x any-key grid x learning rates x seeds, with statistics a reader can trust.
 
 Variants (MoM paper, arXiv 2502.13685, Table 5):
   single             one memory of the rule (`model.mixer` as declared, type rule)
@@ -7,32 +7,81 @@ Variants (MoM paper, arXiv 2502.13685, Table 5):
                      (num_memories + shared) x H memories of K x V, so this one gets that many heads
                      of the same K x V
 
-    lsm ablate configs/ablate_rules.yaml
-writes `ablate.out_dir`/results.md, results.csv and accuracy_vs_pairs.png (one run folder per cell).
+    lsm ablate configs/ablate_rules.yaml ablate.seeds=[0,1,2] ablate.lrs=[1e-3,3e-3] ablate.jobs=2
+    lsm ablate configs/x.yaml --shard 1/2        # this host runs half of the cells ...
+    lsm ablate configs/x.yaml --merge            # ... and the shards' runs.csv are merged into one table
+
+A *cell* is one training run: (rule, variant, grid values, lr, seed); its seed sets both the
+parameter-init seed and the data seed. A cell is identified by a hash of its resolved config, so a
+changed setting is a new cell and a finished cell is never run twice (a killed sweep continues where
+it stopped; `--rerun` runs the sweep's cells again). A cell that raises is recorded as `failed` with
+its one-line error, and the others go on (the next call tries it again). Model selection looks only at the validation stream
+(`lsm.data`): early stopping (`train.target_accuracy`) and the best learning rate, either by the mean
+over all seeds (`ablate.selection: mean`) or at the first seed, the other seeds then run at the
+chosen rate only (`two_stage`). Test numbers are reported, never selected on.
+
+Output in `ablate.out_dir`:
+  runs.csv                  one row per cell (metrics, validation, accounting, steps, seconds, status, provenance)
+  results.md, results.csv   per (rule, variant, grid values): selected lr, mean ± std, min–max over seeds,
+                            paired per-seed difference vs the single variant (mean, SE, wins) and its verdict
+  accuracy_vs_pairs.png     MQAR: accuracy vs number of pairs, band = min–max over seeds
+  <metric>_vs_state.png     accuracy (or bits per byte) vs decode-state floats, log x
+  loss_curves.png           training loss, band = min–max over seeds
+  cells/<name>/             each cell's run folder (config, metrics.jsonl, checkpoint)
+  shards/<i>of<n>/runs.csv  the rows of `--shard i/n`
 """
 from __future__ import annotations
 
 import csv
+import hashlib
+import io
+import itertools
+import json
+import math
+import os
+import statistics
+import subprocess
+import tempfile
 import time
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
-from lsm.config import Config, with_overrides
-from lsm.evaluate import summary
-from lsm.model import build_model, memory_state_size
+from lsm.config import AblateConfig, Config, ConfigError, to_yaml, with_overrides
 
 VARIANT_LABELS = {"single": "single", "mom": "MoM", "single_same_state": "single, MoM-size state"}
+SELECTION_LABELS = {"mean": "best LR by mean validation score over all seeds",
+                    "two_stage": "two-stage: best LR by validation score at the first seed, other seeds at that LR"}
+# columns of runs.csv kept as text when read back (the rest are numbers, or JSON for swept values)
+_TEXT_COLUMNS = {"cell", "rule", "variant", "status", "error", "run_dir", "commit", "torch", "triton", "lsm",
+                 "device", "backend"}
+
+
+# --------------------------------------------------------------------------- cells
+@dataclass
+class Cell:
+    """One training run of a sweep."""
+
+    rule: str
+    variant: str
+    swept: tuple[tuple[str, Any], ...]   # (grid key, value) pairs, in the grid's order
+    lr: float
+    seed: int
+    config: Config                       # the resolved config the run trains
+    id: str                              # hash of `config` (see config_hash)
+
+    @property
+    def group(self) -> tuple:
+        """What the statistics aggregate over seeds: (rule, variant, swept values)."""
+        return (self.rule, self.variant, self.swept)
 
 
 def variant_config(cfg: Config, rule: str, variant: str) -> Config:
-    """The config of one ablation cell: `cfg` with the rule and the memory variant applied."""
+    """`cfg` with the rule and the memory variant applied."""
     m = cfg.model.mixer
     head_dim = m.head_dim or cfg.model.hidden_size // m.num_heads
-    changes: dict = {"model.mixer.rule": rule, "name": f"{rule}-{variant}",
-                     "train.out_dir": str(Path(cfg.ablate.out_dir) / f"{rule}-{variant}")}
-    if variant == "mom":
-        changes["model.mixer.type"] = "mom"
-    else:
-        changes["model.mixer.type"] = "rule"
+    changes: dict = {"model.mixer.rule": rule, "model.mixer.type": "mom" if variant == "mom" else "rule"}
     if variant == "single_same_state":
         changes["model.mixer.num_heads"] = m.num_heads * (m.num_memories + int(m.shared_memory))
         changes["model.mixer.head_dim"] = head_dim
@@ -40,93 +89,565 @@ def variant_config(cfg: Config, rule: str, variant: str) -> Config:
     return with_overrides(cfg, changes)
 
 
-def run_ablation(cfg: Config, quiet: bool = False) -> list[dict]:
-    """Train and evaluate every (rule, variant) of `cfg.ablate`; write and print the table; return its rows."""
+def config_hash(cfg: Config) -> str:
+    """Identity of a run: a hash of every setting that can change its numbers (not its name, output folder,
+    progress bar or the sweep section)."""
+    neutral = replace(cfg, name="", ablate=AblateConfig(),
+                      train=replace(cfg.train, out_dir="", progress=False, tensorboard=False))
+    return "c" + hashlib.sha256(to_yaml(neutral).encode()).hexdigest()[:11]
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def make_cell(cfg: Config, rule: str, variant: str, swept: tuple, lr: float, seed: int) -> Cell:
+    """The cell of (rule, variant, grid values, lr, seed): its resolved config and id."""
+    base = with_overrides(cfg, {**dict(swept), "train.lr": lr, "train.seed": seed, "data.seed": seed,
+                                # CPU runs are one thread each unless asked otherwise: numbers then do not
+                                # depend on how many cells run side by side
+                                "train.threads": cfg.train.threads or 1, "train.progress": False})
+    vc = variant_config(base, rule, variant)
+    cid = config_hash(vc)
+    name = f"{rule}-{variant}-{cid}"
+    vc = replace(vc, name=name, train=replace(vc.train, out_dir=str(Path(cfg.ablate.out_dir) / "cells" / name)))
+    return Cell(rule, variant, tuple(swept), lr, seed, vc, cid)
+
+
+def grid_points(a: AblateConfig) -> list[tuple[tuple[str, Any], ...]]:
+    """Every combination of the grid's values, as ((key, value), ...)."""
+    keys = list(a.grid)
+    return [tuple(zip(keys, values)) for values in itertools.product(*(a.grid[k] for k in keys))]
+
+
+def learning_rates(cfg: Config) -> list[float]:
+    return list(cfg.ablate.lrs) or [cfg.train.lr]
+
+
+def all_cells(cfg: Config) -> list[Cell]:
+    """rules x variants x grid x lrs x seeds, in that nesting order."""
+    a = cfg.ablate
+    return [make_cell(cfg, rule, variant, swept, lr, seed)
+            for rule in a.rules for variant in a.variants for swept in grid_points(a)
+            for lr in learning_rates(cfg) for seed in a.seeds]
+
+
+def plan(cfg: Config, rows: list[dict]) -> list[Cell]:
+    """The cells the sweep needs given the rows finished so far.
+
+    mean: every cell. two_stage: every lr at the first seed; a group's other seeds once its first-seed
+    cells are all finished (at the lr they select), or at once when there is one lr.
+    """
+    cells = all_cells(cfg)
+    a = cfg.ablate
+    if a.selection == "mean" or len(learning_rates(cfg)) == 1:
+        return cells
+    by_id = {r["cell"]: r for r in rows}
+    higher = _higher_is_better(rows)
+    out = []
+    for group, members in itertools.groupby(cells, key=lambda c: c.group):
+        members = list(members)
+        first = [c for c in members if c.seed == a.seeds[0]]
+        out += first
+        done = [by_id[c.id] for c in first if c.id in by_id]
+        if len(done) == len(first):
+            lr = select_lr(done, "two_stage", a.seeds[0], higher)
+            out += [c for c in members if c.seed != a.seeds[0] and c.lr == lr]
+    return out
+
+
+def parse_shard(text: str | None) -> tuple[int, int] | None:
+    """"2/3" -> (2, 3): the second of three shards."""
+    if text is None:
+        return None
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise ConfigError(f"--shard: expected i/n such as 1/2, got {text!r}") from None
+    if not 1 <= i <= n:
+        raise ConfigError(f"--shard: need 1 <= i <= n, got {text!r}")
+    return i, n
+
+
+def in_shard(cell: Cell, shard: tuple[int, int] | None) -> bool:
+    """Cells are dealt to shards by their id, so a shard's cells do not depend on the plan's order."""
+    return shard is None or int(cell.id[1:], 16) % shard[1] == shard[0] - 1
+
+
+# --------------------------------------------------------------------------- running
+_WORKER_DEVICE: str | None = None
+
+
+def _init_worker(devices) -> None:
+    global _WORKER_DEVICE
+    _WORKER_DEVICE = devices.get()
+
+
+def run_cell(cell: Cell, provenance: dict | None = None) -> dict:
+    """Train and evaluate one cell; its runs.csv row. An exception becomes status `failed` with its first line."""
+    from lsm.evaluate import summary
     from lsm.train import train
 
+    cfg = cell.config
+    if _WORKER_DEVICE is not None:
+        cfg = replace(cfg, train=replace(cfg.train, device=_WORKER_DEVICE))
+    row: dict = {"cell": cell.id, "rule": cell.rule, "variant": cell.variant, **dict(cell.swept),
+                 "lr": cell.lr, "seed": cell.seed}
+    t0 = time.perf_counter()
+    try:
+        result = train(cfg, quiet=True)
+    except Exception as e:  # a crashing cell is recorded, the sweep goes on
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        return {**row, "status": "failed", "error": f"{type(e).__name__}: {msg}"[:300],
+                "train_s": round(time.perf_counter() - t0, 2), **_static_columns(cfg, provenance)}
+    test, val = summary(result.eval), summary(result.val)
+    metric = "accuracy" if "accuracy" in test else "bpb"
+    row.update({metric: test[metric], **{k: v for k, v in test.items() if k != metric and k != "loss"},
+                f"val_{metric}": val[metric], "status": "ok", "error": "",
+                "steps": result.step, "steps_to_target": result.steps_to_target if result.steps_to_target else "",
+                "final_loss": result.losses[-1] if result.losses else "",
+                "train_s": round(time.perf_counter() - t0, 2), **_static_columns(cfg, provenance)})
+    return row
+
+
+def _static_columns(cfg: Config, provenance: dict | None) -> dict:
+    """Accounting (parameters, state floats, FLOPs: lsm.accounting) and provenance of a cell's config."""
+    from lsm.accounting import account_config
+
+    return {**account_config(cfg).as_dict(), "run_dir": cfg.train.out_dir, **(provenance or provenance_of(cfg))}
+
+
+def provenance_of(cfg: Config) -> dict:
+    """Where the numbers come from: git commit, versions, device, the rule backend the device runs."""
+    import torch
+
+    import lsm
+    from lsm import rules
+    from lsm.train import resolve_device
+
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = ""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                                text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        commit = commit + ("-dirty" if commit and dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    device = resolve_device(cfg.train.device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    q = torch.zeros(1, device=device, requires_grad=True)
+    backend = "" if cfg.model.mixer.type == "attention" else rules.get(cfg.model.mixer.rule).resolve_backend(
+        cfg.model.mixer.backend, q)
+    return {"commit": commit, "torch": torch.__version__, "triton": triton_version, "lsm": lsm.__version__,
+            "device": f"{device} ({name})", "backend": backend}
+
+
+def _run_cells(cells: list[Cell], cfg: Config, on_row) -> None:
+    """Run `cells` (in this process for jobs = 1, else in `ablate.jobs` spawned workers); `on_row(row)` as each ends."""
+    a = cfg.ablate
+    jobs = min(a.jobs, len(cells))
+    if not cells:
+        return
+    if jobs == 1 and not a.devices:
+        prov = provenance_of(cells[0].config)
+        for c in cells:
+            on_row(run_cell(c, prov))
+        return
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    from lsm.accounting import account_config
+
+    # the costliest cells first, so that the last cell to finish is a short one (order changes no number)
+    cells = sorted(cells, key=lambda c: -account_config(c.config).train_flops_per_token * c.config.train.steps)
+
+    ctx = mp.get_context("spawn")  # a fresh interpreter per worker: no forked torch thread pools
+    devices = ctx.Queue()
+    for i in range(jobs):
+        devices.put(a.devices[i % len(a.devices)] if a.devices else None)
+    pool = ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_init_worker, initargs=(devices,))
+    try:
+        futures = [pool.submit(run_cell, c) for c in cells]
+        for f in as_completed(futures):
+            on_row(f.result())
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def run_sweep(cfg: Config, rerun: bool = False, shard: tuple[int, int] | None = None, quiet: bool = False) -> list[dict]:
+    """Run the cells of `cfg.ablate` not finished yet (all of them with `rerun`), record each as it ends in
+    runs.csv (atomically), then write results and plots (not for a shard: merge the shards first).
+    Returns the rows of the sweep's cells."""
     out = Path(cfg.ablate.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for rule in cfg.ablate.rules:
-        for variant in cfg.ablate.variants:
-            vc = variant_config(cfg, rule, variant)
-            t0 = time.perf_counter()
-            result = train(vc, quiet=quiet)
-            row = {"rule": rule, "variant": variant, "params": build_model(vc).num_params(),
-                   "state": memory_state_size(vc.model), "final_loss": result.losses[-1] if result.losses else float("nan"),
-                   "train_s": time.perf_counter() - t0, **summary(result.eval)}
-            rows.append(row)
-            if not quiet:
-                print(f"{rule:>16} {VARIANT_LABELS[variant]:<24} " +
-                      ", ".join(f"{k} {v:.3f}" for k, v in summary(result.eval).items()) + f"  ({row['train_s']:.0f} s)")
-    write_results(rows, out)
+    runs_path = out / "runs.csv" if shard is None else out / "shards" / f"{shard[0]}of{shard[1]}" / "runs.csv"
+    with _exclusive(runs_path):
+        return _run_sweep(cfg, rerun, shard, quiet, out, runs_path)
+
+
+@contextmanager
+def _exclusive(runs_path: Path):
+    """One sweep at a time writes a runs.csv: a second `lsm ablate` on the same folder (and shard) is an error."""
+    import fcntl
+
+    runs_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(runs_path.parent / f".{runs_path.name}.lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(f"ablate.out_dir: another `lsm ablate` is writing {runs_path}; wait for it, or give "
+                              f"this one another ablate.out_dir or --shard") from None
+        yield
+
+
+def _run_sweep(cfg: Config, rerun: bool, shard, quiet: bool, out: Path, runs_path: Path) -> list[dict]:
+    mine = {r["cell"]: r for r in read_runs(runs_path)}
+    merged = {r["cell"]: r for r in read_runs(out / "runs.csv")} if shard is not None else {}
+    ran: set[str] = set()
+    fresh = {c.id for c in all_cells(cfg) if in_shard(c, shard)} if rerun else set()  # --rerun: run these again
+    t0 = time.perf_counter()
+
+    def finished() -> dict:
+        rows = {**merged, **mine}
+        return {k: r for k, r in rows.items() if r.get("status") == "ok" and (k not in fresh or k in ran)}
+
+    def record(row: dict) -> None:
+        mine[row["cell"]] = row
+        ran.add(row["cell"])
+        write_runs(list(mine.values()), runs_path)
+        if not quiet:
+            print(_progress_line(row, len(ran), time.perf_counter() - t0), flush=True)
+
+    while True:  # two_stage plans its second stage once the first is done
+        done = finished()
+        cells = [c for c in plan(cfg, list(done.values())) if in_shard(c, shard)]
+        todo = [c for c in cells if c.id not in done and c.id not in ran]
+        if not todo:
+            break
+        if not quiet:
+            print(f"{len(todo)} cells to run ({len(cells) - len(todo)} of this plan finished before), "
+                  f"{min(cfg.ablate.jobs, len(todo))} at a time", flush=True)
+        _run_cells(todo, cfg, record)
+    ids = {c.id for c in all_cells(cfg)}
+    rows = [r for r in {**merged, **mine}.values() if r["cell"] in ids]
+    if shard is None:
+        write_results(rows, cfg)
     return rows
 
 
-def metric_columns(rows: list[dict]) -> list[str]:
-    fixed = {"rule", "variant", "params", "state", "final_loss", "train_s"}
-    return [k for k in rows[0] if k not in fixed] if rows else []
+def _progress_line(row: dict, n: int, seconds: float) -> str:
+    swept = "".join(f" {k.split('.')[-1]}={_fmt(v)}" for k, v in row.items() if "." in k)
+    head = f"[{n}, {seconds:.0f} s] {row['rule']} {VARIANT_LABELS[row['variant']]}{swept} lr {_fmt(row['lr'])} seed {row['seed']}"
+    if row["status"] != "ok":
+        return f"{head}: FAILED {row['error']}"
+    metric = "accuracy" if "accuracy" in row else "bpb"
+    target = f", target at step {row['steps_to_target']}" if row.get("steps_to_target") not in ("", None) else ""
+    return (f"{head}: {metric} {row[metric]:.3f} (validation {row['val_' + metric]:.3f}), {row['steps']} steps"
+            f"{target}, {row['train_s']:.0f} s")
 
 
-def markdown_table(rows: list[dict]) -> str:
-    """rule | variant | params | state | <metrics> | train s, one line per run."""
-    cols = metric_columns(rows)
-    head = ["rule", "variant", "params", "state (floats)"] + cols + ["train s"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(head) - 2)) + "|"]
+def merge(cfg: Config, quiet: bool = False) -> list[dict]:
+    """Merge `out_dir/shards/*/runs.csv` into `out_dir/runs.csv` (a finished row wins over a failed one of
+    the same cell), then write results and plots. Returns the sweep's rows."""
+    out = Path(cfg.ablate.out_dir)
+    sources = [out / "runs.csv"] + sorted(out.glob("shards/*/runs.csv"))
+    rows = merge_rows([read_runs(p) for p in sources])
+    write_runs(rows, out / "runs.csv")
+    ids = {c.id for c in all_cells(cfg)}
+    mine = [r for r in rows if r["cell"] in ids]
+    write_results(mine, cfg)
+    if not quiet:
+        print(f"merged {len(rows)} rows from {len([p for p in sources if p.exists()])} files into {out / 'runs.csv'}")
+    return mine
+
+
+def merge_rows(tables: list[list[dict]]) -> list[dict]:
+    """One row per cell from several runs.csv tables: the first finished row, else the last failed one."""
+    best: dict[str, dict] = {}
+    for table in tables:
+        for r in table:
+            old = best.get(r["cell"])
+            if old is None or old.get("status") != "ok":
+                best[r["cell"]] = r
+    return list(best.values())
+
+
+# --------------------------------------------------------------------------- runs.csv
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _columns(rows: list[dict]) -> list[str]:
+    return list(dict.fromkeys(k for r in rows for k in r))
+
+
+def _csv_text(rows: list[dict], columns: list[str] | None = None) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=columns or _columns(rows), lineterminator="\n")
+    w.writeheader()
     for r in rows:
-        cells = [r["rule"], VARIANT_LABELS[r["variant"]], f"{r['params'] / 1e3:.0f}k", f"{r['state']:,}"]
-        cells += [f"{r[c]:.3f}" for c in cols] + [f"{r['train_s']:.0f}"]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+        w.writerow({k: json.dumps(v) if "." in k and not isinstance(v, str) else v for k, v in r.items()})
+    return buf.getvalue()
 
 
-def write_results(rows: list[dict], out: Path) -> None:
-    """results.md, results.csv and (MQAR) accuracy_vs_pairs.png in `out`."""
-    (out / "results.md").write_text(markdown_table(rows))
-    with (out / "results.csv").open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    if any(k.startswith("acc@") for k in rows[0]):
-        plot_accuracy(rows, out / "accuracy_vs_pairs.png")
+def write_runs(rows: list[dict], path: Path) -> None:
+    """runs.csv, written into a temporary file and renamed into place."""
+    _atomic_write(Path(path), _csv_text(rows))
 
 
-def plot_accuracy(rows: list[dict], path: Path) -> None:
-    """Accuracy vs number of pairs: colour = rule, line style = variant; one panel per test length."""
+def _parse(key: str, text: str) -> Any:
+    if key in _TEXT_COLUMNS or text == "":
+        return text if key in _TEXT_COLUMNS else None
+    try:
+        return json.loads(text)
+    except ValueError:
+        try:
+            return float(text)  # nan, inf
+        except ValueError:
+            return text
+
+
+def read_runs(path: Path) -> list[dict]:
+    """The rows of a runs.csv (empty when it does not exist); numbers parsed, swept values from JSON."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    with path.open(newline="") as f:
+        return [{k: _parse(k, v) for k, v in r.items() if v is not None} for r in csv.DictReader(f)]
+
+
+# --------------------------------------------------------------------------- statistics
+def _higher_is_better(rows: list[dict]) -> bool:
+    return not any("bpb" in r for r in rows)
+
+
+def _metric(rows: list[dict]) -> str:
+    return "accuracy" if _higher_is_better(rows) else "bpb"
+
+
+def select_lr(rows: list[dict], selection: str, first_seed: int, higher: bool = True) -> float:
+    """The learning rate a group's rows select on the validation stream.
+
+    mean: the best mean over seeds, among the rates with the fewest failed runs (a rate that diverges on
+    some seed ranks below one that trains on all). two_stage: the best at `first_seed`.
+    """
+    metric = "val_accuracy" if higher else "val_bpb"
+    by_lr: dict[float, list[dict]] = {}
+    for r in rows:
+        if selection == "mean" or r["seed"] == first_seed:
+            by_lr.setdefault(r["lr"], []).append(r)
+    if not by_lr:
+        raise ValueError("select_lr: no rows to select from")
+
+    def key(lr: float):
+        ok = [r[metric] for r in by_lr[lr] if r.get("status") == "ok"]
+        failed = len(by_lr[lr]) - len(ok)
+        score = statistics.fmean(ok) if ok else -math.inf if higher else math.inf
+        return (failed, -score if higher else score, lr)
+    return min(by_lr, key=key)
+
+
+def verdict(diffs: list[float], higher: bool = True) -> str:
+    """"win", "loss" or "tie" for paired per-seed differences (variant - baseline).
+
+    A difference counts only if every seed shows the same sign or the mean exceeds two standard errors;
+    one seed decides nothing."""
+    n = len(diffs)
+    if n < 2:
+        return "tie"
+    mean = statistics.fmean(diffs)
+    se = statistics.stdev(diffs) / math.sqrt(n)
+    one_sign = all(d > 0 for d in diffs) or all(d < 0 for d in diffs)
+    if one_sign or abs(mean) > 2 * se:
+        return "win" if (mean > 0) == higher else "loss"
+    return "tie"
+
+
+def summarize(rows: list[dict], selection: str = "mean", seeds: list[int] | None = None) -> list[dict]:
+    """One line per (rule, variant, swept values): selected lr and the statistics over seeds at that lr.
+
+    The paired difference is against the `single` variant of the same rule and swept values, on the
+    seeds both finished, each at its own selected lr."""
+    higher = _higher_is_better(rows)
+    metric = _metric(rows)
+    swept_keys = [k for k in _columns(rows) if "." in k]
+    seeds = seeds or sorted({r["seed"] for r in rows})
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["rule"], r["variant"], tuple(json.dumps(r.get(k)) for k in swept_keys)), []).append(r)
+    out, per_seed = [], {}
+    for (rule, variant, swept), members in groups.items():
+        lr = select_lr(members, selection, seeds[0], higher)
+        at = [r for r in members if r["lr"] == lr]
+        ok = sorted((r for r in at if r.get("status") == "ok"), key=lambda r: r["seed"])
+        values = [r[metric] for r in ok]
+        per_seed[(rule, variant, swept)] = {r["seed"]: r[metric] for r in ok}
+        line = {"rule": rule, "variant": variant, **{k: json.loads(v) for k, v in zip(swept_keys, swept)},
+                "lr": lr, "n_seeds": len(values), "failed": len(at) - len(ok),
+                "mean": statistics.fmean(values) if values else math.nan,
+                "std": statistics.stdev(values) if len(values) > 1 else math.nan,
+                "min": min(values, default=math.nan), "max": max(values, default=math.nan),
+                "val_mean": statistics.fmean(r[f"val_{metric}"] for r in ok) if ok else math.nan,
+                "steps_mean": statistics.fmean(r["steps"] for r in ok) if ok else math.nan,
+                "reached_target": sum(1 for r in ok if r.get("steps_to_target") not in ("", None)),
+                "train_s_mean": statistics.fmean(r["train_s"] for r in ok) if ok else math.nan}
+        for k in ("params_total", "params_active", "state_floats", "memory_floats", "state_rw_floats"):
+            if members[0].get(k) is not None:
+                line[k] = members[0][k]
+        line.update({c: statistics.fmean(r[c] for r in ok) for c in (ok[0] if ok else {}) if c.startswith(("acc@", "val_"))})
+        out.append(line)
+    for line in out:
+        base = per_seed.get((line["rule"], "single", tuple(json.dumps(line.get(k)) for k in swept_keys)))
+        mine = per_seed[(line["rule"], line["variant"], tuple(json.dumps(line.get(k)) for k in swept_keys))]
+        if line["variant"] == "single" or not base:
+            continue
+        shared = sorted(set(base) & set(mine))
+        diffs = [mine[s] - base[s] for s in shared]
+        if diffs:
+            line.update({"diff_mean": statistics.fmean(diffs),
+                         "diff_se": statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else math.nan,
+                         "wins": sum(1 for d in diffs if (d > 0) == higher and d != 0), "paired": len(diffs),
+                         "verdict": verdict(diffs, higher)})
+    return out
+
+
+def _num(x: Any, spec: str = ".3f") -> str:
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+
+def markdown_table(lines: list[dict], cfg: Config, metric: str = "accuracy") -> str:
+    """The results table, headed by what it rests on: seeds, LR grid, selection mode, the tie rule."""
+    a = cfg.ablate
+    swept = [k for k in _columns(lines) if "." in k]
+    what = "test accuracy (mean over the test cells)" if metric == "accuracy" else "test bits per byte (lower is better)"
+    head = (f"{len(a.seeds)} seeds ({', '.join(map(str, a.seeds))}) per line; LR grid "
+            f"[{', '.join(_fmt(x) for x in learning_rates(cfg))}]; selection: {SELECTION_LABELS[a.selection]}; "
+            f"{what} reported at the selected LR, never selected on. vs single: paired per-seed difference, "
+            f"mean ± standard error, wins/seeds; a win or loss only if every seed agrees in sign or |mean| > 2 SE, "
+            f"else a tie.\n\n")
+    cols = ["rule", "variant", *[k.split(".")[-1] for k in swept], "lr", "seeds", f"{metric} mean ± std", "min–max",
+            "validation", "state (floats)", "params", "steps", "vs single", "verdict"]
+    out = ["| " + " | ".join(cols) + " |", "|" + "|".join(["---"] * (2 + len(swept)) + ["---:"] * (len(cols) - 3 - len(swept)) + ["---"]) + "|"]
+    for ln in lines:
+        vs = "" if "diff_mean" not in ln else (f"{ln['diff_mean']:+.3f} ± {_num(ln['diff_se'])} "
+                                               f"({ln['wins']}/{ln['paired']})")
+        n = f"{ln['n_seeds']}" + (f" (+{ln['failed']} failed)" if ln["failed"] else "")
+        cells = [ln["rule"], VARIANT_LABELS[ln["variant"]], *[_fmt(ln.get(k)) for k in swept], _fmt(ln["lr"]), n,
+                 f"{_num(ln['mean'])} ± {_num(ln['std'])}", f"{_num(ln['min'])}–{_num(ln['max'])}",
+                 _num(ln["val_mean"]), f"{ln.get('state_floats', 0):,}",
+                 f"{ln.get('params_total', 0) / 1e3:.0f}k", _num(ln["steps_mean"], ".0f"), vs, ln.get("verdict", "")]
+        out.append("| " + " | ".join(cells) + " |")
+    return head + "\n".join(out) + "\n"
+
+
+def write_results(rows: list[dict], cfg: Config) -> list[dict]:
+    """results.md, results.csv and the plots from a sweep's rows; returns the summary lines."""
+    out = Path(cfg.ablate.out_dir)
+    if not any(r.get("status") == "ok" for r in rows):
+        _atomic_write(out / "results.md", "no finished runs\n")
+        return []
+    a = cfg.ablate
+    order = lambda ln: (a.rules.index(ln["rule"]) if ln["rule"] in a.rules else len(a.rules),
+                        a.variants.index(ln["variant"]) if ln["variant"] in a.variants else len(a.variants))
+    lines = sorted(summarize(rows, a.selection, list(a.seeds)), key=order)  # the config's order, not the finishing order
+    metric = _metric(rows)
+    _atomic_write(out / "results.md", markdown_table(lines, cfg, metric))
+    _atomic_write(out / "results.csv", _csv_text(lines))
+    plot_all(rows, lines, out, metric)
+    return lines
+
+
+# --------------------------------------------------------------------------- plots
+def _selected(rows: list[dict], line: dict) -> list[dict]:
+    swept = {k: v for k, v in line.items() if "." in k}
+    return [r for r in rows if r.get("status") == "ok" and r["rule"] == line["rule"] and r["variant"] == line["variant"]
+            and r["lr"] == line["lr"] and all(r.get(k) == v for k, v in swept.items())]
+
+
+def _label(line: dict) -> str:
+    swept = " ".join(f"{k.split('.')[-1]}={_fmt(v)}" for k, v in line.items() if "." in k)
+    return f"{line['rule']} · {VARIANT_LABELS[line['variant']]}" + (f" · {swept}" if swept else "")
+
+
+def plot_all(rows: list[dict], lines: list[dict], out: Path, metric: str) -> None:
+    """accuracy_vs_pairs.png (MQAR), <metric>_vs_state.png and loss_curves.png; bands span min–max over seeds."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    def parse(key: str) -> tuple[int, str]:  # "acc@16" or "acc@16/T128"
-        pairs, _, length = key[4:].partition("/")
-        return int(pairs), length
-
-    keys = [k for k in rows[0] if k.startswith("acc@")]
-    lengths = sorted({parse(k)[1] for k in keys}, key=lambda s: int(s[1:]) if s else 0)
-    rules = list(dict.fromkeys(r["rule"] for r in rows))
     colours = plt.get_cmap("tab10")
+    rules = list(dict.fromkeys(ln["rule"] for ln in lines))
     styles = {"single": ("-", "o"), "mom": ("--", "s"), "single_same_state": (":", "^")}
-    outside = len(rows) > 4  # a long legend goes beside the plot, not over the lines
-    fig, axes = plt.subplots(1, len(lengths), figsize=(5.5 * len(lengths) + 3 * outside, 4), squeeze=False)
-    for ax, length in zip(axes[0], lengths):
-        for r in rows:
-            pts = sorted((parse(k)[0], r[k]) for k in keys if parse(k)[1] == length)
-            ls, marker = styles[r["variant"]]
-            ax.plot([p for p, _ in pts], [a for _, a in pts], ls, marker=marker, color=colours(rules.index(r["rule"]) % 10),
-                    label=f"{r['rule']} · {VARIANT_LABELS[r['variant']]}")
-        ax.set_xscale("log", base=2)
-        ticks = sorted({parse(k)[0] for k in keys if parse(k)[1] == length})
-        ax.set_xticks(ticks, [str(t) for t in ticks])
-        ax.minorticks_off()
-        ax.set_xlabel("key-value pairs")
-        ax.set_ylabel("recall accuracy")
-        ax.set_ylim(-0.02, 1.02)
-        ax.set_title("MQAR" + (f", T = {length[1:]}" if length else ""))
+
+    def style(line, i):
+        ls, marker = styles[line["variant"]]
+        return dict(ls=ls, marker=marker, color=colours((rules.index(line["rule"]) if len(rules) > 1 else i) % 10))
+
+    def save(fig, ax, name):
         ax.grid(alpha=0.3)
-    if outside:
-        axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
-    else:
-        axes[0][-1].legend(fontsize=7, loc="lower left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+        fig.tight_layout()
+        tmp = out / f".{name}.tmp.png"
+        fig.savefig(tmp, dpi=120)
+        os.replace(tmp, out / name)
+        plt.close(fig)
+
+    pair_keys = sorted({k for r in rows for k in r if k.startswith("acc@") and "/" not in k}, key=lambda k: int(k[4:]))
+    if metric == "accuracy" and pair_keys:
+        fig, ax = plt.subplots(figsize=(8, 4))
+        for i, ln in enumerate(lines):
+            sel = _selected(rows, ln)
+            if not sel:
+                continue
+            xs = [int(k[4:]) for k in pair_keys]
+            ys = [[r[k] for r in sel] for k in pair_keys]
+            st = style(ln, i)
+            ax.plot(xs, [statistics.fmean(y) for y in ys], label=f"{_label(ln)} (n={len(sel)})", **st)
+            ax.fill_between(xs, [min(y) for y in ys], [max(y) for y in ys], color=st["color"], alpha=0.15)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(xs, [str(x) for x in xs])
+        ax.minorticks_off()
+        ax.set(xlabel="key-value pairs", ylabel="recall accuracy (mean, band min–max over seeds)", ylim=(-0.02, 1.02),
+               title="MQAR recall")
+        save(fig, ax, "accuracy_vs_pairs.png")
+
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for i, ln in enumerate(lines):
+        x = ln.get("state_floats")
+        if x and not math.isnan(ln["mean"]):
+            st = style(ln, i)
+            ax.errorbar([x], [ln["mean"]], yerr=[[0 if math.isnan(ln["std"]) else ln["std"]]], ls="none",
+                        marker=st["marker"], color=st["color"], capsize=3, label=_label(ln))
+    ax.set_xscale("log")
+    ax.set(xlabel="decode cache per sequence (floats: memories, conv tails, ttt extra; log)", ylabel=f"{metric} (mean ± std over seeds)",
+           title=f"{metric} vs state size")
+    save(fig, ax, f"{metric}_vs_state.png")
+
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for i, ln in enumerate(lines):
+        by_step: dict[int, list[float]] = {}
+        for r in _selected(rows, ln):
+            path = Path(r.get("run_dir") or "") / "metrics.jsonl"
+            if path.is_file():
+                for rec in map(json.loads, path.read_text().splitlines()):
+                    if "loss" in rec:
+                        by_step.setdefault(rec["step"], []).append(rec["loss"])
+        if by_step:
+            steps = sorted(by_step)
+            st = style(ln, i)
+            ax.plot(steps, [statistics.fmean(by_step[s]) for s in steps], ls=st["ls"], color=st["color"], label=_label(ln))
+            ax.fill_between(steps, [min(by_step[s]) for s in steps], [max(by_step[s]) for s in steps],
+                            color=st["color"], alpha=0.15)
+    ax.set_yscale("log")
+    ax.set(xlabel="step", ylabel="training loss (mean, band min–max over seeds)", title="training loss")
+    save(fig, ax, "loss_curves.png")

@@ -1,12 +1,12 @@
 """The `lsm` command: train, eval, ablate, generate, and `main` (the default experiment).
 
-    lsm main                                            # the MQAR recall experiment of configs/mqar_gdn_mom.yaml
+    lsm main                                            # the MQAR recall sweep of configs/mqar_gdn_mom.yaml
     lsm train configs/mqar_gdn_mom.yaml train.steps=200 # dot-list overrides after the config
     lsm train configs/text_gdn.yaml --resume
     NCCL_NVLS_ENABLE=0 torchrun --nproc_per_node 2 -m lsm train configs/mqar_gdn_mom.yaml train.parallel=fsdp
     lsm info configs/mqar_gdn_mom.yaml                  # parameters, state and FLOPs of the declared model
     lsm eval runs/text_gdn
-    lsm ablate configs/ablate_rules.yaml
+    lsm ablate configs/ablate_rules.yaml ablate.seeds=[0,1,2] ablate.jobs=2   # --shard 1/2, --merge, --rerun
     lsm generate runs/text_gdn --prompt "def main("
     lsm export runs/text_gdn out/text_gdn-hf            # a Hugging Face folder (see lsm.hf); eval/generate take it too
 
@@ -66,18 +66,29 @@ def _cmd_eval(args) -> int:
 
 
 def _cmd_ablate(args, config=None) -> int:
-    from lsm.ablate import markdown_table, run_ablation
+    from lsm.ablate import merge, parse_shard, run_sweep
     from lsm.config import load_config
 
     cfg = load_config(config or args.config, args.overrides)
+    shard = parse_shard(args.shard)
+    if args.merge and (shard or args.rerun):
+        from lsm.config import ConfigError
+        raise ConfigError("--merge only merges finished shards: give it without --shard and --rerun")
     t0 = time.perf_counter()
-    rows = run_ablation(cfg)
-    print()
-    print(markdown_table(rows), end="")
+    if args.merge:
+        merge(cfg)
+    else:
+        run_sweep(cfg, rerun=args.rerun, shard=shard)
     out = Path(cfg.ablate.out_dir)
-    plot = out / "accuracy_vs_pairs.png"
-    print(f"\nwall time {time.perf_counter() - t0:.0f} s; table {out / 'results.md'}, {out / 'results.csv'}"
-          + (f"; plot {plot}" if plot.exists() else ""))
+    if shard is not None:
+        print(f"\nshard {shard[0]}/{shard[1]} done in {time.perf_counter() - t0:.0f} s; rows in "
+              f"{out / 'shards' / f'{shard[0]}of{shard[1]}' / 'runs.csv'}; merge with: lsm ablate CONFIG --merge")
+        return 0
+    print()
+    print((out / "results.md").read_text(), end="")
+    plots = ", ".join(str(p) for p in sorted(out.glob("*.png")))
+    print(f"\nwall time {time.perf_counter() - t0:.0f} s; runs {out / 'runs.csv'}; table {out / 'results.md'}, "
+          f"{out / 'results.csv'}" + (f"; plots {plots}" if plots else ""))
     return 0
 
 
@@ -123,6 +134,12 @@ def _cmd_generate(args) -> int:
     return 0
 
 
+def _sweep_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--rerun", action="store_true", help="run the sweep's cells again, even the finished ones")
+    p.add_argument("--shard", default=None, metavar="I/N", help="run only the i-th of n shards of the cells")
+    p.add_argument("--merge", action="store_true", help="merge out_dir/shards/*/runs.csv, then write the table")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lsm", description="Linear sequence models with Mixture-of-Memories.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -146,15 +163,18 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="auto")
     e.set_defaults(func=_cmd_eval)
 
-    a = sub.add_parser("ablate", help="rules x {single, MoM, same-state single}: train, evaluate, table, plot")
+    a = sub.add_parser("ablate", help="sweep rules x {single, MoM, same-state single} x grid x lrs x seeds: "
+                                      "train, evaluate, statistics, plots")
     a.add_argument("config")
     a.add_argument("overrides", **ov)
+    _sweep_flags(a)
     a.set_defaults(func=_cmd_ablate)
 
     m = sub.add_parser("main", help=f"the default experiment (configs/{DEFAULT_EXPERIMENT}): "
-                                    "Gated DeltaNet, one memory vs MoM, on MQAR")
+                                    "Gated DeltaNet: one memory, MoM, same-state one memory; 3 seeds; on MQAR")
     m.add_argument("--config", default=None, help=f"another experiment config (default configs/{DEFAULT_EXPERIMENT})")
     m.add_argument("overrides", **ov)
+    _sweep_flags(m)
     m.set_defaults(func=_cmd_main)
 
     x = sub.add_parser("export", help="write a Hugging Face folder (config.json + model.safetensors) of a run")

@@ -23,6 +23,9 @@ DATA_KINDS = ("mqar", "text")
 PRECISIONS = ("auto", "fp32", "bf16")
 PARALLEL = ("none", "ddp", "fsdp")
 VARIANTS = ("single", "mom", "single_same_state")
+SELECTIONS = ("mean", "two_stage")
+# keys a sweep sets itself (ablate.seeds / ablate.lrs / per cell), so `ablate.grid` may not
+SWEEP_OWNED = ("name", "train.seed", "data.seed", "train.lr", "train.out_dir", "model.mixer.rule", "model.mixer.type")
 
 
 class ConfigError(ValueError):
@@ -81,6 +84,7 @@ class MQARConfig:
     test_pairs: list[int] = field(default_factory=lambda: [4, 8, 16])   # evaluation sweep over the number of pairs
     test_seq_lens: list[int] = field(default_factory=list)  # evaluation sweep over lengths; empty = [seq_len]
     num_test: int = 256                # test examples per (pairs, length) cell
+    num_val: int = 128                 # validation examples per cell (own stream; early stopping and LR selection use it)
     power_a: float = 0.01              # query positions follow a power law in the gap to their key (Zoology's alpha)
 
 
@@ -93,12 +97,13 @@ class TextConfig:
     seq_len: int = 256                 # bytes per training sequence
     max_bytes: int = 4_000_000         # read at most this many bytes
     test_fraction: float = 0.02        # the last fraction of the bytes is the test split
+    val_fraction: float = 0.01         # the fraction before the test split is the validation split
 
 
 @dataclass
 class DataConfig:
     kind: str = "mqar"                 # "mqar" or "text"
-    seed: int = 0                      # data seed (train and test streams are derived from it)
+    seed: int = 0                      # data seed (train, validation and test streams are derived from it)
     mqar: MQARConfig = field(default_factory=MQARConfig)
     text: TextConfig = field(default_factory=TextConfig)
 
@@ -122,7 +127,8 @@ class TrainConfig:
     threads: int = 0                   # CPU threads for torch; 0 = torch's default (small models on busy CPUs: 1)
     out_dir: str = "runs/${name}"      # metrics, checkpoints and the resolved config go here
     log_every: int = 10                # metrics JSONL line every n steps
-    eval_every: int = 0                # evaluate every n steps; 0 = at the end only
+    eval_every: int = 0                # evaluate on the validation stream every n steps; 0 = at the end only
+    target_accuracy: float = 0.0       # MQAR: stop once validation accuracy reaches this (checked every eval_every); 0 = off
     ckpt_every: int = 0                # checkpoint every n steps; 0 = at the end only
     keep_checkpoints: int = 2          # keep the newest n checkpoints
     progress: bool = True              # tqdm progress bar
@@ -138,11 +144,17 @@ class EvalConfig:
 
 @dataclass
 class AblateConfig:
-    """`lsm ablate`: rules x variants, each trained and evaluated."""
+    """`lsm ablate`: rules x variants x grid x learning rates x seeds, each cell trained and evaluated."""
 
     rules: list[str] = field(default_factory=lambda: ["gated_deltanet"])
     variants: list[str] = field(default_factory=lambda: ["single", "mom"])  # "single", "mom", "single_same_state"
-    out_dir: str = "runs/${name}"      # table (Markdown, CSV) and plot
+    seeds: list[int] = field(default_factory=lambda: [0])   # a run's seed sets train.seed and data.seed
+    lrs: list[float] = field(default_factory=list)          # learning-rate grid; empty = [train.lr]
+    grid: dict[str, list[Any]] = field(default_factory=dict)  # any config key -> values, e.g. {model.mixer.topk: [1, 2]}
+    selection: str = "mean"            # best LR by validation mean over all seeds, or "two_stage" (LR grid at seeds[0])
+    jobs: int = 1                      # worker processes running cells side by side (CPU: train.threads or 1 thread each)
+    devices: list[str] = field(default_factory=list)        # devices handed round the workers; empty = train.device
+    out_dir: str = "runs/${name}"      # runs.csv, results.{md,csv}, plots, and one run folder per cell in cells/
 
 
 @dataclass
@@ -178,7 +190,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
                 raise ConfigError(f"override {o!r} must look like key=value (e.g. train.steps=200)")
         try:
             layers.append(OmegaConf.from_dotlist(list(overrides)))
-        except OmegaConfBaseException as e:
+        except Exception as e:  # OmegaConf's own errors and YAML syntax errors of a value
             raise ConfigError(f"bad override: {_first_line(e)}") from None
     return from_dict(OmegaConf.merge(*layers) if layers else {})
 
@@ -186,7 +198,12 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
 def from_dict(data: Any) -> Config:
     """Validate a plain/OmegaConf mapping against `Config` and return the resolved dataclass."""
     user = data if isinstance(data, DictConfig) else OmegaConf.create(data or {})
-    _check_keys(OmegaConf.to_container(user, resolve=False), Config, "")
+    raw = OmegaConf.to_container(user, resolve=False)
+    _check_keys(raw, Config, "")
+    grid = (raw.get("ablate") or {}).get("grid") if isinstance(raw.get("ablate"), dict) else None
+    if isinstance(grid, dict):  # `ablate.grid.model.mixer.topk=[1,2]` on the command line nests; the grid is flat
+        raw["ablate"]["grid"] = _flatten(grid)
+        user = OmegaConf.create(raw)
     try:
         merged = OmegaConf.merge(OmegaConf.structured(Config), user)
         OmegaConf.resolve(merged)
@@ -236,6 +253,37 @@ def _check_keys(node: Any, schema: type, prefix: str) -> None:
         sub = _dataclass_type(valid[key])
         if sub is not None:
             _check_keys(value, sub, full + ".")
+
+
+def _flatten(node: dict, prefix: str = "") -> dict:
+    """{"model": {"mixer": {"topk": [1, 2]}}} -> {"model.mixer.topk": [1, 2]}."""
+    out = {}
+    for k, v in node.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def check_key(key: str, where: str) -> None:
+    """`key` (dotted, e.g. model.mixer.topk) names a setting of `Config`; else `ConfigError` with the nearest one."""
+    schema, prefix = Config, ""
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        valid = {f.name: f for f in fields(schema)}
+        if part not in valid:
+            close = difflib.get_close_matches(part, list(valid), n=1, cutoff=0.5)
+            hint = f"; did you mean {prefix}{close[0]}?" if close else ""
+            raise ConfigError(f"{where}: unknown key {key}{hint} (valid keys under {prefix.rstrip('.') or 'the top level'}: "
+                              f"{', '.join(valid)})")
+        sub = _dataclass_type(valid[part])
+        if sub is None:
+            if i != len(parts) - 1:
+                raise ConfigError(f"{where}: {prefix}{part} is a setting, not a section (in {key})")
+            return
+        schema, prefix = sub, f"{prefix}{part}."
+    raise ConfigError(f"{where}: {key} is a section; name one of its settings ({', '.join(f.name for f in fields(schema))})")
 
 
 def _dataclass_type(f) -> type | None:
@@ -306,6 +354,7 @@ def validate(cfg: Config) -> None:
         q = d.mqar
         _positive("data.mqar.seq_len", q.seq_len)
         _positive("data.mqar.num_test", q.num_test)
+        _positive("data.mqar.num_val", q.num_val)
         if q.vocab_size < 4 or q.vocab_size % 2:
             raise ConfigError(f"data.mqar.vocab_size: must be an even number >= 4, got {q.vocab_size}")
         if not q.train_pairs:
@@ -333,6 +382,8 @@ def validate(cfg: Config) -> None:
         _positive("data.text.max_bytes", x.max_bytes)
         if not 0 < x.test_fraction < 1:
             raise ConfigError(f"data.text.test_fraction: must be in (0, 1), got {x.test_fraction}")
+        if not 0 < x.val_fraction < 1 - x.test_fraction:
+            raise ConfigError(f"data.text.val_fraction: must be in (0, 1 - test_fraction), got {x.val_fraction}")
         if x.path is not None and not Path(x.path).expanduser().exists():
             raise ConfigError(f"data.text.path: {x.path} does not exist (give a file or a folder of text; "
                               f"leave it unset to use the Python standard library's source in {default_text_path()})")
@@ -341,6 +392,13 @@ def validate(cfg: Config) -> None:
 
     for key in ("steps", "batch_size", "grad_accum", "log_every", "keep_checkpoints"):
         _positive(f"train.{key}", getattr(t, key))
+    if not 0 <= t.target_accuracy <= 1:
+        raise ConfigError(f"train.target_accuracy: must be in [0, 1] (0 = no early stopping), got {t.target_accuracy}")
+    if t.target_accuracy and not t.eval_every:
+        raise ConfigError("train.eval_every: early stopping (train.target_accuracy > 0) needs train.eval_every > 0 "
+                          "(how often the validation accuracy is checked)")
+    if t.target_accuracy and d.kind != "mqar":
+        raise ConfigError("train.target_accuracy: early stopping on accuracy needs data.kind: mqar (set it to 0 for text)")
     for key in ("threads", "warmup_steps", "eval_every", "ckpt_every", "grad_clip", "weight_decay", "peak_tflops"):
         if getattr(t, key) < 0:
             raise ConfigError(f"train.{key}: must be >= 0, got {getattr(t, key)}")
@@ -364,6 +422,28 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"ablate.rules: {e}") from None
     for v in a.variants:
         _choice("ablate.variants", v, VARIANTS)
+    if not a.rules:
+        raise ConfigError("ablate.rules: give at least one rule")
+    if not a.variants:
+        raise ConfigError(f"ablate.variants: give at least one of {', '.join(VARIANTS)}")
+    if not a.seeds:
+        raise ConfigError("ablate.seeds: give at least one seed, e.g. ablate.seeds=[0,1,2]")
+    if len(set(a.seeds)) != len(a.seeds):
+        raise ConfigError(f"ablate.seeds: seeds repeat in {list(a.seeds)}")
+    for lr in a.lrs:
+        _positive("ablate.lrs", lr)
+    _choice("ablate.selection", a.selection, SELECTIONS)
+    _positive("ablate.jobs", a.jobs)
+    for dev in a.devices:
+        if not (dev in ("cpu", "cuda", "mps") or dev.startswith("cuda:")):
+            raise ConfigError(f"ablate.devices: unknown device {dev!r}; use cpu, cuda or cuda:N")
+    for key, values in a.grid.items():
+        check_key(key, "ablate.grid")
+        if key in SWEEP_OWNED or key.startswith("ablate."):
+            raise ConfigError(f"ablate.grid: {key} is set by the sweep itself (seeds: ablate.seeds, learning rates: "
+                              f"ablate.lrs, rules/variants: ablate.rules/ablate.variants)")
+        if not isinstance(values, (list, tuple)) or not values:
+            raise ConfigError(f"ablate.grid: {key} needs a non-empty list of values, got {values!r}")
 
 
 def _choice(key: str, value: Any, allowed) -> None:
@@ -398,5 +478,5 @@ def model_vocab_size(cfg: Config) -> int:
 
 
 __all__ = ["AblateConfig", "Config", "ConfigError", "DataConfig", "EvalConfig", "MQARConfig", "MixerConfig",
-           "ModelConfig", "TextConfig", "TrainConfig", "data_vocab_size", "default_text_path", "from_dict",
+           "ModelConfig", "TextConfig", "TrainConfig", "check_key", "data_vocab_size", "default_text_path", "from_dict",
            "load_config", "model_vocab_size", "to_yaml", "validate", "with_overrides"]

@@ -17,7 +17,8 @@ from torch import Tensor
 from lsm.config import Config, ConfigError, MQARConfig, TextConfig, default_text_path
 
 IGNORE = -100
-_SPLITS = {"train": 0, "test": 1}
+_SPLITS = {"train": 0, "test": 1, "val": 2}
+EVAL_SPLITS = ("val", "test")  # the validation stream selects (early stopping, learning rate); the test set reports
 
 
 @dataclass
@@ -105,11 +106,12 @@ class MQARData:
         c = self.cfg
         return [(n, T) for T in (c.test_seq_lens or [c.seq_len]) for n in c.test_pairs if 4 * n <= T]
 
-    def test_set(self, num_pairs: int, seq_len: int) -> Batch:
-        """The fixed test set of a cell: `num_test` examples from the test stream."""
+    def test_set(self, num_pairs: int, seq_len: int, split: str = "test") -> Batch:
+        """The fixed evaluation set of a cell: `num_test` examples of the test stream, or `num_val` of the
+        validation stream (split="val", its own generator: what model selection may look at)."""
         c = self.cfg
-        return mqar_examples(c.num_test, num_pairs, seq_len, c.vocab_size,
-                             _generator(self.seed, "test", num_pairs, seq_len), c.power_a)
+        n = c.num_val if split == "val" else c.num_test
+        return mqar_examples(n, num_pairs, seq_len, c.vocab_size, _generator(self.seed, split, num_pairs, seq_len), c.power_a)
 
 
 # --------------------------------------------------------------------------- text
@@ -129,14 +131,16 @@ def read_text_bytes(cfg: TextConfig) -> bytes:
             continue
         chunks.append(b[: cfg.max_bytes - total])
         total += len(chunks[-1])
-    if total < 2 * (cfg.seq_len + 1) / min(cfg.test_fraction, 1 - cfg.test_fraction):
+    smallest = min(cfg.test_fraction, 1 - cfg.test_fraction - cfg.val_fraction)
+    if total < 2 * (cfg.seq_len + 1) / smallest or total * cfg.val_fraction < cfg.seq_len + 2:
         raise ConfigError(f"data.text.path: {root} holds {total} bytes under glob {cfg.glob!r}, too few for "
-                          f"seq_len={cfg.seq_len} with test_fraction={cfg.test_fraction}")
+                          f"seq_len={cfg.seq_len} with test_fraction={cfg.test_fraction}, val_fraction={cfg.val_fraction}")
     return b"".join(chunks)
 
 
 class TextData:
-    """Byte-level language modelling: random windows of the train split, fixed windows of the test split."""
+    """Byte-level language modelling: random windows of the train split, fixed windows of the validation and
+    test splits (the bytes run train | val | test)."""
 
     kind = "text"
 
@@ -144,7 +148,8 @@ class TextData:
         self.cfg, self.seed = cfg, seed
         data = torch.frombuffer(bytearray(read_text_bytes(cfg)), dtype=torch.uint8)
         cut = int(len(data) * (1 - cfg.test_fraction))
-        self.train, self.test = data[:cut], data[cut:]
+        val_cut = int(len(data) * (1 - cfg.test_fraction - cfg.val_fraction))
+        self.train, self.val, self.test = data[:val_cut], data[val_cut:cut], data[cut:]
 
     def _windows(self, data: Tensor, starts: Tensor, T: int) -> Batch:
         idx = starts[:, None] + torch.arange(T + 1)                                                 # [B, T + 1]
@@ -156,13 +161,14 @@ class TextData:
         starts = torch.randint(len(self.train) - T - 1, (batch_size,), generator=_generator(self.seed, "train", step, micro))
         return self._windows(self.train, starts, T)
 
-    def test_batches(self, batch_size: int, num_batches: int):
-        """Evenly spaced, non-random test windows (the same for every model)."""
+    def test_batches(self, batch_size: int, num_batches: int, split: str = "test"):
+        """Evenly spaced, non-random windows of the test (or validation) split, the same for every model."""
         T = self.cfg.seq_len
-        total = min(batch_size * num_batches, (len(self.test) - 1) // T)
-        starts = torch.arange(total) * ((len(self.test) - T - 1) // max(total, 1))
+        data = self.val if split == "val" else self.test
+        total = min(batch_size * num_batches, (len(data) - 1) // T)
+        starts = torch.arange(total) * ((len(data) - T - 1) // max(total, 1))
         for i in range(0, total, batch_size):
-            yield self._windows(self.test, starts[i:i + batch_size], T)
+            yield self._windows(data, starts[i:i + batch_size], T)
 
 
 def build_data(cfg: Config) -> MQARData | TextData:

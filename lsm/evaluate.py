@@ -15,8 +15,8 @@ from lsm.data import IGNORE, MQARData, TextData, build_data
 
 @torch.no_grad()
 def evaluate(model: nn.Module, cfg: Config, data: MQARData | TextData | None = None,
-             device: torch.device | str | None = None) -> dict:
-    """Score `model` on the test split of `cfg`'s data.
+             device: torch.device | str | None = None, split: str = "test") -> dict:
+    """Score `model` on the test split of `cfg`'s data (split="val": the validation stream, what selection uses).
 
     MQAR -> {"mqar": [{"num_pairs", "seq_len", "accuracy"}, ...], "accuracy": mean over cells}
             (accuracy = fraction of queried values predicted exactly, by argmax).
@@ -34,7 +34,7 @@ def evaluate(model: nn.Module, cfg: Config, data: MQARData | TextData | None = N
             if isinstance(data, MQARData):
                 cells = []
                 for n, T in data.test_cells():
-                    test = data.test_set(n, T)
+                    test = data.test_set(n, T, split)
                     correct = total = 0
                     for i in range(0, test.input_ids.shape[0], bs):
                         ids, labels = test.input_ids[i:i + bs].to(device), test.labels[i:i + bs].to(device)
@@ -45,7 +45,7 @@ def evaluate(model: nn.Module, cfg: Config, data: MQARData | TextData | None = N
                     cells.append({"num_pairs": n, "seq_len": T, "accuracy": correct / total})
                 return {"mqar": cells, "accuracy": sum(c["accuracy"] for c in cells) / len(cells)}
             nats = count = 0.0
-            for batch in data.test_batches(bs, cfg.eval.text_batches):
+            for batch in data.test_batches(bs, cfg.eval.text_batches, split):
                 logits = model(batch.input_ids.to(device)).logits.float()
                 nats += float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch.labels.to(device).flatten(),
                                                                 reduction="sum"))

@@ -61,7 +61,9 @@ class TrainResult:
     out_dir: Path
     step: int                                          # last completed optimizer step
     losses: list[float] = field(default_factory=list)  # training loss of every step run by this call
-    eval: dict = field(default_factory=dict)           # the last evaluation (see lsm.evaluate.evaluate)
+    eval: dict = field(default_factory=dict)           # the test evaluation at the end (see lsm.evaluate.evaluate)
+    val: dict = field(default_factory=dict)            # the last evaluation on the validation stream
+    steps_to_target: int | None = None                 # the step whose validation accuracy reached train.target_accuracy
     checkpoint: Path | None = None
     seconds: float = 0.0
     rank: int = 0                                      # this process's rank (0 when not distributed)
@@ -198,7 +200,12 @@ def load_trained(path: str | os.PathLike, overrides: list[str] | tuple[str, ...]
 
 # --------------------------------------------------------------------------- the loop
 def train(cfg: Config, resume: bool = False, max_steps: int | None = None, quiet: bool = False) -> TrainResult:
-    """Train the model `cfg` declares; evaluate at `eval_every` and at the end; checkpoint at `ckpt_every` and the end.
+    """Train the model `cfg` declares; checkpoint at `ckpt_every` and the end.
+
+    Every `eval_every` steps the validation stream is scored; once its accuracy reaches
+    `train.target_accuracy` (> 0) training stops early (`result.steps_to_target`). At the end both the
+    validation stream (`result.val`) and the test set (`result.eval`) are scored; only the former may
+    be used to select runs.
 
     resume: continue from the newest checkpoint in `train.out_dir` (a fresh start if there is none).
     max_steps: stop after this many steps in this call (the schedule still spans `train.steps`);
@@ -346,9 +353,9 @@ def _train(cfg: Config, ctx: distributed.DistContext, resume: bool, max_steps: i
             bar.update(1)
             last = step + 1 == end
             log = (step + 1) % t.log_every == 0 or last
-            do_eval = bool(t.eval_every and (step + 1) % t.eval_every == 0) or (last and end == t.steps)
+            do_val = bool(t.eval_every and (step + 1) % t.eval_every == 0)
             do_ckpt = bool(t.ckpt_every and (step + 1) % t.ckpt_every == 0) or last
-            if log or do_eval or do_ckpt or every_step:  # one host read; a diverged model is never evaluated or saved
+            if log or do_val or do_ckpt or every_step:  # one host read; a diverged model is never evaluated or saved
                 rows = meter.flush()
                 _check_finite(rows)
                 result.losses += [r.loss for r in rows]
@@ -357,17 +364,34 @@ def _train(cfg: Config, ctx: distributed.DistContext, resume: bool, max_steps: i
                 logger.log(rec)
                 if not quiet:
                     bar.write(format_line(rec, t.steps))
+            if do_val:
+                result.val = evaluate(model, cfg, data, device, split="val")
+                model.train()
+                if t.target_accuracy and result.val["accuracy"] >= t.target_accuracy:
+                    result.steps_to_target = step + 1
+                if main:
+                    logger.log({"step": step + 1, **{f"val/{k}": v for k, v in summary(result.val).items()}})
+                if main and not quiet:
+                    bar.write(f"step {step + 1}: validation " + ", ".join(f"{k} {v:.4f}" for k, v in summary(result.val).items()))
+            stop = result.steps_to_target is not None
+            do_eval = stop or (last and end == t.steps)
             if do_eval:
+                if not do_val:
+                    result.val = evaluate(model, cfg, data, device, split="val")
                 result.eval = evaluate(model, cfg, data, device)
                 model.train()
                 if main:
                     logger.log({"step": step + 1, **{f"eval/{k}": v for k, v in summary(result.eval).items()}})
-                    if not quiet:
-                        bar.write(f"step {step + 1}: " + ", ".join(f"{k} {v:.4f}" for k, v in summary(result.eval).items()))
-            if do_ckpt:
+                if main and not quiet:
+                    bar.write(f"step {step + 1}: test " + ", ".join(f"{k} {v:.4f}" for k, v in summary(result.eval).items()))
+            if do_ckpt or stop:
                 result.checkpoint = _save(ctx, out_dir, model, optimizer, scheduler, step + 1, cfg)
-            if do_eval or do_ckpt:
+            if do_val or do_eval or do_ckpt:
                 meter.restart_clock()
+            if stop:
+                if main and not quiet:
+                    bar.write(f"step {step + 1}: validation accuracy reached train.target_accuracy = {t.target_accuracy}; stopped")
+                break
     except KeyboardInterrupt:
         # several ranks may be interrupted at different points: no collective checkpoint then
         if ctx.world_size == 1 and result.step > start:

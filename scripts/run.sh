@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up (CPU torch first, so no CUDA build is pulled) and run the main job: `lsm main`, i.e. the MQAR
-# recall experiment of configs/mqar_gdn_mom.yaml. Extra arguments are OmegaConf overrides.
+# recall sweep of configs/mqar_gdn_mom.yaml (3 seeds x 3 variants, two worker processes). Extra arguments
+# are OmegaConf overrides or sweep flags (--rerun, --shard i/n, --merge); a killed run continues where it stopped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m pip install -q "torch==2.13.0"

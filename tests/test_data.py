@@ -54,6 +54,8 @@ def test_text_bytes(tmp_path):
     d = TextData(TextConfig(path=str(tmp_path), glob="*.txt", seq_len=16, test_fraction=0.25), seed=0)
     b = d.train_batch(0, 4)
     assert b.input_ids.shape == (4, 16) and torch.equal(b.input_ids[:, 1:], b.labels[:, :-1])
-    assert len(d.test) > 0 and len(d.train) + len(d.test) == 2400 + 1024
+    assert len(d.test) > 0 and len(d.val) > 16 and len(d.train) + len(d.val) + len(d.test) == 2400 + 1024
     tb = list(d.test_batches(4, 2))
     assert tb and all(x.input_ids.shape[1] == 16 for x in tb)
+    vb = list(d.test_batches(4, 2, "val"))
+    assert vb and not torch.equal(vb[0].input_ids, tb[0].input_ids)

@@ -1,0 +1,210 @@
+"""Sweeps (lsm.ablate): the cell list, config hashes, determinism across runs and worker counts, resume
+after a kill, shards + merge, failing cells, early stopping on the validation stream, the statistics and
+the tie rule, and bad sweep configs as one-line CLI errors."""
+import math
+
+import pytest
+
+import lsm.ablate as ablate
+from lsm.cli import main
+from lsm.config import load_config, with_overrides
+
+TINY = ["model.hidden_size=16", "model.num_layers=1", "model.mixer.num_heads=2", "model.mixer.backend=torch",
+        "model.mixer.num_memories=2", "model.mixer.topk=1",
+        "data.mqar.vocab_size=32", "data.mqar.seq_len=16", "data.mqar.train_pairs=[2,4]", "data.mqar.test_pairs=[2,4]",
+        "data.mqar.num_test=8", "data.mqar.num_val=8", "train.batch_size=4", "train.warmup_steps=0", "train.steps=3",
+        "train.log_every=1", "train.tensorboard=false", "eval.batch_size=16", "ablate.rules=[mamba2]"]
+
+
+def tiny(tmp_path, *extra):
+    return load_config(None, [*TINY, f"ablate.out_dir={tmp_path / 'sweep'}", *extra])
+
+
+def key_numbers(rows):
+    """What must not change between runs of the same cells: metrics, validation, steps, loss."""
+    return {r["cell"]: (r["accuracy"], r["acc@2"], r["acc@4"], r["val_accuracy"], r["steps"], r["final_loss"])
+            for r in rows}
+
+
+def test_cell_list_nests_rules_variants_grid_lrs_seeds(tmp_path):
+    cfg = tiny(tmp_path, "ablate.rules=[mamba2,gla]", "ablate.variants=[single,mom]", "ablate.seeds=[0,1,2]",
+               "ablate.lrs=[1e-3,3e-3]", "ablate.grid.model.mixer.topk=[1,2]")
+    cells = ablate.all_cells(cfg)
+    assert len(cells) == 2 * 2 * 2 * 2 * 3 and len({c.id for c in cells}) == len(cells)
+    first = cells[:3]
+    assert [(c.rule, c.variant, c.swept, c.lr, c.seed) for c in first] == [
+        ("mamba2", "single", (("model.mixer.topk", 1),), 1e-3, s) for s in (0, 1, 2)]
+    for c in cells:
+        t = c.config
+        assert t.train.seed == t.data.seed == c.seed and t.train.lr == c.lr and t.model.mixer.rule == c.rule
+        assert t.model.mixer.topk == dict(c.swept)["model.mixer.topk"]
+        assert t.model.mixer.type == ("mom" if c.variant == "mom" else "rule") and t.train.threads == 1
+        assert t.train.out_dir.endswith(c.id)
+
+
+def test_config_hash_changes_with_settings_not_with_names(tmp_path):
+    cfg = tiny(tmp_path)
+    h = ablate.config_hash(cfg)
+    assert ablate.config_hash(with_overrides(cfg, {"name": "other", "train.out_dir": "x", "ablate.seeds": [5]})) == h
+    for key, value in (("model.mixer.topk", 2), ("train.steps", 4), ("data.mqar.num_test", 9), ("train.lr", 1e-2)):
+        assert ablate.config_hash(with_overrides(cfg, {key: value})) != h, key
+
+
+def test_same_numbers_twice_and_with_two_workers(tmp_path):
+    cfg = tiny(tmp_path, "ablate.variants=[single,mom]")
+    first = key_numbers(ablate.run_sweep(cfg, quiet=True))
+    again = key_numbers(ablate.run_sweep(cfg, rerun=True, quiet=True))
+    two = key_numbers(ablate.run_sweep(with_overrides(cfg, {"ablate.jobs": 2, "ablate.out_dir": str(tmp_path / "j2")}),
+                                       quiet=True))
+    assert len(first) == 2 and first == again == two
+
+
+def test_killed_sweep_resumes_without_rerunning_finished_cells(tmp_path, monkeypatch):
+    cfg = tiny(tmp_path, "ablate.variants=[single,mom]", "ablate.seeds=[0,1]")
+    real, calls = ablate.run_cell, []
+
+    def killed_on_third(cell, provenance=None):
+        calls.append(cell.id)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(cell, provenance)
+    monkeypatch.setattr(ablate, "run_cell", killed_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        ablate.run_sweep(cfg, quiet=True)
+    kept = ablate.read_runs(tmp_path / "sweep" / "runs.csv")
+    assert [r["cell"] for r in kept] == calls[:2]
+    calls.clear()
+    rows = ablate.run_sweep(cfg, quiet=True)
+    assert len(calls) == 2 and not set(calls) & {r["cell"] for r in kept}                 # only the rest ran
+    assert {r["cell"]: r["train_s"] for r in rows if r["cell"] in {k["cell"] for k in kept}} == \
+        {r["cell"]: r["train_s"] for r in kept}                                             # finished rows kept
+    assert len(rows) == 4 and all(r["status"] == "ok" for r in rows)
+    assert "| mamba2 | MoM |" in (tmp_path / "sweep" / "results.md").read_text()
+
+
+def test_shards_cover_the_sweep_and_merge(tmp_path):
+    cfg = tiny(tmp_path, "ablate.variants=[single,mom]", "ablate.seeds=[0,1]")
+    ids = {c.id for c in ablate.all_cells(cfg)}
+    parts = [ablate.run_sweep(cfg, shard=(i, 2), quiet=True) for i in (1, 2)]
+    got = [{r["cell"] for r in p} for p in parts]
+    assert not got[0] & got[1] and got[0] | got[1] == ids
+    assert not (tmp_path / "sweep" / "results.md").exists()
+    rows = ablate.merge(cfg, quiet=True)
+    assert {r["cell"] for r in rows} == ids and len(ablate.read_runs(tmp_path / "sweep" / "runs.csv")) == 4
+    assert (tmp_path / "sweep" / "results.md").exists() and (tmp_path / "sweep" / "loss_curves.png").exists()
+
+
+def test_failing_cell_is_recorded_and_the_others_finish(tmp_path, monkeypatch):
+    import lsm.train
+
+    real = lsm.train.train
+
+    def crash_seed_one(cfg, **kw):
+        if cfg.train.seed == 1:
+            raise RuntimeError("boom\nsecond line")
+        return real(cfg, **kw)
+    monkeypatch.setattr(lsm.train, "train", crash_seed_one)
+    cfg = tiny(tmp_path, "ablate.variants=[single]", "ablate.seeds=[0,1,2]")
+    rows = ablate.run_sweep(cfg, quiet=True)
+    status = {r["seed"]: (r["status"], r["error"]) for r in rows}
+    assert status == {0: ("ok", ""), 1: ("failed", "RuntimeError: boom"), 2: ("ok", "")}
+    assert "2 (+1 failed)" in (tmp_path / "sweep" / "results.md").read_text()
+
+
+def test_early_stopping_looks_at_validation_only(tmp_path, monkeypatch):
+    import lsm.evaluate
+    from lsm.train import train
+
+    real, splits = lsm.evaluate.evaluate, []
+
+    def perfect_validation(model, cfg, data=None, device=None, split="test"):
+        splits.append(split)
+        result = real(model, cfg, data, device, split)
+        return {**result, "accuracy": 1.0} if split == "val" else result
+    monkeypatch.setattr(lsm.evaluate, "evaluate", perfect_validation)
+    cfg = tiny(tmp_path, "train.steps=8", "train.eval_every=2", "train.target_accuracy=0.99",
+               f"train.out_dir={tmp_path / 'run'}", "train.progress=false")
+    result = train(cfg, quiet=True)
+    assert result.step == result.steps_to_target == 2 and splits == ["val", "test"]
+    assert result.eval["accuracy"] < 1.0 and result.val["accuracy"] == 1.0
+
+
+def test_validation_and_test_streams_differ():
+    from lsm.config import MQARConfig
+    from lsm.data import MQARData
+
+    d = MQARData(MQARConfig(vocab_size=32, seq_len=16, num_test=8, num_val=8), seed=0)
+    assert not (d.test_set(2, 16).input_ids == d.test_set(2, 16, "val").input_ids).all()
+
+
+def _row(variant, lr, seed, acc, val, status="ok"):
+    return {"cell": f"c{variant}{lr}{seed}", "rule": "gla", "variant": variant, "lr": lr, "seed": seed,
+            "accuracy": acc, "val_accuracy": val, "steps": 10, "train_s": 1.0, "status": status,
+            "state_floats": 100, "params_total": 1000}
+
+
+def test_statistics_selection_and_tie_rule_on_a_hand_made_table(tmp_path):
+    rows = [_row("single", 1e-3, s, a, a) for s, a in enumerate([0.5, 0.6, 0.7])]
+    rows += [_row("single", 3e-3, s, a, v) for s, (a, v) in enumerate([(0.9, 0.8), (0.1, 0.1), (0.2, 0.2)])]
+    rows += [_row("mom", 1e-3, s, a, a) for s, a in enumerate([0.6, 0.65, 0.8])]          # +0.1, +0.05, +0.1
+    rows += [_row("single_same_state", 1e-3, s, a, a) for s, a in enumerate([0.8, 0.5, 0.75])]  # +0.3, -0.1, +0.05
+    path = tmp_path / "runs.csv"
+    ablate.write_runs(rows, path)
+    back = ablate.read_runs(path)
+    lines = {ln["variant"]: ln for ln in ablate.summarize(back, "mean", [0, 1, 2])}
+    single, mom, same = lines["single"], lines["mom"], lines["single_same_state"]
+    assert single["lr"] == 1e-3                             # mean validation 0.6 beats 0.367
+    assert single["mean"] == pytest.approx(0.6) and single["std"] == pytest.approx(0.1)
+    assert (single["min"], single["max"], single["n_seeds"]) == (0.5, 0.7, 3)
+    assert mom["diff_mean"] == pytest.approx(0.25 / 3) and mom["wins"] == 2 + 1 and mom["verdict"] == "win"
+    assert mom["diff_se"] == pytest.approx(math.sqrt(((1 / 60) ** 2 * 2 + (1 / 30) ** 2) / 2) / math.sqrt(3))
+    assert same["wins"] == 2 and same["verdict"] == "tie"
+    two = {ln["variant"]: ln for ln in ablate.summarize(back, "two_stage", [0, 1, 2])}
+    assert two["single"]["lr"] == 3e-3                      # seed 0 alone: validation 0.8 beats 0.5
+    cfg = load_config(None, ["ablate.seeds=[0,1,2]", "ablate.lrs=[1e-3,3e-3]"])
+    table = ablate.markdown_table(list(lines.values()), cfg)
+    assert "3 seeds (0, 1, 2)" in table and "LR grid [0.001, 0.003]" in table and "best LR by mean" in table
+    assert "+0.083 ± 0.017 (3/3) | win |" in table
+
+
+def test_verdict_rule():
+    assert ablate.verdict([0.1]) == "tie"                              # one seed decides nothing
+    assert ablate.verdict([-0.1, -0.2]) == "loss"
+    assert ablate.verdict([0.5, -0.01, 0.5]) == "tie"                  # mean 0.33 < 2 SE 0.34, signs differ
+    assert ablate.verdict([1.0, -0.01, 1.0, 1.0]) == "win"             # mean 0.75 > 2 SE 0.50
+    assert ablate.verdict([-0.1, -0.2, -0.05], higher=False) == "win"  # bits per byte: lower is better
+
+
+def test_failed_lr_ranks_below_a_complete_one():
+    rows = [_row("single", 1e-2, 0, 0.99, 0.99), _row("single", 1e-2, 1, 0, 0, status="failed"),
+            _row("single", 1e-3, 0, 0.5, 0.5), _row("single", 1e-3, 1, 0.5, 0.5)]
+    assert ablate.select_lr(rows, "mean", 0) == 1e-3
+
+
+@pytest.mark.parametrize("override, message", [
+    ("ablate.seeds=[]", "ablate.seeds: give at least one seed"),
+    ("ablate.lrs=[-1e-3]", "ablate.lrs: must be > 0"),
+    ("ablate.jobs=0", "ablate.jobs: must be > 0"),
+    ("ablate.grid.model.mixer.topq=[1,2]", "ablate.grid: unknown key model.mixer.topq; did you mean model.mixer.topk?"),
+    ("train.target_accuracy=0.99", "train.eval_every: early stopping"),
+])
+def test_bad_sweep_config_is_one_line_exit_2(tmp_path, capsys, override, message):
+    cfg_file = tmp_path / "s.yaml"
+    cfg_file.write_text("name: s\n")
+    assert main(["ablate", str(cfg_file), *TINY, f"ablate.out_dir={tmp_path / 'o'}", override]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"lsm ablate: error: {message}") and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_text_sweep_reports_bits_per_byte(tmp_path):
+    text = tmp_path / "corpus.txt"
+    text.write_bytes(b"def f(x):\n    return x + 1\n" * 400)
+    cfg = load_config(None, [o for o in TINY if not o.startswith("data.mqar")] + [
+        "data.kind=text", f"data.text.path={text}", "data.text.seq_len=16", "eval.text_batches=1",
+        "ablate.variants=[single,mom]", "ablate.seeds=[0,1]", f"ablate.out_dir={tmp_path / 'sweep'}"])
+    rows = ablate.run_sweep(cfg, quiet=True)
+    assert len(rows) == 4 and all(r["bpb"] > 0 and r["val_bpb"] > 0 for r in rows)
+    table = (tmp_path / "sweep" / "results.md").read_text()
+    assert "bpb mean ± std" in table and "bits per byte (lower is better)" in table
+    assert (tmp_path / "sweep" / "bpb_vs_state.png").exists() and not (tmp_path / "sweep" / "accuracy_vs_pairs.png").exists()
