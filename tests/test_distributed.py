@@ -21,8 +21,9 @@ import pytest
 import torch
 
 from lsm.config import ConfigError, load_config
-from lsm.distributed import DistributedError, is_sharded_checkpoint
-from lsm.train import find_checkpoint, load_trained, train
+from lsm.checkpoint import find_checkpoint, is_sharded_checkpoint, load_trained
+from lsm.distributed import DistributedError
+from lsm.train import train
 
 ROOT = Path(__file__).resolve().parent.parent
 LAUNCH_TIMEOUT = 120   # seconds for one torchrun launch (2 workers on 2 busy cores take ~10 s)

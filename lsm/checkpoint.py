@@ -1,0 +1,249 @@
+"""Every checkpoint read and write: single-file safetensors and sharded DCP, publish/latest/prune, RNG state.
+
+    path = save(ctx, out_dir, model, optimizer, scheduler, step, cfg)   # on every rank
+    ckpt = find_checkpoint("runs/x")                                     # a run, its checkpoints/, or step_N
+    cfg, model = load_trained("runs/x", device="cuda")                   # lsm eval / lsm generate
+
+A run's folder holds `checkpoints/step_000500/` (model.safetensors, config.yaml, trainer_state.pt)
+and `checkpoints/latest`, the name of the newest complete checkpoint. A checkpoint is written into a
+temporary folder and renamed into place (`os.replace`), then `latest` is replaced the same way, so a
+crash never leaves a half-written one. trainer_state.pt holds the step, the optimizer, the scheduler
+and every RNG, so a resumed run continues exactly.
+
+none/ddp: rank 0 writes `model.safetensors` + `trainer_state.pt`. fsdp: every rank writes its
+shards with `torch.distributed.checkpoint` (DCP) into `dcp/` (model and optimizer, keyed by
+parameter names), rank 0 writes `config.yaml` and `trainer_state.pt` (step, scheduler, RNG). DCP
+reshards on load, so a sharded checkpoint resumes on any number of ranks and in any mode, and
+`load_model_weights` reads it into a plain model in one process (`lsm eval`, `lsm generate`). A
+none/ddp checkpoint continues under FSDP through the full state dicts (`load_full_state`).
+Multi-node runs need `train.out_dir` on a shared file system.
+"""
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_model, save_model
+from torch import nn
+
+from lsm.config import Config, ConfigError, load_config, to_yaml
+from lsm.distributed import DistContext, barrier, unwrap
+from lsm.model import LanguageModel, build_model
+
+CHECKPOINT_FILES = ("model.safetensors", "config.yaml", "trainer_state.pt")
+SHARDED_DIR = "dcp"            # the DCP folder inside a checkpoint written under FSDP
+
+
+# --------------------------------------------------------------------------- RNG state
+def rng_state() -> dict:
+    """Every RNG a run draws from, for an exact resume."""
+    rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    return rng
+
+
+def set_rng_state(rng: dict) -> None:
+    """Restore what `rng_state` returned."""
+    torch.set_rng_state(rng["torch"].cpu())
+    random.setstate(rng["python"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in rng["cuda"]])
+
+
+# --------------------------------------------------------------------------- writing
+def publish_checkpoint(tmp: Path, final: Path, root: Path, keep: int) -> None:
+    """Make a fully written checkpoint folder visible atomically, point `root/latest` at it, prune old ones."""
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    pointer = root / ".latest.tmp"
+    pointer.write_text(final.name + "\n")
+    os.replace(pointer, root / "latest")
+    for old in sorted(root.glob("step_*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def save_checkpoint(out_dir: Path, model: nn.Module, optimizer, scheduler, step: int, cfg: Config, keep: int = 2) -> Path:
+    """Write `checkpoints/step_{step}` atomically, point `checkpoints/latest` at it, keep the newest `keep`."""
+    root = Path(out_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step:06d}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".step_{step:06d}.", dir=root))
+    save_model(getattr(model, "module", model), str(tmp / "model.safetensors"))
+    (tmp / "config.yaml").write_text(to_yaml(cfg))
+    torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "rng": rng_state()}, tmp / "trainer_state.pt")
+    publish_checkpoint(tmp, final, root, keep)
+    return final
+
+
+def save_sharded_checkpoint(out_dir: str | os.PathLike, model: nn.Module, optimizer, scheduler, step: int,
+                            cfg: Config, keep: int, ctx: DistContext) -> Path:
+    """Write `checkpoints/step_{step}` with DCP; call on every rank. Atomic like `save_checkpoint`.
+
+    Every rank writes its shards into `.step_N.partial/dcp/`; rank 0 adds `config.yaml` and
+    `trainer_state.pt`, renames the folder into place, points `latest` at it and prunes to `keep`.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    root = Path(out_dir) / "checkpoints"
+    final, tmp = root / f"step_{step:06d}", root / f".step_{step:06d}.partial"
+    if ctx.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / SHARDED_DIR).mkdir(parents=True)
+    barrier(ctx)
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / SHARDED_DIR))
+    if ctx.is_main:
+        (tmp / "config.yaml").write_text(to_yaml(cfg))
+        torch.save({"step": step, "scheduler": scheduler.state_dict(), "rng": rng_state(), "format": SHARDED_DIR,
+                    "world_size": ctx.world_size}, tmp / "trainer_state.pt")
+        publish_checkpoint(tmp, final, root, keep)
+    barrier(ctx)
+    return final
+
+
+def save(ctx: DistContext, out_dir: Path, model: nn.Module, optimizer, scheduler, step: int, cfg: Config) -> Path:
+    """Checkpoint on every rank: DCP shards under FSDP, else rank 0's files; all ranks return when it is complete."""
+    keep = cfg.train.keep_checkpoints
+    if ctx.sharded:
+        return save_sharded_checkpoint(out_dir, model, optimizer, scheduler, step, cfg, keep, ctx)
+    path = Path(out_dir) / "checkpoints" / f"step_{step:06d}"
+    if ctx.is_main:
+        path = save_checkpoint(out_dir, unwrap(model), optimizer, scheduler, step, cfg, keep)
+    barrier(ctx)
+    return path
+
+
+# --------------------------------------------------------------------------- finding
+def is_sharded_checkpoint(ckpt: str | os.PathLike) -> bool:
+    """Whether a checkpoint folder holds DCP shards (written under FSDP)."""
+    return (Path(ckpt) / SHARDED_DIR / ".metadata").is_file()
+
+
+def find_checkpoint(path: str | os.PathLike) -> Path:
+    """A checkpoint folder from itself, a run folder, or a run's `checkpoints/` folder (its latest)."""
+    p = Path(path)
+    for candidate in (p, p / "checkpoints"):
+        if (candidate / "latest").is_file():
+            p = candidate / (candidate / "latest").read_text().strip()
+            break
+    needed = CHECKPOINT_FILES
+    if is_sharded_checkpoint(p):  # FSDP: DCP shards in dcp/ instead of model.safetensors
+        needed = tuple(f for f in CHECKPOINT_FILES if f != "model.safetensors")
+    missing = [f for f in needed if not (p / f).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{path}: not a checkpoint (no {', '.join(missing)}); give a run folder or "
+                                f"runs/NAME/checkpoints/step_N")
+    return p
+
+
+def find_resume_checkpoint(cfg: Config) -> Path | None:
+    """The checkpoint to resume from (None: none yet), checked against this run's model."""
+    try:
+        ckpt = find_checkpoint(cfg.train.out_dir)
+    except FileNotFoundError:
+        return None
+    saved = load_config(ckpt / "config.yaml")
+    if saved.model != cfg.model:
+        raise ConfigError(f"--resume: the model in {ckpt}/config.yaml differs from this config's; "
+                          f"resume with the same model.* settings")
+    return ckpt
+
+
+# --------------------------------------------------------------------------- reading
+def load_model_weights(model: nn.Module, ckpt: str | os.PathLike, device: str | torch.device = "cpu") -> None:
+    """Weights of a checkpoint folder into a plain model in this process (no process group needed).
+
+    Reads `model.safetensors` (none/ddp runs) or the DCP shards of an FSDP run, whatever its world size.
+    """
+    ckpt = Path(ckpt)
+    if not is_sharded_checkpoint(ckpt):
+        load_model(model, str(ckpt / "model.safetensors"), device=str(device))
+        return
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+    model_sd = get_model_state_dict(model)
+    state = {"model": model_sd}
+    _dcp_load(state, ckpt, no_dist=True)
+    set_model_state_dict(model, state["model"])
+
+
+def load_sharded_checkpoint(ckpt: str | os.PathLike, model: nn.Module, optimizer) -> None:
+    """Load a DCP checkpoint's model and optimizer into `model` (plain, DDP or FSDP) and `optimizer`.
+
+    Resharding is DCP's: the checkpoint may come from any number of ranks. Call on every rank.
+    """
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state = {"model": model_sd, "optim": optim_sd}
+    _dcp_load(state, ckpt, no_dist=not dist.is_initialized())
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+
+def load_full_state(model: nn.Module, optimizer, plain_model: nn.Module, plain_optimizer) -> None:
+    """Copy a one-process model and optimizer (e.g. a none/ddp checkpoint, loaded) into a wrapped pair.
+
+    Goes through the full (unsharded, name-keyed) state dicts, so `model` may be FSDP-sharded on any
+    number of ranks; every rank passes the same `plain_*` objects.
+    """
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict, set_state_dict)
+
+    full = StateDictOptions(full_state_dict=True)
+    model_sd = get_model_state_dict(plain_model, options=full)
+    optim_sd = get_optimizer_state_dict(plain_model, plain_optimizer, options=full)
+    set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd, options=full)
+
+
+def _dcp_load(state: dict, ckpt: str | os.PathLike, no_dist: bool) -> None:
+    import torch.distributed.checkpoint as dcp
+
+    with warnings.catch_warnings():  # DCP warns when it loads in one process: intended here
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=str(Path(ckpt) / SHARDED_DIR), no_dist=no_dist)
+
+
+def load_training_state(ckpt: Path, cfg: Config, ctx: DistContext, model: nn.Module, optimizer, scheduler,
+                        make_optimizer: Callable[[nn.Module], torch.optim.Optimizer]) -> int:
+    """Restore model, optimizer, scheduler and RNGs from `ckpt` into a run's (wrapped) objects; -> its step.
+
+    `make_optimizer(plain_model)` builds the run's optimizer for an unwrapped model: a none/ddp
+    checkpoint continued under FSDP is loaded whole into one, then sharded.
+    """
+    device = ctx.device
+    state = torch.load(ckpt / "trainer_state.pt", map_location=device, weights_only=False)
+    if is_sharded_checkpoint(ckpt):
+        load_sharded_checkpoint(ckpt, model, optimizer)  # any world size: DCP reshards
+    elif ctx.sharded:  # a none/ddp checkpoint continued under FSDP: load it whole, then shard it
+        plain = build_model(cfg)
+        load_model(plain, str(ckpt / "model.safetensors"))
+        plain_optimizer = make_optimizer(plain)
+        plain_optimizer.load_state_dict(state["optimizer"])
+        load_full_state(model, optimizer, plain, plain_optimizer)
+    else:
+        load_model(unwrap(model), str(ckpt / "model.safetensors"), device=str(device))
+        optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    set_rng_state(state["rng"])
+    return state["step"]
+
+
+def load_trained(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = (),
+                 device: str | torch.device = "cpu") -> tuple[Config, LanguageModel]:
+    """(config, model with the checkpoint's weights) of a checkpoint or run folder."""
+    ckpt = find_checkpoint(path)
+    cfg = load_config(ckpt / "config.yaml", overrides)
+    model = build_model(cfg)
+    load_model_weights(model, ckpt, device)
+    return cfg, model.to(device).eval()
