@@ -17,19 +17,27 @@ reshards on load, so a sharded checkpoint resumes on any number of ranks and in 
 `load_model_weights` reads it into a plain model in one process (`lsm eval`, `lsm generate`). A
 none/ddp checkpoint continues under FSDP through the full state dicts (`load_full_state`).
 Multi-node runs need `train.out_dir` on a shared file system.
+
+A checkpoint that cannot be read (a file missing or truncated, a config.yaml that does not match the
+weights) is a `CheckpointError`: one line naming the file and what to do. `--resume` then falls back
+to the newest intact checkpoint and says so; the bad one is left as it is, and `latest` moves only
+when a new checkpoint is written.
 """
 from __future__ import annotations
 
 import os
 import random
 import shutil
+import sys
 import tempfile
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.distributed as dist
+from safetensors import safe_open
 from safetensors.torch import load_model, save_model
 from torch import nn
 
@@ -39,6 +47,22 @@ from lsm.model import LanguageModel, build_model
 
 CHECKPOINT_FILES = ("model.safetensors", "config.yaml", "trainer_state.pt")
 SHARDED_DIR = "dcp"            # the DCP folder inside a checkpoint written under FSDP
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint that cannot be read: one line naming the file (`file`), the problem (`problem`) and what to do."""
+
+    def __init__(self, file: Path, problem: str, advice: str = "use another checkpoint (another step_N folder "
+                                                                  "beside it) or retrain"):
+        super().__init__(f"{file} {problem}; {advice}")
+        self.file, self.problem = file, problem
+
+
+def _unreadable(file: Path, e: BaseException) -> CheckpointError:
+    """The error for a damaged file; `e`'s first line only (library errors can span many lines)."""
+    lines = str(e).strip().splitlines()
+    reason = f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
+    return CheckpointError(file, f"cannot be read, truncated or corrupt ({reason})")
 
 
 # --------------------------------------------------------------------------- RNG state
@@ -60,14 +84,19 @@ def set_rng_state(rng: dict) -> None:
 
 # --------------------------------------------------------------------------- writing
 def publish_checkpoint(tmp: Path, final: Path, root: Path, keep: int) -> None:
-    """Make a fully written checkpoint folder visible atomically, point `root/latest` at it, prune old ones."""
+    """Make a fully written checkpoint folder visible atomically, point `root/latest` at it, prune old ones.
+
+    Of the checkpoints up to `final`, the newest `keep` stay; newer ones (left by a run that was
+    resumed from an earlier checkpoint) are not touched.
+    """
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
     pointer = root / ".latest.tmp"
     pointer.write_text(final.name + "\n")
     os.replace(pointer, root / "latest")
-    for old in sorted(root.glob("step_*"))[:-keep]:
+    older = [p for p in sorted(root.glob("step_*")) if p.name <= final.name]
+    for old in older[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
 
 
@@ -133,31 +162,91 @@ def is_sharded_checkpoint(ckpt: str | os.PathLike) -> bool:
 def find_checkpoint(path: str | os.PathLike) -> Path:
     """A checkpoint folder from itself, a run folder, or a run's `checkpoints/` folder (its latest)."""
     p = Path(path)
+    via_latest = False
     for candidate in (p, p / "checkpoints"):
         if (candidate / "latest").is_file():
             p = candidate / (candidate / "latest").read_text().strip()
+            via_latest = True
             break
     needed = CHECKPOINT_FILES
     if is_sharded_checkpoint(p):  # FSDP: DCP shards in dcp/ instead of model.safetensors
         needed = tuple(f for f in CHECKPOINT_FILES if f != "model.safetensors")
     missing = [f for f in needed if not (p / f).is_file()]
+    if missing and (via_latest or len(missing) < len(needed)):  # a checkpoint, but an incomplete one
+        raise CheckpointError(p / missing[0], "is missing")
     if missing:
         raise FileNotFoundError(f"{path}: not a checkpoint (no {', '.join(missing)}); give a run folder or "
                                 f"runs/NAME/checkpoints/step_N")
     return p
 
 
-def find_resume_checkpoint(cfg: Config) -> Path | None:
-    """The checkpoint to resume from (None: none yet), checked against this run's model."""
+def check_checkpoint(ckpt: Path, full: bool = False) -> None:
+    """Raise `CheckpointError` unless every file of `ckpt` is present and readable.
+
+    Cheap by default (safetensors header and size, the zip directory of trainer_state.pt, config.yaml);
+    `full` also unpickles trainer_state.pt.
+    """
+    needed = CHECKPOINT_FILES
+    if is_sharded_checkpoint(ckpt):
+        needed = tuple(f for f in CHECKPOINT_FILES if f != "model.safetensors")
+    for name in needed:
+        if not (ckpt / name).is_file():
+            raise CheckpointError(ckpt / name, "is missing")
     try:
-        ckpt = find_checkpoint(cfg.train.out_dir)
-    except FileNotFoundError:
+        load_config(ckpt / "config.yaml")
+    except ConfigError as e:
+        raise CheckpointError(ckpt / "config.yaml", f"cannot be read ({e})") from None
+    file = ckpt / "model.safetensors"
+    if "model.safetensors" in needed:
+        try:
+            with safe_open(str(file), "pt"):
+                pass
+        except Exception as e:  # the Rust reader raises its own error types
+            raise _unreadable(file, e) from None
+    file = ckpt / "trainer_state.pt"
+    try:
+        if full:
+            _read_trainer_state(ckpt, "cpu")
+        else:
+            zipfile.ZipFile(file).close()
+    except CheckpointError:
+        raise
+    except Exception as e:  # zipfile.BadZipFile, OSError
+        raise _unreadable(file, e) from None
+
+
+def find_resume_checkpoint(cfg: Config, quiet: bool = False) -> Path | None:
+    """The checkpoint to resume from (None: none yet), checked against this run's model.
+
+    The newest intact one: when `latest` cannot be read, an older step_N is taken and one line on
+    stderr says so (unless `quiet`); none intact is a `CheckpointError` naming them.
+    """
+    root = Path(cfg.train.out_dir) / "checkpoints"
+    candidates = sorted(root.glob("step_*"), reverse=True)
+    if (root / "latest").is_file():
+        newest = root / (root / "latest").read_text().strip()
+        candidates = [newest] + [c for c in candidates if c != newest]
+    if not candidates:
         return None
-    saved = load_config(ckpt / "config.yaml")
-    if saved.model != cfg.model:
-        raise ConfigError(f"--resume: the model in {ckpt}/config.yaml differs from this config's; "
-                          f"resume with the same model.* settings")
-    return ckpt
+    problems = []
+    for ckpt in candidates:
+        try:
+            check_checkpoint(ckpt, full=True)
+        except CheckpointError as e:
+            problems.append(e)
+            continue
+        saved = load_config(ckpt / "config.yaml")
+        if saved.model != cfg.model:
+            raise ConfigError(f"--resume: the model in {ckpt}/config.yaml differs from this config's; "
+                              f"resume with the same model.* settings")
+        if problems and not quiet:
+            bad = "; ".join(f"{e.file} {e.problem}" for e in problems)
+            print(f"--resume: {bad}: resuming from {ckpt} instead (the unreadable checkpoint is left as it is)",
+                  file=sys.stderr)
+        return ckpt
+    bad = "; ".join(f"{e.file} {e.problem}" for e in problems)
+    raise CheckpointError(root, f"holds no intact checkpoint ({bad})",
+                          f"restore the files, or remove {root} to start from step 0")
 
 
 # --------------------------------------------------------------------------- reading
@@ -168,7 +257,7 @@ def load_model_weights(model: nn.Module, ckpt: str | os.PathLike, device: str | 
     """
     ckpt = Path(ckpt)
     if not is_sharded_checkpoint(ckpt):
-        load_model(model, str(ckpt / "model.safetensors"), device=str(device))
+        _load_safetensors(model, ckpt, device)
         return
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
@@ -214,6 +303,27 @@ def _dcp_load(state: dict, ckpt: str | os.PathLike, no_dist: bool) -> None:
         dcp.load(state, checkpoint_id=str(Path(ckpt) / SHARDED_DIR), no_dist=no_dist)
 
 
+def _load_safetensors(model: nn.Module, ckpt: Path, device: str | torch.device = "cpu") -> None:
+    """`model.safetensors` of `ckpt` into `model`; unreadable or mismatched weights are a `CheckpointError`."""
+    file = ckpt / "model.safetensors"
+    try:
+        load_model(model, str(file), device=str(device))
+    except RuntimeError as e:  # missing/unexpected keys or shapes: the config does not describe these weights
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(file, f"does not match the model of {ckpt / 'config.yaml'} ({first})",
+                              "load it with the config it was trained with (no model.* overrides)") from None
+    except Exception as e:  # the Rust reader's own error types
+        raise _unreadable(file, e) from None
+
+
+def _read_trainer_state(ckpt: Path, device: str | torch.device) -> dict:
+    file = ckpt / "trainer_state.pt"
+    try:
+        return torch.load(file, map_location=device, weights_only=False)
+    except Exception as e:  # torch raises RuntimeError, EOFError, UnpicklingError, ... for a damaged file
+        raise _unreadable(file, e) from None
+
+
 def load_training_state(ckpt: Path, cfg: Config, ctx: DistContext, model: nn.Module, optimizer, scheduler,
                         make_optimizer: Callable[[nn.Module], torch.optim.Optimizer]) -> int:
     """Restore model, optimizer, scheduler and RNGs from `ckpt` into a run's (wrapped) objects; -> its step.
@@ -222,17 +332,17 @@ def load_training_state(ckpt: Path, cfg: Config, ctx: DistContext, model: nn.Mod
     checkpoint continued under FSDP is loaded whole into one, then sharded.
     """
     device = ctx.device
-    state = torch.load(ckpt / "trainer_state.pt", map_location=device, weights_only=False)
+    state = _read_trainer_state(ckpt, device)
     if is_sharded_checkpoint(ckpt):
         load_sharded_checkpoint(ckpt, model, optimizer)  # any world size: DCP reshards
     elif ctx.sharded:  # a none/ddp checkpoint continued under FSDP: load it whole, then shard it
         plain = build_model(cfg)
-        load_model(plain, str(ckpt / "model.safetensors"))
+        _load_safetensors(plain, ckpt)
         plain_optimizer = make_optimizer(plain)
         plain_optimizer.load_state_dict(state["optimizer"])
         load_full_state(model, optimizer, plain, plain_optimizer)
     else:
-        load_model(unwrap(model), str(ckpt / "model.safetensors"), device=str(device))
+        _load_safetensors(unwrap(model), ckpt, device)
         optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"])
@@ -241,8 +351,9 @@ def load_training_state(ckpt: Path, cfg: Config, ctx: DistContext, model: nn.Mod
 
 def load_trained(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = (),
                  device: str | torch.device = "cpu") -> tuple[Config, LanguageModel]:
-    """(config, model with the checkpoint's weights) of a checkpoint or run folder."""
+    """(config, model with the checkpoint's weights) of a checkpoint or run folder; `CheckpointError` if unreadable."""
     ckpt = find_checkpoint(path)
+    check_checkpoint(ckpt)
     cfg = load_config(ckpt / "config.yaml", overrides)
     model = build_model(cfg)
     load_model_weights(model, ckpt, device)

@@ -127,7 +127,7 @@ def _train(cfg: Config, ctx: distributed.DistContext, resume: bool, max_steps: i
     out_dir = Path(t.out_dir)
     main = ctx.is_main
     device = ctx.device
-    ckpt = distributed.on_all_ranks(ctx, lambda: checkpoint.find_resume_checkpoint(cfg)) if resume else None
+    ckpt = distributed.on_all_ranks(ctx, lambda: checkpoint.find_resume_checkpoint(cfg, quiet or not main)) if resume else None
     if resume and ckpt is None and main and not quiet:
         print(f"no checkpoint in {out_dir}: starting from step 0")
 
