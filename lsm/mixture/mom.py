@@ -27,7 +27,8 @@ from torch import Tensor, nn
 
 from lsm.layers import MixerOutput, RuleLayer
 from lsm.mixture.routing import Router, Routing, dispatch, load_balancing_loss, take_rows, take_tokens
-from lsm.modules import ShortConv, seq_positions, use_kernels
+from lsm.modules import ShortConv, seq_positions
+from lsm.rules.backends import use_conv_kernel
 from lsm.rules.base import DecodeState, mix_slots, with_shared_slot
 
 
@@ -140,7 +141,7 @@ class MixtureOfMemories(RuleLayer):
         B, T, MC = lin.shape
         Ms = self.num_states
         conv = self.convs[name] if name in self.convs else None
-        if conv is not None and cache is None and conv.kernel_size <= 4 and use_kernels(self.backend, lin):
+        if conv is not None and cache is None and use_conv_kernel(self.backend, lin, conv.kernel_size):
             from lsm_kernels.conv import short_conv
             pos = None if cu_seqlens is None else seq_positions(cu_seqlens, T)
             return short_conv(lin, conv.weight, conv.bias, pos, conv.activation, head, gather=(d.src, d.inv, Ms))

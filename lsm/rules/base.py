@@ -18,17 +18,17 @@ only for CPU tensors: on an accelerator they would force a host synchronisation 
 """
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
+from lsm.rules import backends
 from lsm.rules._chunking import ChunkLayout
+from lsm.rules.backends import BACKENDS, Backend
+from lsm.rules.gates import NoGates
 
-Backend = Literal["auto", "torch", "triton", "fla"]
-BACKENDS = ("auto", "torch", "triton", "fla")
 DecodeState = tuple[Tensor, ...]
 
 
@@ -49,35 +49,6 @@ class GateSpec:
 def _check(cond: bool, exc: type[Exception], msg: str) -> None:
     if not cond:
         raise exc(msg)
-
-
-#: The "auto" policy on CUDA: per compute capability, the rules whose Triton kernels (this project's)
-#: measured at least as fast as fla's at every size of benchmarks/bench_kernels.py (B*T = 32K, H = 16,
-#: D = 128, T = 2048 and 8192, bf16; numbers in benchmarks/README.md), for training (forward+backward,
-#: used when an input requires grad) and for inference (forward). "auto" picks ours for these, fla's
-#: kernel where fla has the rule, else ours, else the torch form. An unlisted device gets fla wherever
-#: fla has the rule.
-TRITON_FIRST: dict[tuple[int, int], dict[str, frozenset[str]]] = {
-    # H100 (sm_90), triton 3.7.1, fla 0.6.0. fwd+bwd fla/ours: linear_attention 1.27/1.34, retnet 1.27/1.31,
-    # lightning 1.26/1.31, mamba2 1.37/1.39 (T=2048/8192). Forward: retnet 1.37/1.02, lightning 1.40/1.02;
-    # linear_attention 0.97/1.05 and mamba2 1.08/0.98 lose at one size. gla, hgrn2 (0.56), deltanet
-    # (0.88), gated_deltanet (0.82) stay on fla.
-    (9, 0): {"train": frozenset({"linear_attention", "retnet", "lightning", "mamba2"}),
-             "infer": frozenset({"retnet", "lightning"})},
-}
-
-
-@functools.lru_cache(maxsize=None)
-def _capability(device: torch.device) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(device)
-
-
-def _has_fla() -> bool:
-    try:
-        import fla  # noqa: F401
-    except Exception:  # fla imports triton, which can fail on exotic platforms
-        return False
-    return True
 
 
 class UpdateRule:
@@ -191,7 +162,7 @@ class UpdateRule:
         _check(isinstance(state, tuple), TypeError,
                f"{self.name}: `state` must be the tuple returned by init_state/state_from_final/step, got {type(state).__name__}")
         gates = self._fill(q, gates)
-        backend = self._resolve_step_backend(backend, q)
+        backend = backends.resolve_step(self, backend, q, k, v, state, gates)
         step = self._step_triton if backend == "triton" else self._step
         o, state = step(q, k, v, state, self._scale(scale, q), **gates)
         return o.to(v.dtype), state  # like chunk/recurrent: the output in the inputs' dtype, the state in float32
@@ -228,7 +199,7 @@ class UpdateRule:
         selected states are gathered, stepped with `step` as one batch, and scattered back.
         """
         B, Ms = state[0].shape[:2]
-        backend = self._resolve_step_backend(backend, q)
+        backend = backends.resolve_step(self, backend, q, k, v, state, gates)
         fused = (backend == "triton" and self.has_triton_step and len(state) == 1 and state[0].dtype == torch.float32
                  and state[0].is_contiguous()
                  and not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, state[0], weight,
@@ -253,14 +224,6 @@ class UpdateRule:
                            scale=scale, backend=backend, **per_memory, **fixed)
         state = tuple(s.scatter(1, at(s), n.unflatten(0, (B, S)).to(s.dtype)) for s, n in zip(state, new))
         return mix_slots(o.unflatten(0, (B, S)), w), state
-
-    def _resolve_step_backend(self, backend: str, q: Tensor) -> str:
-        _check(backend in BACKENDS, ValueError, f"{self.name}: unknown backend {backend!r}; choose one of {BACKENDS}")
-        if backend == "auto":
-            return "triton" if (q.is_cuda and self.has_triton_step) else "torch"
-        if backend == "fla":  # a decode step is one small update; fla's fused_recurrent adds launch overhead only
-            return "torch"
-        return backend
 
     # ---------------------------------------------------------------- recurrent (the definition)
     def recurrent(self, q: Tensor, k: Tensor, v: Tensor, initial_state: Tensor | None = None,
@@ -323,7 +286,7 @@ class UpdateRule:
                        f"{self.name}: `max_seqlen`={max_seqlen} is shorter than the longest sequence ({longest})")
         gates = self._fill(q, gates)
         scale = self._scale(scale, q)
-        backend = self.resolve_backend(backend, q)
+        backend = self.resolve_backend(backend, q, k, v, gates)
         if backend == "fla":
             return self._chunk_fla(q, k, v, initial_state, output_final_state, scale, cu_seqlens, **gates)
         if backend == "triton":
@@ -332,26 +295,23 @@ class UpdateRule:
         o, S = self._chunk_torch(q, k, v, initial_state, scale, layout, **gates)
         return o.to(v.dtype), (S if output_final_state else None)
 
-    def resolve_backend(self, backend: str, q: Tensor) -> str:
-        """The concrete backend `chunk` runs for `backend` on q's device."""
-        _check(backend in BACKENDS, ValueError, f"{self.name}: unknown backend {backend!r}; choose one of {BACKENDS}")
-        if backend == "auto":
-            if not q.is_cuda:
-                return "torch"
-            ours = type(self)._chunk_triton is not UpdateRule._chunk_triton
-            if ours:
-                mode = "train" if torch.is_grad_enabled() and getattr(q, "requires_grad", False) else "infer"
-                if self.name in TRITON_FIRST.get(_capability(q.device), {}).get(mode, ()):
-                    return "triton"
-            if self.has_fla and _has_fla():
-                return "fla"
-            return "triton" if ours else "torch"
-        if backend == "fla":
-            _check(self.has_fla, ValueError, f"{self.name}: flash-linear-attention has no kernel for this rule; use backend='torch'")
-            _check(q.is_cuda, ValueError, f"{self.name}: backend='fla' runs Triton kernels on a GPU; q is on {q.device}. Use backend='torch' on CPU")
-        return backend
+    def resolve_backend(self, backend: str, q: Tensor, k: Tensor | None = None, v: Tensor | None = None,
+                        gates: dict | None = None) -> str:
+        """The concrete backend `chunk` runs for `backend` on q's device (lsm.rules.backends.resolve_chunk)."""
+        return backends.resolve_chunk(self, backend, q, k, v, gates)
+
+    def kernel_refusal(self, call: Literal["chunk", "step"], backend: str, q: Tensor, k: Tensor | None,
+                       v: Tensor | None, gates: dict, state: DecodeState | None = None, auto: bool = False) -> str | None:
+        """Why `backend`'s kernel cannot take this `call` (a message naming the option and the fix), or None.
+
+        The hook of lsm.rules.backends: an explicit backend raises the message as a `ValueError`; `auto`
+        (asked while resolving backend="auto") may also decline calls the kernel takes but runs slower
+        than the torch form, and then runs the torch form. Reads shapes, dtypes and flags only."""
+        return None
 
     has_fla: bool = False
+    #: True for rules with a chunked Triton kernel (`_chunk_triton`)
+    has_triton_chunk: bool = False
 
     def _chunk_torch(self, q, k, v, initial_state, scale, layout: ChunkLayout, **gates) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
@@ -381,13 +341,6 @@ def mix_slots(o: Tensor, w: Tensor) -> Tensor:
     """Weighted sum over slots: o `[L, S, H, V]`, w `[L, S]` -> `[L, H, V]` in o's dtype (summed in >= float32)."""
     ct = torch.promote_types(o.dtype, torch.float32)
     return (o.to(ct) * w.to(ct)[..., None, None]).sum(1).to(o.dtype)
-
-
-class NoGates(nn.Module):
-    """Gate module of rules without per-token gates."""
-
-    def forward(self, x: Tensor) -> dict[str, Tensor]:
-        return {}
 
 
 _REGISTRY: dict[str, UpdateRule] = {}
