@@ -19,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+
 # ----------------------------------------------------------------------------------------- launch
 def _tune(key: list[str], warps=(2, 4, 8), stages=(2, 3, 4)):
     """Autotune launch parameters on a GPU (the interpreter has nothing to tune). Every tuned kernel

@@ -37,8 +37,20 @@ import torch
 import triton
 import triton.language as tl
 
-from lsm_kernels._common import (GAMMA, NONE, SCALAR, VECTOR, _blocks, _check_device, _chunk_rows,
-                                 _load_G_head, _prec, _tune, chunk_layout, decay_kind)
+from lsm_kernels._common import (
+    GAMMA,
+    NONE,
+    SCALAR,
+    VECTOR,
+    _blocks,
+    _check_device,
+    _chunk_rows,
+    _load_G_head,
+    _prec,
+    _tune,
+    chunk_layout,
+    decay_kind,
+)
 
 
 # ----------------------------------------------------------------------------------------- forward

@@ -286,8 +286,12 @@ def load_full_state(model: nn.Module, optimizer, plain_model: nn.Module, plain_o
     Goes through the full (unsharded, name-keyed) state dicts, so `model` may be FSDP-sharded on any
     number of ranks; every rank passes the same `plain_*` objects.
     """
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_optimizer_state_dict, set_state_dict)
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_state_dict,
+    )
 
     full = StateDictOptions(full_state_dict=True)
     model_sd = get_model_state_dict(plain_model, options=full)

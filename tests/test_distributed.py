@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lsm.config import ConfigError, load_config
 from lsm.checkpoint import find_checkpoint, is_sharded_checkpoint, load_trained
+from lsm.config import ConfigError, load_config
 from lsm.distributed import DistributedError
 from lsm.train import train
 

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from lsm.rules import backends
 from lsm.rules._chunking import ChunkLayout
-from lsm.rules.backends import BACKENDS, Backend
+from lsm.rules.backends import Backend
 from lsm.rules.gates import NoGates
 
 DecodeState = tuple[Tensor, ...]
@@ -69,7 +69,8 @@ class UpdateRule:
         nd = 3 if single_step else 4
         lay = "[B, H, K]" if single_step else "[B, T, H, K]"
         _check(q.dim() == nd, ValueError, f"{self.name}: `q` must be {lay}, got shape {tuple(q.shape)}")
-        _check(k.shape == q.shape, ValueError, f"{self.name}: `k` must have the shape of `q` {tuple(q.shape)}, got {tuple(k.shape)}")
+        _check(k.shape == q.shape, ValueError,
+               f"{self.name}: `k` must have the shape of `q` {tuple(q.shape)}, got {tuple(k.shape)}")
         _check(v.dim() == nd and v.shape[:-1] == q.shape[:-1], ValueError,
                f"{self.name}: `v` must be {lay[:-2]}V] matching q's leading dims {tuple(q.shape[:-1])}, got {tuple(v.shape)}")
         _check(q.dtype == k.dtype == v.dtype, TypeError,
@@ -105,15 +106,19 @@ class UpdateRule:
                    f"{self.name}: `cu_seqlens` must be a 1-D int32/int64 tensor [N+1], got "
                    f"{cu_seqlens.dtype if isinstance(cu_seqlens, Tensor) else type(cu_seqlens).__name__}"
                    f"{' of shape ' + str(tuple(cu_seqlens.shape)) if isinstance(cu_seqlens, Tensor) else ''}")
-            _check(B == 1, ValueError, f"{self.name}: with `cu_seqlens` the sequences are packed along T, so the batch size must be 1, got B={B}")
-            _check(cu_seqlens.numel() >= 2, ValueError, f"{self.name}: `cu_seqlens` needs at least 2 entries [0, ..., T], got {cu_seqlens.numel()}")
+            _check(B == 1, ValueError,
+                   f"{self.name}: with `cu_seqlens` the sequences are packed along T, so the batch size must be 1, got B={B}")
+            _check(cu_seqlens.numel() >= 2, ValueError,
+                   f"{self.name}: `cu_seqlens` needs at least 2 entries [0, ..., T], got {cu_seqlens.numel()}")
             N = cu_seqlens.numel() - 1
             if cu_seqlens.device.type == "cpu":
                 c = cu_seqlens
                 _check(int(c[0]) == 0, ValueError, f"{self.name}: `cu_seqlens` must start at 0, got {int(c[0])}")
                 if not bool((c[1:] >= c[:-1]).all()):
-                    raise ValueError(f"{self.name}: `cu_seqlens` must be non-decreasing (cumulative sequence lengths), got {c.tolist()}")
-                _check(int(c[-1]) == T, ValueError, f"{self.name}: `cu_seqlens` must end at T={T} (the packed length), got {int(c[-1])}")
+                    raise ValueError(f"{self.name}: `cu_seqlens` must be non-decreasing (cumulative sequence lengths), "
+                                     f"got {c.tolist()}")
+                _check(int(c[-1]) == T, ValueError,
+                       f"{self.name}: `cu_seqlens` must end at T={T} (the packed length), got {int(c[-1])}")
         if initial_state is not None:
             _check(isinstance(initial_state, Tensor) and initial_state.is_floating_point(), TypeError,
                    f"{self.name}: `initial_state` must be a floating-point tensor [N, H, K, V]")

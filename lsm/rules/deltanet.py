@@ -1,4 +1,7 @@
-"""deltanet: `S_t = (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T` (DeltaNet, Schlag et al., 2021; chunked by Yang et al., 2024)."""
+"""deltanet: `S_t = (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T`.
+
+DeltaNet (Schlag et al., 2021), chunked by Yang et al. (2024).
+"""
 from __future__ import annotations
 
 from lsm.rules._delta import DeltaRule

@@ -60,8 +60,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lsm.rules._chunking import ChunkLayout
 from lsm.rules import backends
+from lsm.rules._chunking import ChunkLayout
 from lsm.rules.base import GateSpec, UpdateRule, _check, register
 from lsm.rules.gates import TTTGate
 
