@@ -25,6 +25,7 @@ when a new checkpoint is written.
 """
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -37,15 +38,24 @@ from typing import Callable
 
 import torch
 import torch.distributed as dist
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 from safetensors import safe_open
 from safetensors.torch import load_model, save_model
 from torch import nn
 
-from lsm.config import Config, ConfigError, load_config, to_yaml
+from lsm.config import Config, ConfigError, from_dict, load_config, to_yaml
 from lsm.distributed import DistContext, barrier, unwrap
 from lsm.model import LanguageModel, build_model
 
 CHECKPOINT_FILES = ("model.safetensors", "config.yaml", "trainer_state.pt")
+# A Hugging Face folder written by `lsm export` (lsm.export writes it, lsm.hf loads it in transformers):
+MODEL_TYPE = "lsm"
+ARCHITECTURE = "LSMForCausalLM"
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+PREFIX = "model."   # LSMForCausalLM.model is the LanguageModel
+
 SHARDED_DIR = "dcp"            # the DCP folder inside a checkpoint written under FSDP
 
 
@@ -353,9 +363,64 @@ def load_training_state(ckpt: Path, cfg: Config, ctx: DistContext, model: nn.Mod
     return state["step"]
 
 
+# --------------------------------------------------------------------------- Hugging Face folders (lsm export)
+def is_hf_folder(path: str | os.PathLike) -> bool:
+    """Whether `path` is a folder with a Hugging Face `config.json` (lsm's or another model's)."""
+    return (Path(path) / CONFIG_FILE).is_file()
+
+
+def lsm_config_of(data: dict, where: str, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """The lsm `Config` inside a config.json's content; `ConfigError` naming `where` for another model type."""
+    if data.get("model_type") != MODEL_TYPE or not isinstance(data.get("lsm"), dict):
+        raise ConfigError(f"{where}: a {data.get('model_type', 'untyped')!r} model, not an lsm export "
+                          f"(model_type {MODEL_TYPE!r} with an 'lsm' config); write one with `lsm export RUN OUT_DIR`")
+    for o in overrides:
+        if "=" not in o:
+            raise ConfigError(f"override {o!r} must look like key=value (e.g. eval.batch_size=64)")
+    try:
+        merged = OmegaConf.merge(OmegaConf.create(data["lsm"]), OmegaConf.from_dotlist(list(overrides)))
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{where}: bad config or override: {str(e).strip().splitlines()[0]}") from None
+    return from_dict(merged)
+
+
+def read_hf_config(folder: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """The lsm config of an exported folder (dot-list overrides applied)."""
+    path = Path(folder) / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder}: no {CONFIG_FILE}; give a folder written by `lsm export`")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e.msg}, line {e.lineno})") from None
+    return lsm_config_of(data if isinstance(data, dict) else {}, str(path), overrides)
+
+
+def load_hf_weights(model: torch.nn.Module, folder: str | os.PathLike) -> None:
+    """The weights of an exported folder into a `LanguageModel` (every parameter must be there; a tied head is)."""
+    from safetensors.torch import load_file
+
+    path = Path(folder) / WEIGHTS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder}: no {WEIGHTS_FILE}; give a folder written by `lsm export`")
+    state = {k[len(PREFIX):]: v for k, v in load_file(str(path)).items() if k.startswith(PREFIX)}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {"head.weight"} if model.head.weight is model.embed.weight else set()
+    missing = set(missing) - tied
+    if missing or unexpected:
+        raise ConfigError(f"{path}: weights do not fit the model of its config.json "
+                          f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
+
+
 def load_trained(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = (),
                  device: str | torch.device = "cpu") -> tuple[Config, LanguageModel]:
-    """(config, model with the checkpoint's weights) of a checkpoint or run folder; `CheckpointError` if unreadable."""
+    """(config, model with the checkpoint's weights) of a checkpoint or run folder, or of an `lsm export` folder;
+    `CheckpointError` if unreadable."""
+    if is_hf_folder(path):
+        cfg = read_hf_config(path, overrides)
+        model = build_model(cfg)
+        load_hf_weights(model, path)
+        return cfg, model.to(device).eval()
     ckpt = find_checkpoint(path)
     check_checkpoint(ckpt)
     cfg = load_config(ckpt / "config.yaml", overrides)

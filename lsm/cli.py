@@ -4,9 +4,11 @@
     lsm train configs/mqar_gdn_mom.yaml train.steps=200 # dot-list overrides after the config
     lsm train configs/text_gdn.yaml --resume
     NCCL_NVLS_ENABLE=0 torchrun --nproc_per_node 2 -m lsm train configs/mqar_gdn_mom.yaml train.parallel=fsdp
+    lsm info configs/mqar_gdn_mom.yaml                  # parameters, state and FLOPs of the declared model
     lsm eval runs/text_gdn
     lsm ablate configs/ablate_rules.yaml
     lsm generate runs/text_gdn --prompt "def main("
+    lsm export runs/text_gdn out/text_gdn-hf            # a Hugging Face folder (see lsm.hf); eval/generate take it too
 
 A bad config is one line on stderr and exit status 2; a diverged run exits with status 1.
 """
@@ -44,6 +46,17 @@ def _cmd_train(args) -> int:
     return 0
 
 
+def _cmd_info(args) -> int:
+    from lsm.accounting import account_config
+    from lsm.config import load_config
+    from lsm.console import info_lines
+
+    cfg = load_config(args.config, args.overrides)
+    print(f"{cfg.name}:")
+    print("\n".join(info_lines(cfg, account_config(cfg))))
+    return 0
+
+
 def _cmd_eval(args) -> int:
     from lsm.evaluate import evaluate_checkpoint, format_result
 
@@ -70,6 +83,15 @@ def _cmd_ablate(args, config=None) -> int:
 
 def _cmd_main(args) -> int:
     return _cmd_ablate(args, args.config or _default_config())
+
+
+def _cmd_export(args) -> int:
+    from lsm.export import export
+
+    out = export(args.checkpoint, args.out_dir)
+    print(f"wrote {out} (config.json, model.safetensors); load it with `import lsm.hf` and "
+          f"transformers.AutoModelForCausalLM.from_pretrained({str(out)!r}), or `lsm eval {out}`")
+    return 0
 
 
 def _cmd_generate(args) -> int:
@@ -114,8 +136,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (resume later)")
     t.set_defaults(func=_cmd_train)
 
+    i = sub.add_parser("info", help="parameters (total, active), state per sequence and per token, FLOPs per token")
+    i.add_argument("config")
+    i.add_argument("overrides", **ov)
+    i.set_defaults(func=_cmd_info)
+
     e = sub.add_parser("eval", help="evaluate a checkpoint (MQAR accuracy per pairs, or bits per byte)")
-    e.add_argument("checkpoint", help="a run folder or a checkpoint folder")
+    e.add_argument("checkpoint", help="a run folder, a checkpoint folder or an `lsm export` folder")
     e.add_argument("overrides", **ov)
     e.add_argument("--device", default="auto")
     e.set_defaults(func=_cmd_eval)
@@ -130,6 +157,11 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--config", default=None, help=f"another experiment config (default configs/{DEFAULT_EXPERIMENT})")
     m.add_argument("overrides", **ov)
     m.set_defaults(func=_cmd_main)
+
+    x = sub.add_parser("export", help="write a Hugging Face folder (config.json + model.safetensors) of a run")
+    x.add_argument("checkpoint", help="a run folder or a checkpoint folder (single-file or sharded)")
+    x.add_argument("out_dir")
+    x.set_defaults(func=_cmd_export)
 
     g = sub.add_parser("generate", help="sample from a checkpoint")
     g.add_argument("checkpoint")

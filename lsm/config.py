@@ -127,6 +127,7 @@ class TrainConfig:
     keep_checkpoints: int = 2          # keep the newest n checkpoints
     progress: bool = True              # tqdm progress bar
     tensorboard: bool = True           # also log to TensorBoard when it is installed
+    peak_tflops: float = 0.0           # device peak TFLOP/s for MFU; 0 = from lsm.console's table by GPU name
 
 
 @dataclass
@@ -340,7 +341,7 @@ def validate(cfg: Config) -> None:
 
     for key in ("steps", "batch_size", "grad_accum", "log_every", "keep_checkpoints"):
         _positive(f"train.{key}", getattr(t, key))
-    for key in ("threads", "warmup_steps", "eval_every", "ckpt_every", "grad_clip", "weight_decay"):
+    for key in ("threads", "warmup_steps", "eval_every", "ckpt_every", "grad_clip", "weight_decay", "peak_tflops"):
         if getattr(t, key) < 0:
             raise ConfigError(f"train.{key}: must be >= 0, got {getattr(t, key)}")
     _positive("train.lr", t.lr)

@@ -26,7 +26,10 @@ class Batch:
     labels: Tensor     # [B, T] int64, IGNORE where there is no target
 
     def to(self, device) -> "Batch":
-        return Batch(self.input_ids.to(device, non_blocking=True), self.labels.to(device, non_blocking=True))
+        """Copy to `device`; to CUDA from pinned memory, so the copy does not wait for the queued GPU work."""
+        if torch.device(device).type != "cuda":
+            return Batch(self.input_ids.to(device), self.labels.to(device))
+        return Batch(*(x.pin_memory().to(device, non_blocking=True) for x in (self.input_ids, self.labels)))
 
 
 def _generator(seed: int, split: str, *key: int) -> torch.Generator:

@@ -248,8 +248,8 @@ def train_shard(data, step: int, batch_size: int, micro: int, ctx: DistContext) 
     return Batch(batch.input_ids[r::w].contiguous(), batch.labels[r::w].contiguous())
 
 
-def token_mean_loss(logits: Tensor, labels: Tensor, ctx: DistContext) -> tuple[Tensor, Tensor]:
-    """(loss to backpropagate, the global micro-batch's mean loss, detached).
+def token_mean_loss(logits: Tensor, labels: Tensor, ctx: DistContext | None = None) -> tuple[Tensor, Tensor]:
+    """(loss to backpropagate, the global micro-batch's mean loss, detached); `ctx` None: one process.
 
     logits `[b, T, V]`, labels `[b, T]` (this rank's shard). With several ranks the summed
     cross-entropy is divided by the labelled-token count of the *global* micro-batch and
@@ -257,7 +257,7 @@ def token_mean_loss(logits: Tensor, labels: Tensor, ctx: DistContext) -> tuple[T
     gradient is the one of the global token mean, whatever each rank's share of labels.
     """
     flat_logits, flat_labels = logits.float().flatten(0, 1), labels.flatten()
-    if ctx.world_size == 1:
+    if ctx is None or ctx.world_size == 1:
         loss = F.cross_entropy(flat_logits, flat_labels, ignore_index=IGNORE)
         return loss, loss.detach()
     total = F.cross_entropy(flat_logits, flat_labels, ignore_index=IGNORE, reduction="sum")

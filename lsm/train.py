@@ -13,6 +13,14 @@ from `lsm.evaluate`, checkpoints are `lsm.checkpoint`'s. Output folder (`train.o
 A checkpoint is written into a temporary folder and renamed into place, so a crash never leaves a
 half-written one. Batches are a function of the step (see lsm.data), and the
 optimizer, scheduler and RNG states are restored, so a resumed run continues exactly.
+
+The step itself never waits for the device: loss, aux loss and gradient norm stay on the device
+(`lsm.console.StepMeter`) and are read back once per log step (and at evaluation and checkpoint
+steps), so on GPU the NaN/inf divergence check runs there too — it names the first bad step of the
+window, and a diverged model is never evaluated or checkpointed. (On CPU, where reading a value
+waits for nothing, every step is checked.) Every log step prints one line
+(step, loss, lr, grad norm, tokens/s, TFLOP/s, MFU, GPU memory, ETA) and writes the same fields
+to metrics.jsonl and TensorBoard.
 Under torchrun (`train.parallel: ddp | fsdp`) lsm.distributed sets up the process group, wraps the
 model and shards the batches; logging and the progress bar are rank 0's, and checkpoints are rank 0's
 safetensors (ddp) or every rank's DCP shards (fsdp, `checkpoints/step_N/dcp/`).
@@ -29,7 +37,9 @@ import torch
 from torch import nn
 
 from lsm import checkpoint, distributed
+from lsm.accounting import account, config_seq_len
 from lsm.config import Config, to_yaml
+from lsm.console import StepMeter, StepRow, device_peak_tflops, format_line, info_lines
 from lsm.data import Batch, build_data
 from lsm.evaluate import evaluate, summary
 from lsm.model import build_model
@@ -122,6 +132,23 @@ def train(cfg: Config, resume: bool = False, max_steps: int | None = None, quiet
         distributed.teardown(ctx)
 
 
+def _reads_back_every_step(device: torch.device) -> bool:
+    """On CPU the step's values are on the host already (reading them waits for nothing): check every step,
+    so a NaN stops the run at its own step, before the next step's input checks meet NaN weights."""
+    return device.type == "cpu"
+
+
+def _check_finite(rows: list[StepRow]) -> None:
+    """Raise `TrainingDiverged` at the first step whose loss or gradient norm is NaN/inf."""
+    for r in rows:
+        if not math.isfinite(r.loss):
+            raise TrainingDiverged(f"loss is {r.loss} at step {r.step}: training stopped "
+                                   f"(lower train.lr, raise train.warmup_steps, or set train.grad_clip)")
+        if not math.isfinite(r.grad_norm):
+            raise TrainingDiverged(f"gradient norm is {r.grad_norm} at step {r.step}: training stopped "
+                                   f"(lower train.lr or set train.grad_clip)")
+
+
 def _train(cfg: Config, ctx: distributed.DistContext, resume: bool, max_steps: int | None, quiet: bool) -> TrainResult:
     t = cfg.train
     out_dir = Path(t.out_dir)
@@ -133,7 +160,7 @@ def _train(cfg: Config, ctx: distributed.DistContext, resume: bool, max_steps: i
 
     seed_everything(t.seed, threads=t.threads)
     model = build_model(cfg).to(device)
-    num_params = model.num_params()
+    acc = account(model, config_seq_len(cfg))
     model = distributed.wrap_model(model, cfg)
     optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=tuple(t.betas),
                                   fused=device.type == "cuda")
@@ -154,18 +181,22 @@ def _train(cfg: Config, ctx: distributed.DistContext, resume: bool, max_steps: i
     result = TrainResult(out_dir, start, rank=ctx.rank)
     if main and not quiet:
         ranks = f" x {ctx.world_size} ranks ({t.parallel})" if ctx.world_size > 1 else ""
-        print(f"{cfg.name}: {num_params / 1e6:.3f}M parameters on {device}{ranks}, steps {start} -> {end} of {t.steps}")
+        print(f"{cfg.name}: {acc.params_total / 1e6:.3f}M parameters on {device}{ranks}, steps {start} -> {end} of {t.steps}")
+        print("\n".join(info_lines(cfg, acc)))
 
     from tqdm.auto import tqdm
     bar = tqdm(total=t.steps, initial=start, disable=not (t.progress and main) or quiet, dynamic_ncols=True,
                desc=cfg.name, unit="step")
+    every_step = _reads_back_every_step(device)
+    meter = StepMeter(device, flops_per_token=acc.train_flops_per_token, peak_tflops=device_peak_tflops(device, t.peak_tflops))
     t0 = time.perf_counter()
-    tokens_since, time_since = 0, time.perf_counter()
     step = start
     try:
         model.train()
         for step in range(start, end):
-            loss_sum, aux_sum = 0.0, 0.0
+            lm_sum = torch.zeros((), device=device)       # this step's losses, kept on the device
+            aux_sum = torch.zeros((), device=device)
+            tokens = 0
             for micro in range(t.grad_accum):
                 batch: Batch = distributed.train_shard(data, step, t.batch_size, micro, ctx).to(device)
                 with distributed.grad_sync(model, micro == t.grad_accum - 1):  # reduce once per step
@@ -175,42 +206,46 @@ def _train(cfg: Config, ctx: distributed.DistContext, resume: bool, max_steps: i
                         lm_loss, lm_value = distributed.token_mean_loss(out.logits, batch.labels, ctx)
                         loss = lm_loss + out.aux_loss
                     (loss / t.grad_accum).backward()
-                loss_sum += lm_value.item() / t.grad_accum
-                aux_sum += float(out.aux_loss.detach()) / t.grad_accum
-                tokens_since += batch.input_ids.numel() * ctx.world_size
-            if not math.isfinite(loss_sum):
-                raise TrainingDiverged(f"loss is {loss_sum} at step {step + 1}: training stopped "
-                                       f"(lower train.lr, raise train.warmup_steps, or set train.grad_clip)")
+                lm_sum += lm_value.detach().float() / t.grad_accum
+                aux_sum += out.aux_loss.detach().float() / t.grad_accum
+                tokens += batch.input_ids.numel() * ctx.world_size
             grad_norm = distributed.clip_grad_norm(model.parameters(), t.grad_clip if t.grad_clip > 0 else float("inf"))
-            if not math.isfinite(float(grad_norm)):
-                raise TrainingDiverged(f"gradient norm is {float(grad_norm)} at step {step + 1}: training stopped "
-                                       f"(lower train.lr or set train.grad_clip)")
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            result.losses.append(loss_sum)
+            meter.add(step + 1, lm_sum, aux_sum, grad_norm, tokens)
             result.step = step + 1
             bar.update(1)
-            if main and ((step + 1) % t.log_every == 0 or step + 1 == end):
-                elapsed = time.perf_counter() - time_since
-                tok_s = tokens_since / max(elapsed, 1e-9)
-                tokens_since, time_since = 0, time.perf_counter()
-                rec = {"step": step + 1, "loss": round(loss_sum, 6), "aux_loss": round(aux_sum, 6),
-                       "lr": scheduler.get_last_lr()[0], "grad_norm": round(float(grad_norm), 6), "tok_per_s": round(tok_s, 1)}
-                logger.log(rec)
-                bar.set_postfix(loss=f"{loss_sum:.4f}", tok_s=f"{tok_s:,.0f}")
             last = step + 1 == end
-            if (t.eval_every and (step + 1) % t.eval_every == 0) or (last and end == t.steps):
+            log = (step + 1) % t.log_every == 0 or last
+            do_eval = bool(t.eval_every and (step + 1) % t.eval_every == 0) or (last and end == t.steps)
+            do_ckpt = bool(t.ckpt_every and (step + 1) % t.ckpt_every == 0) or last
+            if log or do_eval or do_ckpt or every_step:  # one host read; a diverged model is never evaluated or saved
+                rows = meter.flush()
+                _check_finite(rows)
+                result.losses += [r.loss for r in rows]
+            if main and log:
+                rec = meter.record(scheduler.get_last_lr()[0], end)
+                logger.log(rec)
+                if not quiet:
+                    bar.write(format_line(rec, t.steps))
+            if do_eval:
                 result.eval = evaluate(model, cfg, data, device)
                 model.train()
                 if main:
                     logger.log({"step": step + 1, **{f"eval/{k}": v for k, v in summary(result.eval).items()}})
-                    bar.write(f"step {step + 1}: " + ", ".join(f"{k} {v:.4f}" for k, v in summary(result.eval).items()))
-            if (t.ckpt_every and (step + 1) % t.ckpt_every == 0) or last:
+                    if not quiet:
+                        bar.write(f"step {step + 1}: " + ", ".join(f"{k} {v:.4f}" for k, v in summary(result.eval).items()))
+            if do_ckpt:
                 result.checkpoint = checkpoint.save(ctx, out_dir, model, optimizer, scheduler, step + 1, cfg)
+            if do_eval or do_ckpt:
+                meter.restart_clock()
     except KeyboardInterrupt:
         # several ranks may be interrupted at different points: no collective checkpoint then
         if ctx.world_size == 1 and result.step > start:
+            rows = meter.flush()
+            _check_finite(rows)  # never checkpoint a diverged model
+            result.losses += [r.loss for r in rows]
             result.checkpoint = checkpoint.save(ctx, out_dir, model, optimizer, scheduler, result.step, cfg)
             bar.write(f"interrupted after step {result.step}: checkpoint {result.checkpoint}; continue with --resume")
         raise
