@@ -9,8 +9,8 @@ of BT tokens entered with state S0, with the in-chunk cumulative log-decay G (G 
 `D_ij = exp(G_i - G_j)` (j <= i, every exponent <= 0):
 
     1. _fwd_wy_kernel  (per chunk, head)
-       A = strictly_lower(diag(beta) K K^T * D),  T = (I + A)^{-1} by forward substitution in
-       registers, W = T diag(beta exp(G)) K, U = T diag(beta) V
+       A = strictly_lower(diag(beta) K K^T * D),  T = (I + A)^{-1} blockwise in registers (below),
+       W = T diag(beta exp(G)) K, U = T diag(beta) V
     2. _fwd_h_kernel   (per V tile, sequence x head: the only loop, over the sequence's chunks)
        h_c = S0 (stored),  V_new = U - W S0,  S_end = exp(G_L) S0 + (K exp(G_L - G))^T V_new
     3. lsm_kernels.diag._fwd_o_kernel (per V tile, chunk, head), the diagonal-decay output kernel
@@ -37,8 +37,11 @@ With dS the gradient of the state leaving chunk c and dV_new the gradient of V_n
        dbeta_i = (T^T dU)_i . v_i + exp(G_i) (T^T dW)_i . k_i + sum_j dA_ij (K K^T * D)_ij,
        dG_i += beta_i exp(G_i) (T^T dW)_i . k_i + sum_j dA_ij A_ij - sum_j dA_ji A_ji,
        dg = the in-chunk reverse cumulative sum of dG.
-The inverse T is formed once per chunk, row by row (BT steps of [BT, BT] work), not by fla's
-blockwise 16 x 16 inversion and merge.
+The inverse T is formed once per chunk on 16 x 16 tiles (the idea of fla's solve_tril): with Dg the block
+diagonal of I + A and Lo its strictly block-lower part, the BT / 16 diagonal blocks are inverted together by
+forward substitution (16 steps of [BT / 16, 16, 16] work, not BT steps of [BT, BT]), then
+T = (I + N)^{-1} Dg^{-1} = sum_{p < BT/16} (-N)^p Dg^{-1} with N = Dg^{-1} Lo, whose powers vanish past
+BT / 16 - 1: BT / 16 matmuls on the tensor cores assemble the off-diagonal blocks.
 """
 from __future__ import annotations
 
@@ -70,8 +73,8 @@ def _state_blocks(K: int, V: int) -> tuple[int, int]:
 def _wy_solve(k, beta, G, Tm, rows, m_t, i_h, H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
               GATED: tl.constexpr, T_MODE: tl.constexpr, PREC: tl.constexpr):
     """One chunk's beta `[BT]`, G `[BT]` (0 ungated), D (strictly lower, exp(G_i - G_j)), K K^T `[BT, BT]` and
-    T = (I + strictly_lower(diag(beta) K K^T * D))^{-1} (float32): by forward substitution in registers
-    (T_MODE 0), the same and stored to Tm `[B, T, H, BT]` (1), or loaded from Tm (2)."""
+    T = (I + strictly_lower(diag(beta) K K^T * D))^{-1} (float32): blockwise in registers (T_MODE 0), the same
+    and stored to Tm `[B, T, H, BT]` (1), or loaded from Tm (2). BT is 16, 32 or 64."""
     o_t = tl.arange(0, BT)
     b_beta = tl.load(beta + rows * H + i_h, mask=m_t, other=0.).to(tl.float32)
     b_KK = tl.zeros([BT, BT], dtype=tl.float32)
@@ -91,14 +94,28 @@ def _wy_solve(k, beta, G, Tm, rows, m_t, i_h, H: tl.constexpr, K: tl.constexpr, 
     if T_MODE == 2:
         b_T = tl.load(Tm + rows[:, None] * (H * BT) + i_h * BT + o_t[None, :], mask=m_t[:, None], other=0.)
     else:
-        # row i of L = T - I is -a_i - sum_{j<i} a_ij L_j (rows j < i are final)
-        b_L = -b_KK * b_D * b_beta[:, None]
-        for i in range(1, BT):
-            m_i = o_t == i
-            b_a = tl.sum(tl.where(m_i[:, None], b_L, 0.), 0)
-            b_a += tl.sum(b_a[:, None] * b_L, 0)
-            b_L = tl.where(m_i[:, None], b_a[None, :], b_L)
-        b_T = b_L + (o_t[:, None] == o_t[None, :]).to(tl.float32)
+        # blocked inverse on 16 x 16 tiles: I + A = Dg (I + N), Dg its block diagonal, N = Dg^{-1} Lo with Lo
+        # the strictly block-lower part of A, so T = sum_{p < NS} (-N)^p Dg^{-1} (N^NS = 0, NS = BT / 16)
+        NS: tl.constexpr = BT // 16
+        b_A = b_KK * b_D * b_beta[:, None]                                      # strictly lower
+        o_c = tl.arange(0, 16)
+        o_s = tl.arange(0, NS)
+        same = o_s[:, None, None, None] == o_s[None, None, :, None]             # [NS, 1, NS, 1] diagonal blocks
+        # 1. the NS diagonal blocks at once: row i of L = Dg^{-1} - I is -a_i - sum_{j<i} a_ij L_j
+        b_L = tl.sum(tl.where(same, tl.reshape(-b_A, [NS, 16, NS, 16]), 0.), axis=2)   # [NS, 16, 16]
+        for i in range(1, 16):
+            m_i = (o_c == i)[None, :, None]
+            b_a = tl.sum(tl.where(m_i, b_L, 0.), axis=1)                        # [NS, 16] row i of every block
+            b_a += tl.sum(b_a[:, :, None] * b_L, axis=1)
+            b_L = tl.where(m_i, b_a[:, None, :], b_L)
+        b_Di = tl.reshape(tl.where(same, b_L[:, :, None, :], 0.), [BT, BT]) + (o_t[:, None] == o_t[None, :]).to(tl.float32)
+        # 2. the off-diagonal blocks: NS - 1 matmuls of the block-nilpotent N
+        b_N = tl.dot(b_Di, tl.where(o_t[:, None] // 16 > o_t[None, :] // 16, b_A, 0.), input_precision=PREC)
+        b_P = b_Di
+        b_T = b_Di
+        for _ in tl.static_range(1, NS):
+            b_P = -tl.dot(b_N, b_P, input_precision=PREC)
+            b_T += b_P
         if T_MODE == 1:
             tl.store(Tm + rows[:, None] * (H * BT) + i_h * BT + o_t[None, :], b_T, mask=m_t[:, None])
     return b_beta, b_G, b_D, b_KK, b_T

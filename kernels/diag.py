@@ -129,7 +129,7 @@ def _fwd_A_kernel(q, k, G, A, cu, cseq, cloc, N, H: tl.constexpr, K: tl.constexp
     p_A = A + rows_i[:, None] * (H * BT) + i_h * BT
     for j_c in range(0, i_c):
         rows_j = t0 + j_c * BC + o_c
-        m_j = rows_j < eos
+        m_j = (rows_j < eos) & (r0 < eos)  # a sub-chunk past the end has no r0: exp(-G_j) would overflow
         b_A = tl.zeros([BC, BC], dtype=tl.float32)
         for i_k in range(0, tl.cdiv(K, BK)):
             o_k = i_k * BK + tl.arange(0, BK)
@@ -141,8 +141,9 @@ def _fwd_A_kernel(q, k, G, A, cu, cseq, cloc, N, H: tl.constexpr, K: tl.constexp
             b_k = tl.load(k + p_j, mask=m_j[:, None] & m_k[None, :], other=0.).to(tl.float32)
             b_Gj = tl.load(G + p_j, mask=m_j[:, None] & m_k[None, :], other=0.)
             b_Gr = tl.load(G + r0 * (H * K) + i_h * K + o_k, mask=m_k & (r0 < eos), other=0.)
-            b_qg = b_q * tl.exp(tl.where(m_i[:, None], b_Gi - b_Gr[None, :], float("-inf")))
-            b_kg = b_k * tl.exp(tl.where(m_j[:, None], b_Gr[None, :] - b_Gj, float("-inf")))
+            # folded factors are <= 1: the operands go back to the input dtype (bf16 tensor cores)
+            b_qg = (b_q * tl.exp(tl.where(m_i[:, None], b_Gi - b_Gr[None, :], float("-inf")))).to(q.dtype.element_ty)
+            b_kg = (b_k * tl.exp(tl.where(m_j[:, None], b_Gr[None, :] - b_Gj, float("-inf")))).to(k.dtype.element_ty)
             b_A += tl.dot(b_qg, tl.trans(b_kg), input_precision=PREC)
         tl.store(p_A + (j_c * BC + o_c)[None, :], b_A, mask=m_i[:, None])
     b_A = tl.zeros([BC, BC], dtype=tl.float32)
@@ -393,7 +394,7 @@ def _bwd_intra_kernel(q, k, G, dA, dq32, dk32, dq, dk, dgx, cu, cseq, cloc, N, H
     b_dq = tl.zeros([BC, BK], dtype=tl.float32)
     for j_c in range(0, i_c):
         rows_j = t0 + j_c * BC + o_c
-        m_j = rows_j < eos
+        m_j = (rows_j < eos) & (r0 < eos)  # a sub-chunk past the end has no r0: exp(-G_j) would overflow
         p_j = rows_j[:, None] * (H * K) + i_h * K + o_k[None, :]
         b_kj = tl.load(k + p_j, mask=m_j[:, None] & m_k[None, :], other=0.).to(tl.float32)
         b_Gj = tl.load(G + p_j, mask=m_j[:, None] & m_k[None, :], other=0.)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lsm import rules
-from lsm.modules import GatedRMSNorm, ShortConv
+from lsm.modules import GatedRMSNorm, ShortConv, rule_inputs
 from lsm.rules.base import DecodeState, UpdateRule
 
 
@@ -56,6 +56,10 @@ def check_dims(hidden_size: int, num_heads: int, head_dim: int | None, value_dim
 
 class RuleLayer(nn.Module):
     """Single-memory linear-attention layer for any registered update rule.
+
+    Dtypes (one rule for every layer, `lsm.modules.rule_inputs`): q, k, v reach the rule in the activation
+    dtype (autocast's dtype where autocast is on, bf16 on GPU, else the input's dtype), gates in at least
+    float32, and states (the cache, the rule's initial/final states) in float32.
 
     Args:
         rule: registry name (or rule object).
@@ -123,7 +127,7 @@ class RuleLayer(nn.Module):
             k = -torch.expm1(gates["g"]).to(q.dtype)                    # k = 1 - alpha
         else:
             k = self._memory_input("k", self.k_proj(x), cache, cu_seqlens, K, routed)
-        return q, k, v, gates
+        return rule_inputs(x, q, k, v, gates)
 
     def _memory_input(self, name: str, lin: Tensor, cache, cu_seqlens, head: int | None, routed) -> Tensor:
         """Projection `name` (lin `[B, T, Ms * H * C]`) after its short conv -> `[B, T, (Ms,) H, C]`, or routed rows."""
@@ -177,10 +181,12 @@ class RuleLayer(nn.Module):
             o, state = self.rule.step(q[:, 0], k[:, 0], v[:, 0], state, **{n: _at(t, 0, T) for n, t in gates.items()})
             o = o[:, None]
         else:
-            h0 = None if state is None else self.rule.final_from_state(state)
-            o, S = self.rule.chunk(q, k, v, initial_state=h0, output_final_state=cache is not None,
-                                   cu_seqlens=cu_seqlens, chunk_size=self.chunk_size, backend=self.backend, **gates)
-            state = None if cache is None else self.rule.state_from_final(S)
+            if cache is not None and state is None:
+                state = self.rule.init_state(B, self.num_heads, self.head_dim, self.value_dim, device=x.device,
+                                             dtype=torch.promote_types(x.dtype, torch.float32))
+            # from the cache's decode-state tuple: the chunked path continues it exactly (ttt mid-mini-batch too)
+            o, state = self.rule.chunk(q, k, v, initial_state=state, output_final_state=cache is not None,
+                                       cu_seqlens=cu_seqlens, chunk_size=self.chunk_size, backend=self.backend, **gates)
         if cache is not None:
             cache.state = state
             cache.seen += T

@@ -22,6 +22,22 @@ def seq_positions(cu_seqlens: Tensor, T: int) -> Tensor:
     return t - cu_seqlens.long()[seq]
 
 
+def rule_inputs(x: Tensor, q: Tensor, k: Tensor, v: Tensor, gates: dict) -> tuple[Tensor, Tensor, Tensor, dict]:
+    """The one dtype rule of every layer (single and MoM) for what reaches the update rule.
+
+    q, k, v: the activation dtype, i.e. autocast's dtype where autocast is on for x's device (bf16 under
+    GPU training: CUDA autocast runs the L2 norms of q and k in float32, CPU autocast does not, so
+    they are cast back here), else x's dtype. Gates and the rule's other floating-point tensors
+    (ln_weight, ...): at least float32 (float64 stays float64). States: float32, as the caches
+    and the rules keep them. Casts are no-ops where the dtypes already agree."""
+    dev = x.device.type
+    act = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+    q, k, v = (t if t.dtype == act else t.to(act) for t in (q, k, v))
+    gates = {n: g.to(_upcast(g.dtype)) if isinstance(g, Tensor) and g.is_floating_point() else g
+             for n, g in gates.items()}
+    return q, k, v, gates
+
+
 class ShortConv(nn.Module):
     """Causal depthwise convolution over time (width W), SiLU after, as in Mamba / fla's ShortConvolution.
 

@@ -86,6 +86,30 @@ def test_chunk_tiled_strong_decay(monkeypatch):
         _assert_close(a, b, n, atol=1e-3)
 
 
+@pytest.mark.parametrize("BT", [16, 32, 64])
+def test_blocked_inverse(BT):
+    """The WY inverse T = (I + strictly_lower(diag(beta) K K^T * D))^{-1} that the forward keeps, built on
+    16 x 16 tiles (1, 2 or 4 diagonal blocks), equals torch.linalg.inv per chunk: unit keys, beta up to 2,
+    decays down to exp(-20) per token, a ragged last chunk; atol 1e-4 (float32)."""
+    from lsm_kernels._common import chunk_layout
+    from lsm_kernels.delta import delta_fwd
+    from lsm_kernels.diag import _local_cumsum
+    torch.manual_seed(BT)
+    B, T, H, K, V = 1, BT + 5, 2, 16, 8
+    q, k, v, _, gates = _inputs("gated_deltanet", B, T, H, K, V, B, DEV, beta_max=2.0, strength=20.0)
+    q, k, v, beta, g = (x.detach() for x in (q, k, v, gates["beta"], gates["g"]))
+    meta = chunk_layout(B, T, None, BT, q.device)
+    G = _local_cumsum(g.contiguous(), meta, BT)
+    *_, Tm = delta_fwd(q, k, v, beta, G, None, K ** -0.5, meta, BT, False, keep_T=True)
+    for t0 in range(0, T, BT):
+        n = min(BT, T - t0)
+        kc, bc, Gc = k[0, t0:t0 + n].transpose(0, 1), beta[0, t0:t0 + n].T, G[0, t0:t0 + n].T   # [H, n, K], [H, n]
+        D = (Gc[:, :, None] - Gc[:, None, :]).tril(-1).exp().tril(-1)                  # [H, n, n]
+        A = bc[:, :, None] * (kc @ kc.transpose(1, 2)) * D
+        want = torch.linalg.inv(torch.eye(n, device=DEV) + A)
+        _assert_close(Tm[0, t0:t0 + n, :, :n].transpose(0, 1), want, f"T of the chunk at {t0}", atol=1e-4)
+
+
 def test_grad_of_output_only():
     """No initial state, no final state: the backward starts from a zero state gradient."""
     torch.manual_seed(2)

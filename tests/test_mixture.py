@@ -255,7 +255,8 @@ def forced_pair(name, backend, device="cpu"):
     x = torch.randn(2, 12, D, device=device)
     x[..., 0] = 1.0
     cache = layer.init_cache(2, device=device)
-    cache.state = tuple(0.5 * torch.randn_like(s) for s in cache.state)
+    S = 0.5 * torch.randn_like(memory(layer, cache.state)).flatten(0, 1)           # a valid decode state (ttt: n = 0)
+    cache.state = tuple(s.unflatten(0, (2, layer.num_states)) for s in layer.rule.state_from_final(S))
     twin = MoMCache(state=tuple(s.clone() for s in cache.state), config=cache.config)
     return layer, x, cache, twin
 

@@ -57,6 +57,9 @@ class MixtureOfMemories(RuleLayer):
         shared_memory: add an always-on memory that every token updates and reads with weight 1.
         aux_loss_weight: weight of the load-balancing loss returned in `MixerOutput.aux_loss`.
 
+    Dtypes as in `RuleLayer` (the same `lsm.modules.rule_inputs`): q, k, v in the activation dtype, gates
+    in at least float32, states (every memory's) in float32.
+
     It is a `RuleLayer` built for `Ms = M + shared` memories (`num_states`): one shared query, and
     keys, values and gates with Ms times the heads from one projection each (`RuleLayer.project`);
     the output gate, norm and projection (`readout`) are the single layer's. The rule's gate module
@@ -145,7 +148,7 @@ class MixtureOfMemories(RuleLayer):
         Ms, H = self.num_states, self.num_heads
         d = dispatch(sel, Ms, cu_seqlens)
         q, k, v, gates = self.project(x, cache, cu_seqlens, routed=_RoutedRows(self, d, cache, cu_seqlens))
-        h0 = None if cache is None else self.rule.final_from_state(cache.state).flatten(0, 1)  # [B*Ms, H, K, V]
+        h0 = None if cache is None else tuple(s.flatten(0, 1) for s in cache.state)  # decode state, [B*Ms, H, ...]
         o, S = self.rule.chunk(take_tokens(q.flatten(0, 1), d)[None], k, v, initial_state=h0,
                                output_final_state=cache is not None, cu_seqlens=d.cu_seqlens,
                                chunk_size=self.chunk_size, backend=self.backend,
@@ -153,7 +156,7 @@ class MixtureOfMemories(RuleLayer):
                                max_seqlen=T if cu_seqlens is None else None,
                                **gates, **self.rule_options)
         if cache is not None:
-            cache.state = tuple(s.unflatten(0, (B, Ms)) for s in self.rule.state_from_final(S))
+            cache.state = tuple(s.unflatten(0, (B, Ms)) for s in S)
         o = take_rows(o[0], d.dest.flatten()).unflatten(0, d.dest.shape)           # [B*T, S, H, V]
         return mix_slots(o, w.flatten(0, 1)).view(B, T, H, -1)
 

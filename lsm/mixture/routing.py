@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 
@@ -35,8 +36,12 @@ class Router(nn.Module):
         self.proj = nn.Linear(hidden_size, num_memories, bias=False)
 
     def forward(self, x: Tensor) -> Routing:
-        logits = self.proj(x)
-        probs = torch.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)  # [B, T, M]
+        # the routing decision in at least float32, under autocast too (like the rules' gates): a bf16 logit
+        # would flip the top-k choice of near-ties between memories
+        with torch.autocast(x.device.type, enabled=False):
+            probs = torch.softmax(F.linear(x.to(torch.promote_types(x.dtype, torch.float32)),
+                                           self.proj.weight.to(torch.promote_types(self.proj.weight.dtype, torch.float32))),
+                                  dim=-1)                                               # [B, T, M]
         top, index = probs.topk(self.topk, dim=-1)                              # [B, T, K]
         return Routing(probs, index, top / top.sum(-1, keepdim=True))
 

@@ -9,6 +9,7 @@ Decays are log-space `g = log(alpha) <= 0`: `None`, `[B, T, H]` (scalar) or `[B,
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from lsm.rules._chunking import ChunkLayout
@@ -29,53 +30,86 @@ def diag_step(q: Tensor, k: Tensor, v: Tensor, S: Tensor, scale: float, g: Tenso
     return o, S
 
 
+def _intra_vector(q: Tensor, k: Tensor, v: Tensor, G: Tensor) -> Tensor:
+    """Intra-chunk output under a per-key decay, without the `[C, C, K]` decay tensor.
+
+    q, k `[..., C, K]`, v `[..., C, V]`, G `[..., C, K]` (in-chunk cumulative log-decay) ->
+    `o_i = sum_{j<=i} (sum_k q_ik k_jk exp(G_ik - G_jk)) v_j`, `[..., C, V]`.
+
+    Sub-chunks, halved level by level: at block size s, every block of 2s tokens is a first and a
+    second half, and a pair (i in the second half, j in the first) factors through `r`, the
+    cumulative decay at the second half's first token: `exp(G_i - r) * exp(r - G_j)`, both exponents
+    <= 0. So each level is one matmul of decay-folded q and k, no value exceeds exp(0) however strong
+    the decay (a factor that underflows bounds a product that underflows too), and the exact per-key
+    decay is needed only on the diagonal, where it is exp(0) = 1. Every pair j < i is met at exactly
+    one level: the one whose block first holds both i and j. Work: log2(C) passes over `[C, K]`.
+    """
+    *lead, C, K = q.shape
+    P = 1 << (C - 1).bit_length()                                             # C rounded up to a power of 2
+    if P != C:  # pad with tokens that read and write nothing and do not decay
+        q, k, v = (F.pad(x, (0, 0, 0, P - C)) for x in (q, k, v))
+        G = torch.cat([G, G[..., -1:, :].expand(*lead, P - C, K)], -2)
+    o = (q * k).sum(-1, keepdim=True) * v                                    # [..., P, V] the diagonal j = i
+    s = P // 2
+    while s >= 1:
+        qs, ks, vs, Gs = (x.unflatten(-2, (P // (2 * s), 2, s)) for x in (q, k, v, G))  # [..., nb, 2, s, K|V]
+        r = Gs[..., 1, :1, :]                                                 # [..., nb, 1, K]
+        q_hat = qs[..., 1, :, :] * (Gs[..., 1, :, :] - r).exp()              # [..., nb, s, K] second halves
+        k_hat = ks[..., 0, :, :] * (r - Gs[..., 0, :, :]).exp()              # [..., nb, s, K] first halves
+        blk = (q_hat @ k_hat.transpose(-1, -2)) @ vs[..., 0, :, :]           # [..., nb, s, V]
+        o.unflatten(-2, (P // (2 * s), 2, s))[..., 1, :, :] += blk            # into the second halves
+        s //= 2
+    return o[..., :C, :]
+
+
 def diag_chunk(q: Tensor, k: Tensor, v: Tensor, h0: Tensor | None, scale: float, layout: ChunkLayout,
                g: Tensor | None) -> tuple[Tensor, Tensor]:
     """Chunked form. Returns (o `[B, T, H, V]` in the compute dtype, final states `[N, H, K, V]`).
 
     Per chunk of C tokens with in-chunk cumulative log-decay `G_i = sum_{j<=i} g_j` (so every
     exponent below is <= 0 and nothing overflows, however strong the decay):
-      1. inter-chunk: o_i  = (q_i * exp(G_i)) S
-      2. intra-chunk: o_i += sum_{j<=i} (q_i . (k_j * exp(G_i - G_j))) v_j
-      3. state:       S    = exp(G_C) * S + sum_j (k_j * exp(G_C - G_j)) v_j^T
+      1. intra-chunk: o_i  = sum_{j<=i} (q_i . (k_j * exp(G_i - G_j))) v_j   (all chunks at once;
+                      a per-key decay through sub-chunks, `_intra_vector`, never `[C, C, K]`)
+      2. chunk state: U    = sum_j (k_j * exp(G_C - G_j)) v_j^T
+      3. inter-chunk: S_c  = exp(G_C) * S_{c-1} + U   (the only loop, over chunk columns)
+      4. readout:     o_i += (q_i * exp(G_i)) S_{c-1}
     """
-    B, T, H, K = q.shape
+    H, K = q.shape[2:]
     V = v.shape[-1]
     dt = torch.promote_types(q.dtype, torch.float32)
-    qc, kc, vc = (layout.to_chunks(x.to(dt)) for x in (q, k, v))             # [Nb, NC, C, H, K|V]
-    gc = None if g is None else layout.to_chunks(g.to(dt))                    # [Nb, NC, C, H(, K)]
-    vector = g is not None and g.dim() == 4
+    # chunks with heads first: [Nb, NC, H, C, K|V]
+    qc, kc, vc = (layout.to_chunks(x.to(dt)).transpose(2, 3).contiguous() for x in (q, k, v))
     h0s = layout.initial_states(h0, (H, K, V), dt, q.device)                 # [N, H, K, V]
     C = layout.C
     causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()       # [Ci, Cj]
+    # 1. intra-chunk output [Nb, NC, H, C, V]; decay-folded q (readout) and k (state write)
+    if g is None:
+        o = (qc @ kc.transpose(-1, -2)).masked_fill(~causal, 0) @ vc
+        q_in, k_out, last = qc, kc, None
+    else:
+        G = layout.to_chunks(g.to(dt)).transpose(2, 3).contiguous().cumsum(3)  # [Nb, NC, H, C(, K)]
+        if g.dim() == 3:
+            diff = (G[..., :, None] - G[..., None, :]).masked_fill(~causal, float("-inf"))
+            o = ((qc @ kc.transpose(-1, -2)) * diff.exp()) @ vc
+            G = G[..., None]                                                  # [Nb, NC, H, C, 1]
+        else:
+            o = _intra_vector(qc, kc, vc, G)
+        last = G[..., -1:, :]                                                 # [Nb, NC, H, 1, 1|K]
+        q_in, k_out = qc * G.exp(), kc * (last - G).exp()
+        last = last.transpose(-1, -2).exp()                                   # [Nb, NC, H, 1|K, 1]
+    # 2. each chunk's own contribution to the state
+    U = k_out.transpose(-1, -2) @ vc                                          # [Nb, NC, H, K, V]
+    # 3. the state entering and leaving every chunk
     S = q.new_zeros(layout.Nb, H, K, V, dtype=dt)
-    outs, states = [], []
+    entering, states = [], []
     for c in range(layout.NC):
         S = layout.reset(S, h0s, c)
-        qi, ki, vi = qc[:, c], kc[:, c], vc[:, c]                             # [Nb, C, H, K|V]
-        if gc is None:
-            A = torch.einsum("bihk,bjhk->bhij", qi, ki).masked_fill(~causal, 0)
-            o = torch.einsum("bihk,bhkv->bihv", qi, S) + torch.einsum("bhij,bjhv->bihv", A, vi)
-            S = S + torch.einsum("bjhk,bjhv->bhkv", ki, vi)
-        elif not vector:
-            G = gc[:, c].cumsum(1)                                            # [Nb, C, H]
-            diff = (G[:, :, None] - G[:, None, :]).masked_fill(~causal[None, :, :, None], float("-inf"))
-            A = torch.einsum("bihk,bjhk->bhij", qi, ki) * diff.exp().permute(0, 3, 1, 2)
-            o = torch.einsum("bihk,bhkv->bihv", qi * G.exp()[..., None], S) + torch.einsum("bhij,bjhv->bihv", A, vi)
-            Gl = G[:, -1]                                                     # [Nb, H]
-            kd = ki * (Gl[:, None] - G).exp()[..., None]
-            S = Gl.exp()[..., None, None] * S + torch.einsum("bjhk,bjhv->bhkv", kd, vi)
-        else:
-            G = gc[:, c].cumsum(1)                                            # [Nb, C, H, K]
-            diff = (G[:, :, None] - G[:, None, :]).masked_fill(~causal[None, :, :, None, None], float("-inf"))
-            A = torch.einsum("bihk,bjhk,bijhk->bhij", qi, ki, diff.exp())     # [Nb, H, Ci, Cj]
-            o = torch.einsum("bihk,bhkv->bihv", qi * G.exp(), S) + torch.einsum("bhij,bjhv->bihv", A, vi)
-            Gl = G[:, -1]                                                     # [Nb, H, K]
-            kd = ki * (Gl[:, None] - G).exp()
-            S = Gl.exp()[..., None] * S + torch.einsum("bjhk,bjhv->bhkv", kd, vi)
-        outs.append(scale * o)
+        entering.append(S)
+        S = (S if last is None else last[:, c] * S) + U[:, c]
         states.append(S)
-    o = layout.from_chunks(torch.stack(outs, 1))                              # [B, T, H, V]
+    # 4. readout of the entering state
+    o = o + q_in @ torch.stack(entering, 1)                                  # [Nb, NC, H, C, V]
+    o = layout.from_chunks((scale * o).transpose(2, 3))                       # [B, T, H, V]
     return o, layout.final_states(torch.stack(states, 1))
 
 

@@ -198,8 +198,13 @@ class UpdateRule:
     def recurrent(self, q: Tensor, k: Tensor, v: Tensor, initial_state: Tensor | None = None,
                   output_final_state: bool = False, scale: float | None = None,
                   cu_seqlens: Tensor | None = None, **gates) -> tuple[Tensor, Tensor | None]:
-        """Token-by-token reference: the definition of the rule (plain PyTorch, loops over tokens)."""
-        self._validate(q, k, v, initial_state, cu_seqlens, gates)
+        """Token-by-token reference: the definition of the rule (plain PyTorch, loops over tokens).
+
+        `initial_state` may also be the rule's decode-state tuple (see `chunk`); the final state is then
+        that tuple too."""
+        as_tuple = isinstance(initial_state, tuple)
+        self._validate(q, k, v, self._check_state(initial_state, q, v, cu_seqlens) if as_tuple else initial_state,
+                       cu_seqlens, gates)
         gates = self._fill(q, gates)
         scale = self._scale(scale, q)
         if cu_seqlens is None:
@@ -208,18 +213,24 @@ class UpdateRule:
         outs, finals = [], []
         for n, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
             sl = lambda t: t[:, a:b] if isinstance(t, Tensor) and t.dim() >= 3 and t.shape[1] == q.shape[1] else t
-            h0 = None if initial_state is None else initial_state[n:n + 1]
+            h0 = None if initial_state is None else (tuple(s[n:n + 1] for s in initial_state) if as_tuple
+                                                     else initial_state[n:n + 1])
             o, S = self._recurrent_dense(q[:, a:b], k[:, a:b], v[:, a:b], h0, True, scale,
                                          {g: sl(t) for g, t in gates.items()})
             outs.append(o)
             finals.append(S)
-        return torch.cat(outs, 1), (torch.cat(finals, 0) if output_final_state else None)
+        if not output_final_state:
+            return torch.cat(outs, 1), None
+        final = tuple(torch.cat(f, 0) for f in zip(*finals)) if as_tuple else torch.cat(finals, 0)
+        return torch.cat(outs, 1), final
 
     def _recurrent_dense(self, q, k, v, initial_state, output_final_state, scale, gates):
         B, T, H, K = q.shape
         V = v.shape[-1]
         dt = self._compute_dtype(q)
-        state = (self.state_from_final(initial_state.to(dt)) if initial_state is not None
+        as_tuple = isinstance(initial_state, tuple)
+        state = (tuple(s.to(dt) for s in initial_state) if as_tuple
+                 else self.state_from_final(initial_state.to(dt)) if initial_state is not None
                  else self.init_state(B, H, K, V, device=q.device, dtype=dt))
         per_token = {g: t for g, t in gates.items() if isinstance(t, Tensor) and t.dim() >= 3 and t.shape[:2] == (B, T)}
         fixed = {g: t for g, t in gates.items() if g not in per_token}
@@ -229,6 +240,8 @@ class UpdateRule:
                                   **{g: x[:, t] for g, x in per_token.items()}, **fixed)
             outs.append(o)
         o = torch.stack(outs, 1) if outs else v.new_zeros(B, 0, H, V)
+        if as_tuple:
+            return o.to(v.dtype), (state if output_final_state else None)
         S = self.final_from_state(state).float() if dt == torch.float32 else self.final_from_state(state)
         return o.to(v.dtype), (S if output_final_state else None)
 
@@ -239,10 +252,19 @@ class UpdateRule:
               **gates) -> tuple[Tensor, Tensor | None]:
         """Chunked (parallel) form; equals `recurrent` for any T, chunk size, initial state and packing.
 
+        `initial_state` is a state `[N, H, K, V]` or the rule's decode-state tuple (`init_state`, `step`,
+        leading dims `[N, H]`); given a tuple, the final state is that tuple too, so a cache continues
+        exactly wherever it was split (prefill + continuation + steps = one pass). A rule whose decode
+        state is more than `S` (ttt mid-mini-batch) overrides `_chunk_from_state`.
+
         `max_seqlen` (packed batches only, optional): a static upper bound on the sequence lengths, as in
         FlashAttention. The torch backend then scans all sequences side by side (ceil(max_seqlen / C)
         steps) instead of one after another; results are the same.
         """
+        if isinstance(initial_state, tuple):
+            self._check_state(initial_state, q, v, cu_seqlens)
+            return self._chunk_from_state(q, k, v, initial_state, output_final_state, scale, cu_seqlens, chunk_size,
+                                          backend, max_seqlen, **gates)
         self._validate(q, k, v, initial_state, cu_seqlens, gates)
         _check(isinstance(chunk_size, int) and chunk_size >= 1, ValueError,
                f"{self.name}: `chunk_size` must be a positive int, got {chunk_size!r}")
@@ -263,6 +285,28 @@ class UpdateRule:
         layout = ChunkLayout(q.shape[0], q.shape[1], chunk_size, cu_seqlens, q.device, max_seqlen)
         o, S = self._chunk_torch(q, k, v, initial_state, scale, layout, **gates)
         return o.to(v.dtype), (S if output_final_state else None)
+
+    def _check_state(self, state: tuple, q: Tensor, v: Tensor, cu_seqlens) -> Tensor:
+        """Check a decode-state tuple given as `initial_state` (leading dims `[N, H]`, floating point);
+        returns its memory `[N, H, K, V]` for the usual checks."""
+        N = q.shape[0] if cu_seqlens is None or not isinstance(cu_seqlens, Tensor) else cu_seqlens.numel() - 1
+        for t in state:
+            _check(isinstance(t, Tensor) and t.is_floating_point() and tuple(t.shape[:2]) == (N, q.shape[-2]),
+                   ValueError, f"{self.name}: a decode-state `initial_state` must be the tuple of init_state/step/chunk "
+                   f"with floating-point tensors of leading dims [N, H] = {(N, q.shape[-2])}, got "
+                   f"{[tuple(getattr(s, 'shape', ())) for s in state]}")
+        want = len(self.init_state(1, 1, 1, 1))
+        _check(len(state) == want, ValueError,
+               f"{self.name}: a decode-state `initial_state` holds {want} tensors, got {len(state)}")
+        return self.final_from_state(state)
+
+    def _chunk_from_state(self, q, k, v, state, output_final_state, scale, cu_seqlens, chunk_size, backend,
+                          max_seqlen, **gates):
+        """`chunk` from a decode-state tuple. Rules whose state is the memory alone unwrap and rewrap it."""
+        o, S = self.chunk(q, k, v, initial_state=self.final_from_state(state), output_final_state=output_final_state,
+                          scale=scale, cu_seqlens=cu_seqlens, chunk_size=chunk_size, backend=backend,
+                          max_seqlen=max_seqlen, **gates)
+        return o, (self.state_from_final(S) if output_final_state else None)
 
     def resolve_backend(self, backend: str, q: Tensor, k: Tensor | None = None, v: Tensor | None = None,
                         gates: dict | None = None) -> str:

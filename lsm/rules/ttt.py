@@ -17,8 +17,11 @@ LayerNorm form (when `ln_weight` and/or `ln_bias` `[H, V]` are given; needs K ==
 
 Mini-batch gradient descent with mini-batch size `b` (option `mini_batch_size`, default 16):
 tokens are grouped into mini-batches of b consecutive tokens, aligned to each sequence's start
-(a sequence boundary, or an initial state, starts a fresh mini-batch; the last mini-batch of a
-sequence may be shorter). Inside a mini-batch entered with state S0 every gradient is taken at S0:
+(a sequence boundary, or an initial state `[N, H, K, V]`, starts a fresh mini-batch; the last mini-batch
+of a sequence may be shorter). Given the decode-state tuple (S0, S, n) below as `initial_state`, `chunk`
+and `recurrent` continue the current mini-batch instead (its first b - n tokens take their gradients
+at S0, descending from S; each sequence at its own n) and return the tuple as the final state, so a
+cache split anywhere continues exactly. Inside a mini-batch entered with state S0 every gradient is taken at S0:
     S_t = S0 - sum_{i <= t, i in mini-batch} eta_i grad_S l(S0; k_i, v_i)
 and the next mini-batch starts from the state at the end of this one. With b = 1 and the plain
 form this is exactly deltanet with beta = eta: S_t = (I - eta_t k_t k_t^T) S_{t-1} + eta_t k_t v_t^T.
@@ -30,8 +33,8 @@ non-expansive while `sum_i eta_i <= 2` over a mini-batch, which the default gate
 
 Decode state: `(S0 [B, H, K, V], S [B, H, K, V], n [B, H])`: the state at the current
 mini-batch's start, the current state, and the number of tokens already in the current
-mini-batch (held in the state's float dtype; always < b). `state_from_final(S)` starts a fresh
-mini-batch from S, `final_from_state` returns the current S.
+mini-batch (held in the state's float dtype; always < b, the same for every head). `state_from_final(S)`
+starts a fresh mini-batch from S, `final_from_state` returns the current S.
 
 Backends: "torch" (the dual form below, any device), "triton" (`lsm_kernels.ttt.chunk_ttt_linear`, both forms,
 K <= 256, mini_batch_size <= 64, float32/bf16/fp16 inputs; anything else is a ValueError naming the fix) and, for
@@ -104,6 +107,28 @@ def _autograd_loss_grad(S0: Tensor, k: Tensor, v: Tensor, w: Tensor | None, b: T
         loss = 0.5 * (pred - v).pow(2).sum()
         (grad,) = torch.autograd.grad(loss, W, create_graph=True)                     # [B, H, K, V]
     return grad
+
+
+def _mini_batch(q: Tensor, k: Tensor, v: Tensor, eta: Tensor, S0: Tensor, S: Tensor, scale: float,
+                w: Tensor | None, b: Tensor | None, eps: float) -> tuple[Tensor, Tensor]:
+    """One mini-batch of the dual form: q, k `[N, b, H, K]`, v `[N, b, H, V]`, eta `[N, b, H]`, entered with
+    the mini-batch's starting state S0 and the current state S `[N, H, K, V]` (S0 = S unless a partial
+    mini-batch is continued). Returns (o `[N, b, H, V]`, the state after the mini-batch).
+      1. gradients at S0, all tokens at once: Z = K S0, E = Z - V (plain) or dl/dz through the LayerNorm;
+         grad_i = k_i e_i^T
+      2. causal readout: R_t = S^T q_t - sum_{i<=t} (q_t . k_i) eta_i e_i, o = scale R (LN: q + LN(scale R))
+      3. state: S - K^T diag(eta) E
+    Slots with eta 0 (padding) change neither the state nor another slot's output."""
+    n = q.shape[1]
+    Z = torch.einsum("bihk,bhkv->bihv", k, S0)                                         # [N, b, H, V]
+    E = _ln_loss_grad_z(Z, k, v, w, b, eps) if w is not None else Z - v
+    A = torch.einsum("bthk,bihk->bhti", q, k) * eta.transpose(1, 2)[:, :, None, :]     # [N, H, t, i]
+    A = A.masked_fill(~torch.ones(n, n, dtype=torch.bool, device=q.device).tril(), 0)
+    R = torch.einsum("bthk,bhkv->bthv", q, S) - torch.einsum("bhti,bihv->bthv", A, E)
+    o = scale * R
+    if w is not None:
+        o = q + _layer_norm(o, w, b, eps)
+    return o, S - torch.einsum("bihk,bihv->bhkv", k * eta[..., None], E)
 
 
 @register
@@ -201,6 +226,75 @@ class TTT(UpdateRule):
                              cu_seqlens=cu_seqlens, chunk_size=chunk_size, backend=backend, max_seqlen=max_seqlen,
                              **gates)
 
+    def _chunk_from_state(self, q, k, v, state, output_final_state, scale, cu_seqlens, chunk_size, backend,
+                          max_seqlen, **gates):
+        """`chunk` continuing the decode state (S0, S, n), maybe mid-mini-batch, on any backend.
+
+        Every sequence (row, or packed sequence) splits into a head, a body and, when the final state is
+        asked for, a foot: the head is the first h = min(len, b - n) tokens, which finish the current
+        mini-batch (gradients at S0, descending from S); the body is whole mini-batches from the head's
+        end, run by the backend's chunked form as one packed batch (the other tokens' eta set to 0, so
+        that they change nothing; a sequence boundary after each head); the foot is the last
+        (len - h) % b tokens, a partial mini-batch whose start state is the final S0. Head and foot are one
+        mini-batch each (`_mini_batch`, torch). Positions in the mini-batch stay on the device (n may
+        differ per sequence, e.g. per MoM memory segment): no host synchronisation."""
+        self._validate(q, k, v, self.final_from_state(state), cu_seqlens, gates)
+        g = self._fill(q, gates)
+        b, eta = g["mini_batch_size"], g["eta"]
+        ln_weight, ln_bias, ln_eps = g["ln_weight"], g["ln_bias"], g["ln_eps"]
+        S0, S, n = state
+        B, T, H, K = q.shape
+        V, TT, dev = v.shape[-1], q.shape[0] * q.shape[1], q.device
+        if TT == 0:
+            return v.new_zeros(B, T, H, V), (state if output_final_state else None)
+        dt = torch.promote_types(torch.promote_types(q.dtype, torch.float32), S.dtype)
+        if n.device.type == "cpu":
+            _check(bool(((n >= 0) & (n < b) & (n == n.round()) & (n == n[:, :1])).all()), ValueError,
+                   f"{self.name}: the decode state's position `n` must be an integer in [0, {b}) that is the same for "
+                   f"every head (as init_state/step/chunk make it)")
+        cu = (torch.arange(B + 1, device=dev) * T if cu_seqlens is None else cu_seqlens.to(dev)).long()
+        N = cu.numel() - 1
+        lens, pos0 = cu[1:] - cu[:-1], n[:, 0].round().long()                          # [N]
+        head = torch.minimum(lens, b - pos0)                                            # tokens finishing this mini-batch
+        foot = (lens - head) % b if output_final_state else torch.zeros_like(lens)      # tokens of the last partial one
+        tok = torch.arange(TT, device=dev)
+        seq = torch.searchsorted(cu[1:], tok, right=True).clamp(max=N - 1)              # [TT] sequence of each token
+        pos = tok - cu[:-1][seq]
+        in_head, in_foot = pos < head[seq], pos >= (lens - foot)[seq]
+        w, bias = (ln_weight.to(dt), ln_bias.to(dt)) if ln_weight is not None else (None, None)
+        flat = lambda t: t.reshape(TT, *t.shape[2:])
+        qf, kf, vf, ef = flat(q), flat(k), flat(v), flat(eta)
+        slot = torch.arange(b, device=dev)
+
+        def one(first: Tensor, count: Tensor, S0_: Tensor, S_: Tensor) -> tuple[Tensor, Tensor]:
+            """The `count [N]` tokens from `first [N]` of every sequence as one mini-batch (padded to b slots)."""
+            idx = (first[:, None] + slot).clamp(max=max(TT - 1, 0))                    # [N, b]
+            live = (slot < count[:, None]).to(dt)
+            take = lambda t: t[idx].to(dt)
+            return _mini_batch(take(qf), take(kf), take(vf), take(ef) * live[..., None], S0_.to(dt), S_.to(dt),
+                               scale if scale is not None else K ** -0.5, w, bias, ln_eps)
+
+        o_head, S_head = one(cu[:-1], head, S0, S)
+        body_mask = ~(in_head | in_foot)
+        done = (pos0 + lens >= b)[:, None, None, None]                                  # the head finished its mini-batch
+        # body: one packed batch, a boundary after every head (and a leading sequence for the first one)
+        cu_body = torch.cat([cu[:1], cu[:-1] + head, cu[-1:]])
+        h0 = torch.cat([S_head.new_zeros(1, H, K, V), S_head])
+        gates_body = {**gates, "eta": (ef * body_mask[:, None].to(ef.dtype))[None]}
+        o, S_body = self.chunk(qf[None], kf[None], vf[None], initial_state=h0, output_final_state=output_final_state,
+                               scale=scale, cu_seqlens=cu_body, chunk_size=chunk_size, backend=backend,
+                               max_seqlen=None if max_seqlen is None else max_seqlen + b, **gates_body)
+        o = torch.where(in_head[:, None, None], o_head.flatten(0, 1)[seq * b + pos.clamp(max=b - 1)].to(o.dtype), o[0])
+        final = None
+        if output_final_state:
+            S_body = S_body[1:].to(dt)
+            o_foot, S_end = one(cu[1:] - foot, foot, S_body, S_body)
+            at = (pos - (lens - foot)[seq]).clamp(0, b - 1)
+            o = torch.where(in_foot[:, None, None], o_foot.flatten(0, 1)[seq * b + at].to(o.dtype), o)
+            n_end = ((pos0 + lens) % b).to(n.dtype)[:, None].repeat(1, H)
+            final = (torch.where(done, S_body, S0.to(dt)), S_end, n_end)
+        return o.view(B, T, H, V).to(v.dtype), final
+
     def _chunk_torch(self, q, k, v, initial_state, scale, layout: ChunkLayout, eta, mini_batch_size,
                      ln_weight, ln_bias, ln_eps):
         """Mini-batch dual form. Returns (o `[B, T, H, V]` in the compute dtype, final states `[N, H, K, V]`).
@@ -213,9 +307,9 @@ class TTT(UpdateRule):
           2. causal dual readout:  A = tril(Q K^T) diag(eta),  R = Q S0 - A E,
              o = scale * R (plain) or q + LN(scale * R) (LN form)
           3. state:  S = S0 - K^T diag(eta) E
-        Padding slots (eta 0, k = v = 0) give grad 0 and A-column 0: they change nothing.
+        Padding slots (eta 0, k = v = 0) give grad 0 and A-column 0: they change nothing (`_mini_batch`).
         """
-        B, T, H, K = q.shape
+        H, K = q.shape[-2:]
         V = v.shape[-1]
         dt = torch.promote_types(q.dtype, torch.float32)
         b, C = mini_batch_size, layout.C
@@ -226,7 +320,6 @@ class TTT(UpdateRule):
         qc, kc, vc = (layout.to_chunks(x.to(dt)) for x in (q, k, v))                   # [Nb, NC, C, H, K|V]
         ec = layout.to_chunks(eta.to(dt))                                              # [Nb, NC, C, H]
         h0s = layout.initial_states(initial_state, (H, K, V), dt, q.device)            # [N, H, K, V]
-        causal = torch.ones(b, b, dtype=torch.bool, device=q.device).tril()            # [t, i], i <= t
         S = q.new_zeros(layout.Nb, H, K, V, dtype=dt)
         outs, states = [], []
         for c in range(layout.NC):
@@ -234,20 +327,8 @@ class TTT(UpdateRule):
             col = []
             for m in range(M):
                 sl = slice(m * b, (m + 1) * b)
-                qi, ki, vi, ei = qc[:, c, sl], kc[:, c, sl], vc[:, c, sl], ec[:, c, sl]  # [Nb, b, H, K|V], [Nb, b, H]
-                # 1. every token's loss gradient at S0 = S (grad_i = k_i e_i^T)
-                Z = torch.einsum("bihk,bhkv->bihv", ki, S)                             # [Nb, b, H, V]
-                E = _ln_loss_grad_z(Z, ki, vi, w, bias, ln_eps) if ln else Z - vi      # [Nb, b, H, V]
-                # 2. causal readout: R_t = S0^T q_t - sum_{i<=t} (q_t . k_i) eta_i e_i
-                A = torch.einsum("bthk,bihk->bhti", qi, ki) * ei.transpose(1, 2)[:, :, None, :]  # [Nb, H, t, i]
-                A = A.masked_fill(~causal, 0)
-                R = torch.einsum("bthk,bhkv->bthv", qi, S) - torch.einsum("bhti,bihv->bthv", A, E)
-                o = scale * R                                                          # [Nb, b, H, V]
-                if ln:
-                    o = qi + _layer_norm(o, w, bias, ln_eps)
+                o, S = _mini_batch(qc[:, c, sl], kc[:, c, sl], vc[:, c, sl], ec[:, c, sl], S, S, scale, w, bias, ln_eps)
                 col.append(o)
-                # 3. end of the mini-batch: S = S0 - K^T diag(eta) E
-                S = S - torch.einsum("bihk,bihv->bhkv", ki * ei[..., None], E)
             outs.append(torch.cat(col, 1))                                             # [Nb, C, H, V]
             states.append(S)
         o = layout.from_chunks(torch.stack(outs, 1))                                   # [B, T, H, V]
