@@ -124,8 +124,9 @@ def main(argv=None) -> int:
         return 1
     from _gpu import configure_autotuning
     configure_autotuning()
-    from lsm import rules
     import triton
+
+    from lsm import rules
     print(f"# {torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}  "
           f"B*T={a.tokens} H={a.heads} D={a.dim} bf16, times in ms (do_bench median)")
     head = (f"{'rule':<17}{'T':>6} | {'ours fwd':>8} {'fla fwd':>8} {'fla/ours':>8} | {'ours f+b':>8} {'fla f+b':>8} "

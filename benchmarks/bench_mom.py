@@ -118,9 +118,7 @@ def bench_train(name: str, B: int, T: int, reps: int) -> dict:
         x.grad = None
         m.zero_grad(set_to_none=True)
 
-    row = {"fwd_ms": cuda_time(f, reps), "fwdbwd_ms": cuda_time(fb, reps), "peak_gib": peak_gib(fb)}
-    del m, x, dy
-    return row
+    return {"fwd_ms": cuda_time(f, reps), "fwdbwd_ms": cuda_time(fb, reps), "peak_gib": peak_gib(fb)}
 
 
 def bench_decode(name: str, B: int, reps: int, prefill: int = 32) -> dict:
@@ -142,7 +140,6 @@ def bench_decode(name: str, B: int, reps: int, prefill: int = 32) -> dict:
             def step():
                 _, state["cache"] = fwd(x, state["cache"], use_cache=True)
         row = {"decode_ms": cuda_time(step, reps * 5)}
-    del m, state
     return row
 
 

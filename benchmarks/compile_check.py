@@ -34,13 +34,14 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.runtime.jit import JITFunction, KernelInterface
 
+# checked before the kernels are imported (hence E402 below)
 assert os.environ.get("TRITON_INTERPRET") != "1", "run without TRITON_INTERPRET: the kernels must be JIT functions"
-from lsm_kernels.decode import mom_step, recurrent_step   # noqa: E402 (after the check above)
-from lsm_kernels.delta import chunk_delta                 # noqa: E402
-from lsm_kernels.diag import chunk_diag                   # noqa: E402
-from lsm_kernels.ttt import chunk_ttt_linear, ttt_step    # noqa: E402
-from lsm_kernels.conv import short_conv                  # noqa: E402
-from lsm_kernels.norm import gated_rms_norm              # noqa: E402
+from lsm_kernels.conv import short_conv  # noqa: E402
+from lsm_kernels.decode import mom_step, recurrent_step  # noqa: E402
+from lsm_kernels.delta import chunk_delta  # noqa: E402
+from lsm_kernels.diag import chunk_diag  # noqa: E402
+from lsm_kernels.norm import gated_rms_norm  # noqa: E402
+from lsm_kernels.ttt import chunk_ttt_linear, ttt_step  # noqa: E402
 
 DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int32: "i32",
           torch.int64: "i64", torch.bool: "i1"}

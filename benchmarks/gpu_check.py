@@ -59,7 +59,12 @@ def main():
                 if spec.required:
                     shape = (B, T, H, D) if spec.per == "key" else (B, T, H)
                     z = torch.randn(shape, device="cuda", generator=g)
-                    x[n] = z.sigmoid() / D if n == "eta" else z.sigmoid() if spec.kind == "rate" else F.logsigmoid(z + 2) / (4 if spec.per == "key" else 1)
+                    if n == "eta":
+                        x[n] = z.sigmoid() / D
+                    elif spec.kind == "rate":
+                        x[n] = z.sigmoid()
+                    else:
+                        x[n] = F.logsigmoid(z + 2) / (4 if spec.per == "key" else 1)
             N = B if cu is None else cu.numel() - 1
             x["h0"] = torch.randn(N, H, D, D, device="cuda", generator=g) * 0.1
             dout = torch.randn(B, T, H, D, device="cuda", generator=g)

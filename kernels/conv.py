@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lsm_kernels.diag import _check_device
+from lsm_kernels._common import _check_device
 
 EPS = tl.constexpr(1e-12)  # F.normalize's default
 

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lsm_kernels.diag import GAMMA, NONE, SCALAR, VECTOR, _check_device
+from lsm_kernels._common import GAMMA, NONE, SCALAR, VECTOR, _check_device
 
 
 @triton.jit

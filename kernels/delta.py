@@ -45,22 +45,18 @@ BT / 16 - 1: BT / 16 matmuls on the tensor cores assemble the off-diagonal block
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from lsm_kernels.diag import NONE, SCALAR, _blocks, _chunk_rows, _fwd_o_kernel, _load_G_head, _local_cumsum, _prec, \
-    _tune, chunk_layout
+from lsm_kernels._common import NONE, SCALAR, _blocks, _check_device, _chunk_rows, _load_G_head, _prec, _tune, chunk_layout
+from lsm_kernels.diag import _fwd_o_kernel, _local_cumsum
 
 MAX_K = 256
 
 
 def _check_inputs(q: torch.Tensor) -> None:
-    if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError(f"the Triton kernels run on a CUDA device, got a tensor on {q.device} "
-                         "(set TRITON_INTERPRET=1 before importing triton to run them on the CPU, slowly)")
+    _check_device(q)
     if q.shape[-1] > MAX_K:
         raise ValueError(f"chunk_delta: the key head dim K (last dim of `q`, `k`) must be <= {MAX_K}, "
                          f"got {q.shape[-1]} (the state kernel holds a full [K, BV] state tile)")

@@ -33,101 +33,24 @@ Backward (dH_c = gradient of the state at the end of chunk c):
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-NONE, GAMMA, SCALAR, VECTOR = 0, 1, 2, 3
-
-
-def _tune(key: list[str], warps=(2, 4, 8), stages=(2, 3, 4)):
-    """Autotune launch parameters on a GPU (the interpreter has nothing to tune). Every tuned kernel
-    writes its outputs without reading them, so the tuning runs cannot corrupt results."""
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        return lambda fn: fn
-    return triton.autotune([triton.Config({}, num_warps=w, num_stages=s) for w in warps for s in stages], key=key)
-
-
-def decay_kind(g: torch.Tensor | None, g_gamma: torch.Tensor | None) -> int:
-    if g is not None and g_gamma is not None:
-        raise ValueError("pass either `g` (per token) or `g_gamma` (per head), not both")
-    if g_gamma is not None:
-        return GAMMA
-    if g is None:
-        return NONE
-    return VECTOR if g.dim() == 4 else SCALAR
-
-
-def _check_device(x: torch.Tensor) -> None:
-    if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError(f"the Triton kernels run on a CUDA device, got a tensor on {x.device} "
-                         "(set TRITON_INTERPRET=1 before importing triton to run them on the CPU, slowly)")
-
-
-# ----------------------------------------------------------------------------------------- layout
-_DENSE_LAYOUTS: dict = {}
-
-
-def chunk_layout(B: int, T: int, cu_seqlens: torch.Tensor | None, BT: int, device) -> tuple:
-    """Device-side chunk maps of a (packed) batch, without host synchronisation.
-
-    Returns (cu `[N+1]`, chunk_seq `[NT]`, chunk_loc `[NT]`, chunk_off `[N]`, N, NT): chunk slot c
-    belongs to sequence chunk_seq[c] (= N for unused slots) as its chunk_loc[c]-th chunk, and
-    sequence n's chunks occupy slots chunk_off[n] ... . NT is static: B * ceil(T / BT), or the
-    bound ceil(T / BT) + N for packed sequences.
-    """
-    i32 = torch.int32
-    if cu_seqlens is None:  # depends on shapes only: built once per (B, T, BT, device)
-        key = (B, T, BT, str(device))
-        if key not in _DENSE_LAYOUTS:
-            nt = triton.cdiv(T, BT)
-            N, NT = B, B * nt
-            cu = torch.arange(B + 1, device=device, dtype=i32) * T
-            c = torch.arange(NT, device=device, dtype=i32)
-            _DENSE_LAYOUTS[key] = (cu, c // max(nt, 1), c % max(nt, 1), torch.arange(B, device=device, dtype=i32) * nt,
-                                   N, NT)
-        return _DENSE_LAYOUTS[key]
-    cu = cu_seqlens.to(device=device, dtype=i32)
-    N = cu.numel() - 1
-    nch = (cu[1:] - cu[:-1] + BT - 1) // BT                              # [N] chunks per sequence
-    ends = torch.cumsum(nch, 0)
-    off = (ends - nch).to(i32)                                           # [N] first slot of each sequence
-    NT = triton.cdiv(T, BT) + N                                          # >= sum(nch)
-    c = torch.arange(NT, device=device, dtype=i32)
-    seq = torch.searchsorted(ends, c, right=True).to(i32)                # [NT], N past the last chunk
-    loc = c - off[seq.clamp(max=N - 1)]
-    return cu, seq, loc.to(i32), off, N, NT
-
-
-# ----------------------------------------------------------------------------------------- helpers
-@triton.jit
-def _chunk_rows(cu, cseq, cloc, i_t, N, BT: tl.constexpr):
-    """First row, end row (exclusive) of chunk slot i_t; an unused slot gets an empty range."""
-    i_n = tl.load(cseq + i_t)
-    ok = i_n < N
-    i_n = tl.minimum(i_n, N - 1)
-    bos = tl.load(cu + i_n).to(tl.int64)
-    eos = tl.load(cu + i_n + 1).to(tl.int64)
-    t0 = tl.where(ok, bos + tl.load(cloc + i_t).to(tl.int64) * BT, 0)
-    eos = tl.where(ok, eos, 0)
-    return t0, eos
-
-
-@triton.jit
-def _load_G_head(G, gamma, t0, eos, i_h, H: tl.constexpr, BT: tl.constexpr, DECAY: tl.constexpr):
-    """In-chunk cumulative log-decay of a head decay: (G `[BT]`, G at the chunk's last valid row)."""
-    o_t = tl.arange(0, BT)
-    last = tl.minimum(t0 + BT, eos) - 1
-    if DECAY == 1:
-        b_gam = tl.load(gamma + i_h).to(tl.float32)
-        b_G = (o_t + 1).to(tl.float32) * b_gam
-        b_Gl = (last - t0 + 1).to(tl.float32) * b_gam
-    else:
-        b_G = tl.load(G + (t0 + o_t) * H + i_h, mask=t0 + o_t < eos, other=0.)
-        b_Gl = tl.load(G + tl.maximum(last, t0) * H + i_h, mask=last >= t0, other=0.)
-    return b_G, b_Gl
+from lsm_kernels._common import (
+    GAMMA,
+    NONE,
+    SCALAR,
+    VECTOR,
+    _blocks,
+    _check_device,
+    _chunk_rows,
+    _load_G_head,
+    _prec,
+    _tune,
+    chunk_layout,
+    decay_kind,
+)
 
 
 # ----------------------------------------------------------------------------------------- forward
@@ -537,14 +460,6 @@ def _bwd_dg_kernel(dgx, Dc, dg, cu, cseq, cloc, N, T_all, H: tl.constexpr, K: tl
 
 
 # ----------------------------------------------------------------------------------------- launchers
-def _blocks(K: int, V: int) -> tuple[int, int]:
-    return min(64, max(16, triton.next_power_of_2(K))), min(64, max(16, triton.next_power_of_2(V)))
-
-
-def _prec(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
 def _local_cumsum(g: torch.Tensor, meta, BT: int) -> torch.Tensor:
     cu, cseq, cloc, _, N, NT = meta
     H = g.shape[2]

@@ -25,7 +25,7 @@ gradient dR (plain: scale dO; LN: scale LN'(scale R)^T (w * dO)):
 The forward of an autograd pass stores S0 of every mini-batch (`[#mini-batches, H, K, V]` in the
 input dtype), as the backward reads it. q, k `[B, T, H, K]`, v `[B, T, H, V]`, eta `[B, T, H]`;
 states `[N, H, K, V]` float32; packed sequences with `cu_seqlens` on the device, no host sync
-(`lsm_kernels.diag.chunk_layout` with the mini-batch as the chunk). The reference is `TTT._chunk_torch`.
+(`lsm_kernels._common.chunk_layout` with the mini-batch as the chunk). The reference is `TTT._chunk_torch`.
 
 `ttt_step` (_step_kernel) advances the decode state (S0, S, n) of `TTT.init_state` by one token, both forms,
 forward only.
@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lsm_kernels.diag import _check_device, _chunk_rows, _prec, _tune, chunk_layout
+from lsm_kernels._common import _check_device, _chunk_rows, _prec, _tune, chunk_layout
 
 MAX_K = 256
 MAX_MB = 64

@@ -537,7 +537,8 @@ def markdown_table(lines: list[dict], cfg: Config, metric: str = "accuracy") -> 
             f"else a tie.\n\n")
     cols = ["rule", "variant", *[k.split(".")[-1] for k in swept], "lr", "seeds", f"{metric} mean ± std", "min–max",
             "validation", "state (floats)", "params", "steps", "vs single", "verdict"]
-    out = ["| " + " | ".join(cols) + " |", "|" + "|".join(["---"] * (2 + len(swept)) + ["---:"] * (len(cols) - 3 - len(swept)) + ["---"]) + "|"]
+    align = ["---"] * (2 + len(swept)) + ["---:"] * (len(cols) - 3 - len(swept)) + ["---"]
+    out = ["| " + " | ".join(cols) + " |", "|" + "|".join(align) + "|"]
     for ln in lines:
         vs = "" if "diff_mean" not in ln else (f"{ln['diff_mean']:+.3f} ± {_num(ln['diff_se'])} "
                                                f"({ln['wins']}/{ln['paired']})")
@@ -629,7 +630,8 @@ def plot_all(rows: list[dict], lines: list[dict], out: Path, metric: str) -> Non
             ax.errorbar([x], [ln["mean"]], yerr=[[0 if math.isnan(ln["std"]) else ln["std"]]], ls="none",
                         marker=st["marker"], color=st["color"], capsize=3, label=_label(ln))
     ax.set_xscale("log")
-    ax.set(xlabel="decode cache per sequence (floats: memories, conv tails, ttt extra; log)", ylabel=f"{metric} (mean ± std over seeds)",
+    ax.set(xlabel="decode cache per sequence (floats: memories, conv tails, ttt extra; log)",
+           ylabel=f"{metric} (mean ± std over seeds)",
            title=f"{metric} vs state size")
     save(fig, ax, f"{metric}_vs_state.png")
 

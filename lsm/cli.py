@@ -108,8 +108,9 @@ def _cmd_export(args) -> int:
 def _cmd_generate(args) -> int:
     import torch
 
+    from lsm.checkpoint import load_trained
     from lsm.config import ConfigError
-    from lsm.train import load_trained, resolve_device
+    from lsm.runtime import resolve_device
 
     device = resolve_device(args.device)
     cfg, model = load_trained(args.checkpoint, (), device)

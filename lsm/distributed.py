@@ -20,24 +20,14 @@ The loss is the mean over the labelled tokens of the global micro-batch (token c
 over ranks), so gradients equal the one-process ones up to float reduction order. The MoM
 load-balancing loss is computed per rank on its shard, as in the single-process code.
 
-Checkpoints. none/ddp: rank 0 writes `model.safetensors` + `trainer_state.pt` (lsm.train's format).
-fsdp: every rank writes its shards with `torch.distributed.checkpoint` (DCP) into `dcp/`
-(model and optimizer, keyed by parameter names), rank 0 writes `config.yaml` and
-`trainer_state.pt` (step, scheduler, RNG). DCP reshards on load, so a sharded checkpoint resumes
-on any number of ranks and in any mode, and `load_model_weights` reads it into a plain model in
-one process (`lsm eval`, `lsm generate`). A none/ddp checkpoint continues under FSDP through the
-full state dicts (`load_full_state`). Multi-node runs need `train.out_dir` on a shared file system.
+Checkpoints (DCP shards under FSDP, rank 0's files otherwise) are lsm.checkpoint's.
 """
 from __future__ import annotations
 
 import os
-import random
-import shutil
-import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
-from pathlib import Path
 from typing import Callable, TypeVar
 
 import torch
@@ -45,11 +35,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lsm.config import PARALLEL, Config, ConfigError, to_yaml
+from lsm.config import PARALLEL, Config, ConfigError
 from lsm.data import IGNORE, Batch
 
 RENDEZVOUS_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-SHARDED_DIR = "dcp"            # the DCP folder inside a checkpoint written under FSDP
 TIMEOUT_ENV = "LSM_DIST_TIMEOUT_S"  # collective timeout in seconds (default 600)
 
 T = TypeVar("T")
@@ -259,8 +248,8 @@ def train_shard(data, step: int, batch_size: int, micro: int, ctx: DistContext) 
     return Batch(batch.input_ids[r::w].contiguous(), batch.labels[r::w].contiguous())
 
 
-def token_mean_loss(logits: Tensor, labels: Tensor, ctx: DistContext) -> tuple[Tensor, Tensor]:
-    """(loss to backpropagate, the global micro-batch's mean loss, detached).
+def token_mean_loss(logits: Tensor, labels: Tensor, ctx: DistContext | None = None) -> tuple[Tensor, Tensor]:
+    """(loss to backpropagate, the global micro-batch's mean loss, detached); `ctx` None: one process.
 
     logits `[b, T, V]`, labels `[b, T]` (this rank's shard). With several ranks the summed
     cross-entropy is divided by the labelled-token count of the *global* micro-batch and
@@ -268,7 +257,7 @@ def token_mean_loss(logits: Tensor, labels: Tensor, ctx: DistContext) -> tuple[T
     gradient is the one of the global token mean, whatever each rank's share of labels.
     """
     flat_logits, flat_labels = logits.float().flatten(0, 1), labels.flatten()
-    if ctx.world_size == 1:
+    if ctx is None or ctx.world_size == 1:
         loss = F.cross_entropy(flat_logits, flat_labels, ignore_index=IGNORE)
         return loss, loss.detach()
     total = F.cross_entropy(flat_logits, flat_labels, ignore_index=IGNORE, reduction="sum")
@@ -278,115 +267,6 @@ def token_mean_loss(logits: Tensor, labels: Tensor, ctx: DistContext) -> tuple[T
     return total * ctx.world_size / count, stats[0] / count
 
 
-# --------------------------------------------------------------------------- checkpoints
-def rng_state() -> dict:
-    """Every RNG a run draws from, for an exact resume."""
-    rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
-    return rng
-
-
-def publish_checkpoint(tmp: Path, final: Path, root: Path, keep: int) -> None:
-    """Make a fully written checkpoint folder visible atomically, point `root/latest` at it, prune old ones."""
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    pointer = root / ".latest.tmp"
-    pointer.write_text(final.name + "\n")
-    os.replace(pointer, root / "latest")
-    for old in sorted(root.glob("step_*"))[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def is_sharded_checkpoint(ckpt: str | os.PathLike) -> bool:
-    """Whether a checkpoint folder holds DCP shards (written under FSDP)."""
-    return (Path(ckpt) / SHARDED_DIR / ".metadata").is_file()
-
-
-def save_sharded_checkpoint(out_dir: str | os.PathLike, model: nn.Module, optimizer, scheduler, step: int,
-                            cfg: Config, keep: int, ctx: DistContext) -> Path:
-    """Write `checkpoints/step_{step}` with DCP; call on every rank. Atomic like lsm.train's checkpoints.
-
-    Every rank writes its shards into `.step_N.partial/dcp/`; rank 0 adds `config.yaml` and
-    `trainer_state.pt`, renames the folder into place, points `latest` at it and prunes to `keep`.
-    """
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
-    root = Path(out_dir) / "checkpoints"
-    final, tmp = root / f"step_{step:06d}", root / f".step_{step:06d}.partial"
-    if ctx.is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        (tmp / SHARDED_DIR).mkdir(parents=True)
-    barrier(ctx)
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / SHARDED_DIR))
-    if ctx.is_main:
-        (tmp / "config.yaml").write_text(to_yaml(cfg))
-        torch.save({"step": step, "scheduler": scheduler.state_dict(), "rng": rng_state(), "format": SHARDED_DIR,
-                    "world_size": ctx.world_size}, tmp / "trainer_state.pt")
-        publish_checkpoint(tmp, final, root, keep)
-    barrier(ctx)
-    return final
-
-
-def load_sharded_checkpoint(ckpt: str | os.PathLike, model: nn.Module, optimizer) -> None:
-    """Load a DCP checkpoint's model and optimizer into `model` (plain, DDP or FSDP) and `optimizer`.
-
-    Resharding is DCP's: the checkpoint may come from any number of ranks. Call on every rank.
-    """
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    state = {"model": model_sd, "optim": optim_sd}
-    _dcp_load(state, ckpt, no_dist=not dist.is_initialized())
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-
-
-def load_full_state(model: nn.Module, optimizer, plain_model: nn.Module, plain_optimizer) -> None:
-    """Copy a one-process model and optimizer (e.g. a none/ddp checkpoint, loaded) into a wrapped pair.
-
-    Goes through the full (unsharded, name-keyed) state dicts, so `model` may be FSDP-sharded on any
-    number of ranks; every rank passes the same `plain_*` objects.
-    """
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_optimizer_state_dict, set_state_dict)
-
-    full = StateDictOptions(full_state_dict=True)
-    model_sd = get_model_state_dict(plain_model, options=full)
-    optim_sd = get_optimizer_state_dict(plain_model, plain_optimizer, options=full)
-    set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd, options=full)
-
-
-def load_model_weights(model: nn.Module, ckpt: str | os.PathLike, device: str | torch.device = "cpu") -> None:
-    """Weights of a checkpoint folder into a plain model in this process (no process group needed).
-
-    Reads `model.safetensors` (none/ddp runs) or the DCP shards of an FSDP run, whatever its world size.
-    """
-    ckpt = Path(ckpt)
-    if not is_sharded_checkpoint(ckpt):
-        from safetensors.torch import load_model
-
-        load_model(model, str(ckpt / "model.safetensors"), device=str(device))
-        return
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
-
-    model_sd = get_model_state_dict(model)
-    state = {"model": model_sd}
-    _dcp_load(state, ckpt, no_dist=True)
-    set_model_state_dict(model, state["model"])
-
-
-def _dcp_load(state: dict, ckpt: str | os.PathLike, no_dist: bool) -> None:
-    import torch.distributed.checkpoint as dcp
-
-    with warnings.catch_warnings():  # DCP warns when it loads in one process: intended here
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(state, checkpoint_id=str(Path(ckpt) / SHARDED_DIR), no_dist=no_dist)
-
-
-__all__ = ["DistContext", "DistributedError", "PARALLEL", "RENDEZVOUS_VARS", "SHARDED_DIR", "barrier", "check_batch",
-           "clip_grad_norm", "grad_sync", "is_sharded_checkpoint", "load_full_state", "load_model_weights", "load_sharded_checkpoint",
-           "on_all_ranks", "save_sharded_checkpoint", "setup", "teardown", "token_mean_loss", "train_shard", "unwrap",
+__all__ = ["DistContext", "DistributedError", "PARALLEL", "RENDEZVOUS_VARS", "barrier", "check_batch",
+           "clip_grad_norm", "grad_sync", "on_all_ranks", "setup", "teardown", "token_mean_loss", "train_shard", "unwrap",
            "wrap_model"]

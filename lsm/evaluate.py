@@ -11,6 +11,7 @@ from torch import nn
 
 from lsm.config import Config
 from lsm.data import IGNORE, MQARData, TextData, build_data
+from lsm.runtime import autocast_context, resolve_device
 
 
 @torch.no_grad()
@@ -22,8 +23,6 @@ def evaluate(model: nn.Module, cfg: Config, data: MQARData | TextData | None = N
             (accuracy = fraction of queried values predicted exactly, by argmax).
     text -> {"loss": nats per byte, "bpb": bits per byte}.
     """
-    from lsm.train import autocast_context
-
     data = data or build_data(cfg)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     bs = cfg.eval.batch_size
@@ -80,7 +79,7 @@ def format_result(result: dict) -> str:
 
 def evaluate_checkpoint(path: str, overrides: list[str] | tuple[str, ...] = (), device: str = "auto") -> tuple[Config, dict]:
     """Load a checkpoint (or a run's latest) and evaluate it; overrides may change data/eval settings."""
-    from lsm.train import load_trained, resolve_device
+    from lsm.checkpoint import load_trained
 
     dev = resolve_device(device)
     cfg, model = load_trained(path, overrides, dev)

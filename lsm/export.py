@@ -10,7 +10,7 @@ A folder holds
     model.safetensors   the `LanguageModel`'s weights under the prefix `model.` (the attribute of `LSMForCausalLM`
                         that holds it); a tied head is stored once, as the embedding
 so that `transformers.AutoModelForCausalLM.from_pretrained(folder)` loads it after `import lsm.hf`
-(which registers the model type), and lsm itself reads it here. The folder is written next to its
+(which registers the model type), and lsm itself reads it back (`lsm.checkpoint.load_trained`). The folder is written next to its
 destination and renamed into place, so a failed export leaves nothing behind.
 """
 from __future__ import annotations
@@ -23,20 +23,9 @@ from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
-from lsm.config import Config, ConfigError, from_dict, model_vocab_size
-
-MODEL_TYPE = "lsm"
-ARCHITECTURE = "LSMForCausalLM"
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
-PREFIX = "model."   # LSMForCausalLM.model is the LanguageModel
-
-
-def is_hf_folder(path: str | os.PathLike) -> bool:
-    """Whether `path` is a folder with a Hugging Face `config.json` (lsm's or another model's)."""
-    return (Path(path) / CONFIG_FILE).is_file()
+from lsm.checkpoint import ARCHITECTURE, CONFIG_FILE, MODEL_TYPE, PREFIX, WEIGHTS_FILE, load_trained, read_hf_config
+from lsm.config import Config, ConfigError, model_vocab_size
 
 
 def hf_config_dict(cfg: Config) -> dict:
@@ -44,49 +33,6 @@ def hf_config_dict(cfg: Config) -> dict:
     return {"architectures": [ARCHITECTURE], "model_type": MODEL_TYPE, "lsm": OmegaConf.to_container(OmegaConf.structured(cfg)),
             "vocab_size": model_vocab_size(cfg), "hidden_size": cfg.model.hidden_size,
             "num_hidden_layers": cfg.model.num_layers, "tie_word_embeddings": cfg.model.tie_embeddings}
-
-
-def lsm_config_of(data: dict, where: str, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """The lsm `Config` inside a config.json's content; `ConfigError` naming `where` for another model type."""
-    if data.get("model_type") != MODEL_TYPE or not isinstance(data.get("lsm"), dict):
-        raise ConfigError(f"{where}: a {data.get('model_type', 'untyped')!r} model, not an lsm export "
-                          f"(model_type {MODEL_TYPE!r} with an 'lsm' config); write one with `lsm export RUN OUT_DIR`")
-    for o in overrides:
-        if "=" not in o:
-            raise ConfigError(f"override {o!r} must look like key=value (e.g. eval.batch_size=64)")
-    try:
-        merged = OmegaConf.merge(OmegaConf.create(data["lsm"]), OmegaConf.from_dotlist(list(overrides)))
-    except OmegaConfBaseException as e:
-        raise ConfigError(f"{where}: bad config or override: {str(e).strip().splitlines()[0]}") from None
-    return from_dict(merged)
-
-
-def read_hf_config(folder: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """The lsm config of an exported folder (dot-list overrides applied)."""
-    path = Path(folder) / CONFIG_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{folder}: no {CONFIG_FILE}; give a folder written by `lsm export`")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: not valid JSON ({e.msg}, line {e.lineno})") from None
-    return lsm_config_of(data if isinstance(data, dict) else {}, str(path), overrides)
-
-
-def load_hf_weights(model: torch.nn.Module, folder: str | os.PathLike) -> None:
-    """The weights of an exported folder into a `LanguageModel` (every parameter must be there; a tied head is)."""
-    from safetensors.torch import load_file
-
-    path = Path(folder) / WEIGHTS_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{folder}: no {WEIGHTS_FILE}; give a folder written by `lsm export`")
-    state = {k[len(PREFIX):]: v for k, v in load_file(str(path)).items() if k.startswith(PREFIX)}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = {"head.weight"} if model.head.weight is model.embed.weight else set()
-    missing = set(missing) - tied
-    if missing or unexpected:
-        raise ConfigError(f"{path}: weights do not fit the model of its config.json "
-                          f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
 
 
 def _state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -137,7 +83,5 @@ def write_hf_folder(model: torch.nn.Module, cfg: Config, out_dir: str | os.PathL
 
 def export(src: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     """A trained run or checkpoint (single-file or sharded DCP) -> a Hugging Face folder at `out_dir`."""
-    from lsm.train import load_trained
-
     cfg, model = load_trained(src)
     return write_hf_folder(model, cfg, out_dir)

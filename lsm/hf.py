@@ -27,8 +27,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, Pret
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from lsm.checkpoint import MODEL_TYPE, lsm_config_of
 from lsm.config import Config, model_vocab_size
-from lsm.export import MODEL_TYPE, lsm_config_of
 from lsm.model import build_model
 
 
@@ -148,10 +148,10 @@ class LSMForCausalLM(LSMPreTrainedModel, GenerationMixin):
             cache.seen += input_ids.shape[1]
         loss = None
         if labels is not None:
-            from lsm.train import loss_fn
+            from lsm.distributed import token_mean_loss
 
             shifted = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
-            loss = loss_fn(out.logits, shifted) + out.aux_loss
+            loss = token_mean_loss(out.logits, shifted)[0] + out.aux_loss
         return CausalLMOutputWithPast(loss=loss, logits=out.logits, **{_CACHE_FIELD: cache})
 
     def prepare_inputs_for_generation(self, input_ids: Tensor, cache: LSMCache | None = None,

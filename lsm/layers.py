@@ -68,27 +68,30 @@ class RuleLayer(nn.Module):
         use_output_gate: multiply the normalised readout by silu(x W_g).
         chunk_size, backend: passed to `rule.chunk`.
         rule_options: fixed keyword options of the rule (e.g. {"mini_batch_size": 16} for ttt).
+        num_states: Ms, the memories whose keys, values and gates the layer projects (one matmul each,
+            memory-major channels) under one shared query: 1 here; `MixtureOfMemories` builds M (+ shared).
     """
 
     def __init__(self, rule: str | UpdateRule, hidden_size: int, num_heads: int, head_dim: int | None = None,
                  value_dim: int | None = None, conv_size: int = 4, use_short_conv: bool = True,
                  use_output_gate: bool = True, norm_eps: float = 1e-5, chunk_size: int = 64,
-                 backend: str = "auto", rule_options: dict | None = None):
+                 backend: str = "auto", rule_options: dict | None = None, num_states: int = 1):
         super().__init__()
         self.rule = rules.get(rule)
         self.head_dim, self.value_dim = check_dims(hidden_size, num_heads, head_dim, value_dim)
         self.hidden_size, self.num_heads = hidden_size, num_heads
         self.chunk_size, self.backend = chunk_size, backend
         self.rule_options = dict(rule_options or {})
+        self.num_states = Ms = num_states
         H, K, V = num_heads, self.head_dim, self.value_dim
         self.key_from_gate = getattr(self.rule, "key_from_gate", False)
         self.q_proj = nn.Linear(hidden_size, H * K, bias=False)
-        self.k_proj = None if self.key_from_gate else nn.Linear(hidden_size, H * K, bias=False)
-        self.v_proj = nn.Linear(hidden_size, H * V, bias=False)
-        self.gates = self.rule.gate_module(hidden_size, H, K)
+        self.k_proj = None if self.key_from_gate else nn.Linear(hidden_size, Ms * H * K, bias=False)
+        self.v_proj = nn.Linear(hidden_size, Ms * H * V, bias=False)
+        self.gates = self.rule.gate_module(hidden_size, Ms * H, K)
         self.convs = nn.ModuleDict()
         if use_short_conv and conv_size > 1:
-            for n, c in (("q", H * K), ("k", H * K), ("v", H * V)):
+            for n, c in (("q", H * K), ("k", Ms * H * K), ("v", Ms * H * V)):
                 if not (n == "k" and self.key_from_gate):
                     self.convs[n] = ShortConv(c, conv_size)
         self.g_proj = nn.Linear(hidden_size, H * V, bias=False) if use_output_gate else None
@@ -106,17 +109,48 @@ class RuleLayer(nn.Module):
             cache.conv[name] = tail
         return y
 
-    def project(self, x: Tensor, cache: RuleCache | None, cu_seqlens) -> tuple[Tensor, Tensor, Tensor, dict]:
-        """x `[B, T, D]` -> q, k `[B, T, H, K]`, v `[B, T, H, V]` and the rule's gates."""
-        H, K, V = self.num_heads, self.head_dim, self.value_dim
-        gates = {**self.gates(x), **self.rule_options}
+    def project(self, x: Tensor, cache, cu_seqlens, routed=None) -> tuple[Tensor, Tensor, Tensor, dict]:
+        """x `[B, T, D]` -> q `[B, T, H, K]` (shared by the memories), k `[B, T, (Ms,) H, K]`, v `[B, T, (Ms,) H, V]`
+        and the rule's per-token gates `[B, T, (Ms,) H(, K)]` (the memory axis only when Ms > 1).
+
+        `routed` (MixtureOfMemories' chunked path): an object whose `rows(name, lin, head)` gives the
+        projection `name`'s rows `[R, C]` after its short conv, and `gather(t)` a `[B, T, Ms, ...]` tensor's
+        rows `[1, R, ...]`, for the routed (token, memory) pairs only; k, v, gates are then `[1, R, H, *]`.
+        """
+        H, K = self.num_heads, self.head_dim
+        gates = self._gates(x)
         q = self._conv("q", self.q_proj(x), cache, cu_seqlens, head=K).unflatten(-1, (H, K))
-        v = self._conv("v", self.v_proj(x), cache, cu_seqlens).unflatten(-1, (H, V))
+        if routed is not None:
+            gates = {n: routed.gather(g) for n, g in gates.items()}
+        v = self._memory_input("v", self.v_proj(x), cache, cu_seqlens, None, routed)
         if self.key_from_gate:
             k = -torch.expm1(gates["g"]).to(q.dtype)                    # k = 1 - alpha
         else:
-            k = self._conv("k", self.k_proj(x), cache, cu_seqlens, head=K).unflatten(-1, (H, K))
+            k = self._memory_input("k", self.k_proj(x), cache, cu_seqlens, K, routed)
         return rule_inputs(x, q, k, v, gates)
+
+    def _memory_input(self, name: str, lin: Tensor, cache, cu_seqlens, head: int | None, routed) -> Tensor:
+        """Projection `name` (lin `[B, T, Ms * H * C]`) after its short conv -> `[B, T, (Ms,) H, C]`, or routed rows."""
+        C = head or self.value_dim
+        if routed is not None:
+            return routed.rows(name, lin, head).unflatten(-1, (self.num_heads, C))[None]
+        heads = (self.num_heads,) if self.num_states == 1 else (self.num_states, self.num_heads)
+        return self._conv(name, lin, cache, cu_seqlens, head=head).unflatten(-1, (*heads, C))
+
+    def _gates(self, x: Tensor) -> dict[str, Tensor]:
+        """The rule's gates of every memory: as the gate module returns them for one memory, else `[B, T, Ms, H(, K)]`."""
+        if self.num_states == 1:
+            return self.gates(x)
+        B, T, _ = x.shape
+        Ms, H = self.num_states, self.num_heads
+        gates = {}
+        for name, g in self.gates(x).items():
+            if not (isinstance(g, Tensor) and g.dim() >= 3 and tuple(g.shape[:3]) == (B, T, Ms * H)):
+                raise ValueError(f"{type(self).__name__}: the gate module of rule {self.rule.name!r} returned `{name}` "
+                                 f"with shape {tuple(getattr(g, 'shape', ()))}; only per-token gates [B, T, H(, K)] "
+                                 f"can be routed to memories (pass fixed options through `rule_options`)")
+            gates[name] = g.unflatten(2, (Ms, H))                                   # [B, T, Ms, H(, K)]
+        return gates
 
     def readout(self, o: Tensor, x: Tensor) -> Tensor:
         """o `[B, T, H, V]` -> `[B, T, D]`: per-head norm, output gate, projection."""
@@ -142,6 +176,7 @@ class RuleLayer(nn.Module):
                                  f"{(B, self.num_heads, self.head_dim, self.value_dim)}: a cache from another "
                                  f"batch size or layer configuration")
         q, k, v, gates = self.project(x, cache, cu_seqlens)
+        gates = {**gates, **self.rule_options}
         if state is not None and T == 1:
             o, state = self.rule.step(q[:, 0], k[:, 0], v[:, 0], state, **{n: _at(t, 0, T) for n, t in gates.items()})
             o = o[:, None]

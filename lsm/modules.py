@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lsm.rules.backends import use_conv_kernel, use_kernels
+
 
 def _upcast(dtype: torch.dtype) -> torch.dtype:
     """float32 for half types, the dtype itself for float32/float64 (so float64 tests stay exact)."""
@@ -18,13 +20,6 @@ def seq_positions(cu_seqlens: Tensor, T: int) -> Tensor:
     t = torch.arange(T, device=cu_seqlens.device)
     seq = torch.searchsorted(cu_seqlens[1:].long(), t, right=True).clamp(max=cu_seqlens.numel() - 2)
     return t - cu_seqlens.long()[seq]
-
-
-def use_kernels(backend: str, x: Tensor) -> bool:
-    """Whether a layer with rule backend `backend` runs this project's fused Triton kernels on x:
-    always on a GPU unless backend="torch" (the plain reference), and on CPU tensors only for
-    backend="triton" (Triton's interpreter)."""
-    return backend == "triton" or (backend != "torch" and x.is_cuda)
 
 
 def rule_inputs(x: Tensor, q: Tensor, k: Tensor, v: Tensor, gates: dict) -> tuple[Tensor, Tensor, Tensor, dict]:
@@ -50,7 +45,7 @@ class ShortConv(nn.Module):
         -> (y `[B, T, C]`, new state `[B, C, W-1]`).
     With `cu_seqlens` taps never reach across a sequence boundary. `head`: L2-normalise every group
     of `head` channels after the activation (queries and keys). Without a state and with
-    `use_kernels(backend, x)` it runs the fused kernel `lsm_kernels.conv.short_conv` (one pass
+    `use_conv_kernel(backend, x, W)` it runs the fused kernel `lsm_kernels.conv.short_conv` (one pass
     forward, two backward, no host sync); otherwise the plain torch form below.
     """
 
@@ -65,7 +60,7 @@ class ShortConv(nn.Module):
                 head: int | None = None, backend: str = "torch") -> tuple[Tensor, Tensor]:
         B, T, C = x.shape
         W = self.kernel_size
-        if state is None and T > 0 and W <= 4 and use_kernels(backend, x):
+        if state is None and T > 0 and use_conv_kernel(backend, x, W):
             from lsm_kernels.conv import short_conv
             pos = None if cu_seqlens is None else seq_positions(cu_seqlens, T)
             y = short_conv(x, self.weight, self.bias, pos, self.activation, head)

@@ -3,15 +3,15 @@
     result = train(load_config("configs/mqar_gdn_mom.yaml"), resume=True)
 
 It orchestrates only: the model comes from `lsm.model.build_model`, batches from `lsm.data`, scores
-from `lsm.evaluate`. Output folder (`train.out_dir`):
+from `lsm.evaluate`, checkpoints are `lsm.checkpoint`'s. Output folder (`train.out_dir`):
 
     config.yaml                     the resolved config of the run
     metrics.jsonl                   one JSON object per logged step / evaluation
     checkpoints/step_000500/        model.safetensors, config.yaml, trainer_state.pt
     checkpoints/latest              name of the newest complete checkpoint
 
-A checkpoint is written into a temporary folder and renamed into place (`os.replace`), so a crash
-never leaves a half-written one. Batches are a function of the step (see lsm.data), and the
+A checkpoint is written into a temporary folder and renamed into place, so a crash never leaves a
+half-written one. Batches are a function of the step (see lsm.data), and the
 optimizer, scheduler and RNG states are restored, so a resumed run continues exactly.
 
 The step itself never waits for the device: loss, aux loss and gradient norm stay on the device
@@ -29,27 +29,21 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import random
-import tempfile
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from safetensors.torch import load_model, save_model
 from torch import nn
 
-from lsm import distributed
+from lsm import checkpoint, distributed
 from lsm.accounting import account, config_seq_len
-from lsm.config import Config, ConfigError, load_config, to_yaml
+from lsm.config import Config, to_yaml
 from lsm.console import StepMeter, StepRow, device_peak_tflops, format_line, info_lines
-from lsm.data import IGNORE, Batch, build_data
-from lsm.model import LanguageModel, build_model
-
-CHECKPOINT_FILES = ("model.safetensors", "config.yaml", "trainer_state.pt")
+from lsm.data import Batch, build_data
+from lsm.evaluate import evaluate, summary
+from lsm.model import build_model
+from lsm.runtime import autocast_context, resolve_device, seed_everything
 
 
 class TrainingDiverged(RuntimeError):
@@ -70,26 +64,6 @@ class TrainResult:
 
 
 # --------------------------------------------------------------------------- setup helpers
-def is_main_process() -> bool:
-    """Rank 0 (or not distributed): the process that logs and writes checkpoints."""
-    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or torch.distributed.get_rank() == 0
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"train.device: {name!r} asked for, but no CUDA device is available (use auto or cpu)")
-    return torch.device(name)
-
-
-def autocast_context(precision: str, device: torch.device):
-    """bf16 autocast on GPU (or when asked for), plain float32 otherwise."""
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return nullcontext()
-
-
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Weight decay on matrices only: not on norms, biases, embeddings or parameters flagged `_no_weight_decay`."""
     decay, no_decay, seen = [], [], set()
@@ -109,11 +83,6 @@ def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
         return (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over labelled positions (labels = -100 are skipped)."""
-    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE)
 
 
 # --------------------------------------------------------------------------- metrics
@@ -149,55 +118,6 @@ class MetricsLogger:
             self.tb.close()
 
 
-# --------------------------------------------------------------------------- checkpoints
-def save_checkpoint(out_dir: Path, model: nn.Module, optimizer, scheduler, step: int, cfg: Config, keep: int = 2) -> Path:
-    """Write `checkpoints/step_{step}` atomically, point `checkpoints/latest` at it, keep the newest `keep`."""
-    root = Path(out_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step_{step:06d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".step_{step:06d}.", dir=root))
-    save_model(getattr(model, "module", model), str(tmp / "model.safetensors"))
-    (tmp / "config.yaml").write_text(to_yaml(cfg))
-    torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "rng": distributed.rng_state()}, tmp / "trainer_state.pt")
-    distributed.publish_checkpoint(tmp, final, root, keep)
-    return final
-
-
-def find_checkpoint(path: str | os.PathLike) -> Path:
-    """A checkpoint folder from itself, a run folder, or a run's `checkpoints/` folder (its latest)."""
-    p = Path(path)
-    for candidate in (p, p / "checkpoints"):
-        if (candidate / "latest").is_file():
-            p = candidate / (candidate / "latest").read_text().strip()
-            break
-    needed = CHECKPOINT_FILES
-    if distributed.is_sharded_checkpoint(p):  # FSDP: DCP shards in dcp/ instead of model.safetensors
-        needed = tuple(f for f in CHECKPOINT_FILES if f != "model.safetensors")
-    missing = [f for f in needed if not (p / f).is_file()]
-    if missing:
-        raise FileNotFoundError(f"{path}: not a checkpoint (no {', '.join(missing)}); give a run folder or "
-                                f"runs/NAME/checkpoints/step_N")
-    return p
-
-
-def load_trained(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = (),
-                 device: str | torch.device = "cpu") -> tuple[Config, LanguageModel]:
-    """(config, model with the checkpoint's weights) of a checkpoint or run folder, or of an `lsm export` folder."""
-    from lsm import export
-
-    if export.is_hf_folder(path):
-        cfg = export.read_hf_config(path, overrides)
-        model = build_model(cfg)
-        export.load_hf_weights(model, path)
-        return cfg, model.to(device).eval()
-    ckpt = find_checkpoint(path)
-    cfg = load_config(ckpt / "config.yaml", overrides)
-    model = build_model(cfg)
-    distributed.load_model_weights(model, ckpt, device)
-    return cfg, model.to(device).eval()
-
-
 # --------------------------------------------------------------------------- the loop
 def train(cfg: Config, resume: bool = False, max_steps: int | None = None, quiet: bool = False) -> TrainResult:
     """Train the model `cfg` declares; checkpoint at `ckpt_every` and the end.
@@ -219,32 +139,6 @@ def train(cfg: Config, resume: bool = False, max_steps: int | None = None, quiet
         distributed.teardown(ctx)
 
 
-def _find_resume_checkpoint(cfg: Config) -> Path | None:
-    """The checkpoint to resume from (None: none yet), checked against this run's model."""
-    try:
-        ckpt = find_checkpoint(cfg.train.out_dir)
-    except FileNotFoundError:
-        return None
-    saved = load_config(ckpt / "config.yaml")
-    if saved.model != cfg.model:
-        raise ConfigError(f"--resume: the model in {ckpt}/config.yaml differs from this config's; "
-                          f"resume with the same model.* settings")
-    return ckpt
-
-
-def _save(ctx: distributed.DistContext, out_dir: Path, model: nn.Module, optimizer, scheduler, step: int,
-          cfg: Config) -> Path:
-    """Checkpoint on every rank: DCP shards under FSDP, else rank 0's files; all ranks return when it is complete."""
-    keep = cfg.train.keep_checkpoints
-    if ctx.sharded:
-        return distributed.save_sharded_checkpoint(out_dir, model, optimizer, scheduler, step, cfg, keep, ctx)
-    path = Path(out_dir) / "checkpoints" / f"step_{step:06d}"
-    if ctx.is_main:
-        path = save_checkpoint(out_dir, distributed.unwrap(model), optimizer, scheduler, step, cfg, keep)
-    distributed.barrier(ctx)
-    return path
-
-
 def _reads_back_every_step(device: torch.device) -> bool:
     """On CPU the step's values are on the host already (reading them waits for nothing): check every step,
     so a NaN stops the run at its own step, before the next step's input checks meet NaN weights."""
@@ -263,20 +157,15 @@ def _check_finite(rows: list[StepRow]) -> None:
 
 
 def _train(cfg: Config, ctx: distributed.DistContext, resume: bool, max_steps: int | None, quiet: bool) -> TrainResult:
-    from lsm.evaluate import evaluate, summary
-
     t = cfg.train
     out_dir = Path(t.out_dir)
     main = ctx.is_main
     device = ctx.device
-    ckpt = distributed.on_all_ranks(ctx, lambda: _find_resume_checkpoint(cfg)) if resume else None
+    ckpt = distributed.on_all_ranks(ctx, lambda: checkpoint.find_resume_checkpoint(cfg, quiet or not main)) if resume else None
     if resume and ckpt is None and main and not quiet:
         print(f"no checkpoint in {out_dir}: starting from step 0")
 
-    if t.threads:
-        torch.set_num_threads(t.threads)
-    torch.manual_seed(t.seed)
-    random.seed(t.seed)
+    seed_everything(t.seed, threads=t.threads)
     model = build_model(cfg).to(device)
     acc = account(model, config_seq_len(cfg))
     model = distributed.wrap_model(model, cfg)
@@ -286,24 +175,9 @@ def _train(cfg: Config, ctx: distributed.DistContext, resume: bool, max_steps: i
         optimizer, lambda s: lr_factor(s, t.warmup_steps, t.steps, t.min_lr_ratio))
     start = 0
     if ckpt is not None:
-        state = torch.load(ckpt / "trainer_state.pt", map_location=device, weights_only=False)
-        if distributed.is_sharded_checkpoint(ckpt):
-            distributed.load_sharded_checkpoint(ckpt, model, optimizer)  # any world size: DCP reshards
-        elif ctx.sharded:  # a none/ddp checkpoint continued under FSDP: load it whole, then shard it
-            plain = build_model(cfg)
-            load_model(plain, str(ckpt / "model.safetensors"))
-            plain_optimizer = torch.optim.AdamW(param_groups(plain, t.weight_decay), lr=t.lr, betas=tuple(t.betas))
-            plain_optimizer.load_state_dict(state["optimizer"])
-            distributed.load_full_state(model, optimizer, plain, plain_optimizer)
-        else:
-            load_model(distributed.unwrap(model), str(ckpt / "model.safetensors"), device=str(device))
-            optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"]["torch"].cpu())
-        random.setstate(state["rng"]["python"])
-        if "cuda" in state["rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all([s.cpu() for s in state["rng"]["cuda"]])
-        start = state["step"]
+        start = checkpoint.load_training_state(
+            ckpt, cfg, ctx, model, optimizer, scheduler,
+            lambda plain: torch.optim.AdamW(param_groups(plain, t.weight_decay), lr=t.lr, betas=tuple(t.betas)))
 
     data = distributed.on_all_ranks(ctx, lambda: build_data(cfg))
     if main:
@@ -335,10 +209,8 @@ def _train(cfg: Config, ctx: distributed.DistContext, resume: bool, max_steps: i
                 with distributed.grad_sync(model, micro == t.grad_accum - 1):  # reduce once per step
                     with autocast_context(t.precision, device):
                         out = model(batch.input_ids)
-                        if ctx.world_size > 1:  # mean over the global micro-batch's labelled tokens
-                            lm_loss, lm_value = distributed.token_mean_loss(out.logits, batch.labels, ctx)
-                        else:
-                            lm_loss = lm_value = loss_fn(out.logits, batch.labels)
+                        # mean over the global micro-batch's labelled tokens
+                        lm_loss, lm_value = distributed.token_mean_loss(out.logits, batch.labels, ctx)
                         loss = lm_loss + out.aux_loss
                     (loss / t.grad_accum).backward()
                 lm_sum += lm_value.detach().float() / t.grad_accum
@@ -385,12 +257,13 @@ def _train(cfg: Config, ctx: distributed.DistContext, resume: bool, max_steps: i
                 if main and not quiet:
                     bar.write(f"step {step + 1}: test " + ", ".join(f"{k} {v:.4f}" for k, v in summary(result.eval).items()))
             if do_ckpt or stop:
-                result.checkpoint = _save(ctx, out_dir, model, optimizer, scheduler, step + 1, cfg)
+                result.checkpoint = checkpoint.save(ctx, out_dir, model, optimizer, scheduler, step + 1, cfg)
             if do_val or do_eval or do_ckpt:
                 meter.restart_clock()
             if stop:
                 if main and not quiet:
-                    bar.write(f"step {step + 1}: validation accuracy reached train.target_accuracy = {t.target_accuracy}; stopped")
+                    bar.write(f"step {step + 1}: validation accuracy reached "
+                              f"train.target_accuracy = {t.target_accuracy}; stopped")
                 break
     except KeyboardInterrupt:
         # several ranks may be interrupted at different points: no collective checkpoint then
@@ -398,7 +271,7 @@ def _train(cfg: Config, ctx: distributed.DistContext, resume: bool, max_steps: i
             rows = meter.flush()
             _check_finite(rows)  # never checkpoint a diverged model
             result.losses += [r.loss for r in rows]
-            result.checkpoint = _save(ctx, out_dir, model, optimizer, scheduler, result.step, cfg)
+            result.checkpoint = checkpoint.save(ctx, out_dir, model, optimizer, scheduler, result.step, cfg)
             bar.write(f"interrupted after step {result.step}: checkpoint {result.checkpoint}; continue with --resume")
         raise
     finally:

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+import lsm.mixture.mom as mom
 import lsm.rules as R
 from lsm.layers import RuleLayer
 from lsm.mixture import MixtureOfMemories
@@ -36,18 +37,22 @@ def float32_norms(monkeypatch):
 def spy(monkeypatch, rule) -> list[dict]:
     """Record the dtypes of q, k, v, the gates and the state of every call of rule.chunk / step / routed_step."""
     calls = []
-    for method in ("chunk", "step", "routed_step"):
-        orig = getattr(rule, method)
 
-        def wrapped(q, k, v, *args, _orig=orig, _method=method, **kw):
+    def recording(orig, method):
+        def wrapped(q, k, v, *args, **kw):
             state = kw.get("initial_state", args[0] if args else None)
             states = state if isinstance(state, tuple) else (state,) if isinstance(state, Tensor) else ()
-            calls.append(dict(method=_method, qkv={q.dtype, k.dtype, v.dtype},
+            calls.append(dict(method=method, qkv={q.dtype, k.dtype, v.dtype},
                               gates={n: g.dtype for n, g in kw.items() if n in rule.gates and isinstance(g, Tensor)},
                               states={s.dtype for s in states}))
-            return _orig(q, k, v, *args, **kw)
+            return orig(q, k, v, *args, **kw)
+        return wrapped
 
-        monkeypatch.setattr(rule, method, wrapped)
+    for method in ("chunk", "step"):
+        monkeypatch.setattr(rule, method, recording(getattr(rule, method), method))
+    orig_routed = mom.routed_step          # a function of lsm.mixture (rule first), called by the MoM layer
+    routed = recording(lambda *a, **kw: orig_routed(rule, *a, **kw), "routed_step")
+    monkeypatch.setattr(mom, "routed_step", lambda _rule, *a, **kw: routed(*a, **kw))
     return calls
 
 

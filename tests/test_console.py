@@ -5,6 +5,7 @@ import traceback
 import pytest
 import torch
 
+import lsm.distributed
 import lsm.train
 from lsm.cli import main
 from lsm.config import load_config
@@ -69,14 +70,14 @@ def test_nan_inside_a_log_window_names_its_step(tmp_path, monkeypatch, deferred)
     """CPU: every step is checked; the GPU policy (deferred) checks at the log step and still names step 3."""
     monkeypatch.setattr(lsm.train, "_reads_back_every_step", lambda device: not deferred)
     calls = {"n": 0}
-    real = lsm.train.loss_fn
+    real = lsm.distributed.token_mean_loss
 
-    def poisoned(logits, labels):
+    def poisoned(logits, labels, ctx):
         calls["n"] += 1
-        loss = real(logits, labels)
-        return loss * float("nan") if calls["n"] == 3 else loss
+        loss, value = real(logits, labels, ctx)
+        return (loss * float("nan"), value * float("nan")) if calls["n"] == 3 else (loss, value)
 
-    monkeypatch.setattr(lsm.train, "loss_fn", poisoned)
+    monkeypatch.setattr(lsm.distributed, "token_mean_loss", poisoned)
     with pytest.raises(TrainingDiverged, match="loss is nan at step 3"):
         train(_cfg(tmp_path, "nan", "train.steps=8", "train.log_every=4", "train.ckpt_every=4",
                    "model.mixer.rule=linear_attention"), quiet=True)

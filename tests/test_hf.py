@@ -8,12 +8,13 @@ import torch
 import transformers  # the `hf` extra (also a dependency of flash-linear-attention); in the `test` extra
 
 import lsm.hf  # noqa: F401  (registers the model type)
+from lsm.checkpoint import load_trained
 from lsm.cli import main
 from lsm.config import ConfigError, load_config
 from lsm.export import export, write_hf_folder
 from lsm.hf import LSMCache, LSMConfig, LSMForCausalLM
 from lsm.model import build_model
-from lsm.train import load_trained, train
+from lsm.train import train
 from tests.test_train import TINY
 
 VARIANTS = {
@@ -104,7 +105,7 @@ def test_cache_is_a_transformers_cache_and_refuses_beam_search(exported):
 
 
 def test_export_of_a_sharded_checkpoint(tmp_path, monkeypatch):
-    from lsm.distributed import is_sharded_checkpoint
+    from lsm.checkpoint import is_sharded_checkpoint
     from tests.test_distributed import TINY as DIST_TINY
     from tests.test_distributed import _rendezvous
 

@@ -91,8 +91,9 @@ def test_blocked_inverse(BT):
     """The WY inverse T = (I + strictly_lower(diag(beta) K K^T * D))^{-1} that the forward keeps, built on
     16 x 16 tiles (1, 2 or 4 diagonal blocks), equals torch.linalg.inv per chunk: unit keys, beta up to 2,
     decays down to exp(-20) per token, a ragged last chunk; atol 1e-4 (float32)."""
+    from lsm_kernels._common import chunk_layout
     from lsm_kernels.delta import delta_fwd
-    from lsm_kernels.diag import _local_cumsum, chunk_layout
+    from lsm_kernels.diag import _local_cumsum
     torch.manual_seed(BT)
     B, T, H, K, V = 1, BT + 5, 2, 16, 8
     q, k, v, _, gates = _inputs("gated_deltanet", B, T, H, K, V, B, DEV, beta_max=2.0, strength=20.0)

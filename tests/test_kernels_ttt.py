@@ -173,17 +173,31 @@ def test_auto_on_cpu_is_torch(monkeypatch):
 def test_triton_support_decision():
     """What `auto` checks on CUDA tensors (shapes, dtypes and options only, no values read)."""
     q, v = torch.zeros(1, 4, H, 8), torch.zeros(1, 4, H, 8)
-    assert RULE._triton_unsupported(q, v, {}) is None
-    assert RULE._triton_unsupported(q, v, {"mini_batch_size": 64}) is None
-    assert RULE._triton_unsupported(q, v, {"ln_weight": torch.ones(H, 8), "ln_bias": None}) is None
-    assert "mini_batch_size" in RULE._triton_unsupported(q, v, {"mini_batch_size": 65})
-    assert "K <= 256" in RULE._triton_unsupported(torch.zeros(1, 4, H, 257), v, {})
-    assert "float32" in RULE._triton_unsupported(q.double(), v.double(), {})
-    assert RULE._triton_preferred(q, v, {"ln_weight": torch.ones(H, 8)})
+
+    def refusal(q, v, gates, auto=False):
+        return RULE.kernel_refusal("chunk", "triton", q, q, v, gates, auto=auto)
+
+    def preferred(q, v, gates):
+        return refusal(q, v, gates, auto=True) is None
+
+    assert refusal(q, v, {}) is None
+    assert refusal(q, v, {"mini_batch_size": 64}) is None
+    assert refusal(q, v, {"ln_weight": torch.ones(H, 8), "ln_bias": None}) is None
+    assert "mini_batch_size" in refusal(q, v, {"mini_batch_size": 65})
+    assert "K <= 256" in refusal(torch.zeros(1, 4, H, 257), v, {})
+    assert "float32" in refusal(q.double(), v.double(), {})
+    assert preferred(q, v, {"ln_weight": torch.ones(H, 8)})
     big = torch.zeros(1, 4, H, 256)
-    assert RULE._triton_preferred(big, big, {}) and RULE._triton_unsupported(big, big, {"ln_bias": torch.zeros(H, 256)}) is None
-    assert not RULE._triton_preferred(big, big, {"ln_bias": torch.zeros(H, 256)})   # LN at V = 256: torch under auto
-    assert not RULE._triton_preferred(q, v, {"mini_batch_size": 65})
+    assert preferred(big, big, {}) and refusal(big, big, {"ln_bias": torch.zeros(H, 256)}) is None
+    assert not preferred(big, big, {"ln_bias": torch.zeros(H, 256)})   # LN at V = 256: torch under auto
+    assert not preferred(q, v, {"mini_batch_size": 65})
+    # the decode step: `auto` takes the fused kernel only without gradients and with a float32 state
+    state = RULE.init_state(1, H, 8, 8)
+    assert RULE.kernel_refusal("step", "triton", q[:, 0], q[:, 0], v[:, 0], {}, state=state, auto=True) is None
+    assert "float32" in RULE.kernel_refusal("step", "triton", q[:, 0], q[:, 0], v[:, 0], {},
+                                            state=tuple(s.double() for s in state), auto=True)
+    assert "forward only" in RULE.kernel_refusal("step", "triton", q[:, 0].requires_grad_(), q[:, 0], v[:, 0], {},
+                                                 state=state, auto=True)
 
 
 @pytest.mark.parametrize("case", ["K", "mini_batch_size", "float64"])

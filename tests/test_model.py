@@ -6,7 +6,8 @@ from lsm.config import load_config
 from lsm.model import build_model, memory_state_size
 
 BASE = ["model.hidden_size=16", "model.num_layers=2", "model.mixer.num_heads=2", "data.mqar.vocab_size=32",
-        "data.mqar.seq_len=16", "data.mqar.train_pairs=[2]", "data.mqar.test_pairs=[2]", "model.mixer.backend=torch", "model.mixer.chunk_size=4"]
+        "data.mqar.seq_len=16", "data.mqar.train_pairs=[2]", "data.mqar.test_pairs=[2]", "model.mixer.backend=torch",
+        "model.mixer.chunk_size=4"]
 VARIANTS = {
     "rule": ["model.mixer.rule=gated_deltanet"],
     "mom": ["model.mixer.rule=gated_deltanet", "model.mixer.type=mom", "model.mixer.num_memories=3"],

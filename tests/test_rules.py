@@ -316,21 +316,40 @@ def test_auto_backend_policy(monkeypatch):
     where fla has the rule, else ours; on CPU always the torch form. (A stub stands in for a CUDA tensor.)"""
     import types
 
-    import lsm.rules.base as base
+    import lsm.rules.backends as backends
     cuda_q = types.SimpleNamespace(is_cuda=True, device="cuda:0", requires_grad=True)
-    monkeypatch.setattr(base, "_capability", lambda device: (9, 0))
-    monkeypatch.setattr(base, "_has_fla", lambda: True)
-    monkeypatch.setattr(base, "TRITON_FIRST", {(9, 0): {"train": frozenset({"retnet", "mamba2"}),
-                                                        "infer": frozenset({"retnet"})}})
+    monkeypatch.setattr(backends, "capability", lambda device: (9, 0))
+    monkeypatch.setattr(backends, "has_fla", lambda: True)
+    monkeypatch.setattr(backends, "TRITON_FIRST", {(9, 0): backends.TritonFirst(
+        "a benchmark file", train=frozenset({"retnet", "mamba2"}), infer=frozenset({"retnet"}))})
     assert R.get("retnet").resolve_backend("auto", cuda_q) == "triton"
     assert R.get("mamba2").resolve_backend("auto", cuda_q) == "triton"          # training: ours
     with torch.no_grad():
         assert R.get("mamba2").resolve_backend("auto", cuda_q) == "fla"         # inference: fla's
         assert R.get("retnet").resolve_backend("auto", cuda_q) == "triton"
     assert R.get("gla").resolve_backend("auto", cuda_q) == "fla"
-    monkeypatch.setattr(base, "_capability", lambda device: (8, 0))
+    monkeypatch.setattr(backends, "capability", lambda device: (8, 0))
     assert R.get("retnet").resolve_backend("auto", cuda_q) == "fla"
-    monkeypatch.setattr(base, "_has_fla", lambda: False)
+    monkeypatch.setattr(backends, "has_fla", lambda: False)
     assert R.get("gla").resolve_backend("auto", cuda_q) == "triton"
     for name in R.names():
         assert R.get(name).resolve_backend("auto", torch.zeros(1)) == "torch"
+
+
+def test_triton_first_table_agrees_with_its_benchmark_file():
+    """Every entry of the "auto" table is what its benchmark result says: a rule is listed for training
+    (inference) exactly when our fwd+bwd (forward) time is at most fla's at every measured size."""
+    import json
+    from pathlib import Path
+
+    from lsm.rules.backends import TRITON_FIRST
+
+    root = Path(__file__).resolve().parent.parent
+    assert TRITON_FIRST
+    for cap, entry in TRITON_FIRST.items():
+        rows = json.loads((root / entry.source).read_text())
+        rules = {r["rule"] for r in rows}
+        for mode, key in (("train", "fwdbwd"), ("infer", "fwd")):
+            won = {n for n in rules if all(r.get(f"fla_{key}") is not None and r[f"triton_{key}"] <= r[f"fla_{key}"]
+                                           for r in rows if r["rule"] == n)}
+            assert getattr(entry, mode) == won, (cap, mode, entry.source)

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 import lsm.rules as R
 from lsm.rules._chunking import ChunkLayout
 from lsm.rules._delta import delta_chunk
-from lsm.rules.mamba2 import Mamba2Gate
+from lsm.rules.gates import Mamba2Gate
 
 DELTA = ["deltanet", "gated_deltanet"]
 F64 = dict(dtype=torch.float64)

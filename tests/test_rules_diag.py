@@ -14,9 +14,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import lsm.rules as R
-from lsm.rules._diag import GatedDiagRule
+from lsm.rules._diag import DiagonalDecayRule
 
-GATED = [n for n in R.names() if isinstance(R.get(n), GatedDiagRule)]
+GATED = [n for n in R.names() if isinstance(R.get(n), DiagonalDecayRule) and "g" in R.get(n).gates]
 F64 = {"dtype": torch.float64}
 ATOL, RTOL = 1e-9, 1e-7
 

@@ -290,7 +290,7 @@ def test_gate_module():
     assert set(g) == {"eta"} and g["eta"].shape == (2, 5, H) and g["eta"].dtype == torch.float32
     assert gm.base_lr == 1 / K and bool((g["eta"] > 0).all()) and bool((g["eta"] < 1 / K).all())
     assert gm.double()(x.double())["eta"].dtype == torch.float64
-    from lsm.rules.ttt import TTTGate
+    from lsm.rules.gates import TTTGate
     gl = TTTGate(12, H, K, base_lr=0.5, layer_norm=True)
     g = gl(x)
     assert g["ln_weight"].shape == (H, K) and g["ln_bias"].shape == (H, K)

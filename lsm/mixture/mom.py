@@ -22,13 +22,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from lsm.layers import MixerOutput, RuleLayer
-from lsm.mixture.routing import Router, Routing, dispatch, load_balancing_loss, take_rows, take_tokens
-from lsm.modules import ShortConv, rule_inputs, seq_positions, use_kernels
-from lsm.rules.base import DecodeState, mix_slots, with_shared_slot
+from lsm.mixture.routing import Dispatch, Router, Routing, dispatch, load_balancing_loss, take_rows, take_tokens
+from lsm.mixture.slots import mix_slots, routed_step, with_shared_slot
+from lsm.modules import seq_positions
+from lsm.rules.backends import use_conv_kernel
+from lsm.rules.base import DecodeState
 
 
 @dataclass
@@ -59,10 +60,11 @@ class MixtureOfMemories(RuleLayer):
     Dtypes as in `RuleLayer` (the same `lsm.modules.rule_inputs`): q, k, v in the activation dtype, gates
     in at least float32, states (every memory's) in float32.
 
-    It subclasses `RuleLayer` for the shared query projection and short conv, the output gate,
-    norm and projection (`readout`); keys, values and gates get `Ms = M + shared` times the heads.
-    The rule's gate module is built once for `Ms * H` heads, so every rule's parameterisation
-    works per memory without the wrapper knowing it.
+    It is a `RuleLayer` built for `Ms = M + shared` memories (`num_states`): one shared query, and
+    keys, values and gates with Ms times the heads from one projection each (`RuleLayer.project`);
+    the output gate, norm and projection (`readout`) are the single layer's. The rule's gate module
+    is built once for `Ms * H` heads, so every rule's parameterisation works per memory without the
+    wrapper knowing it. What this class adds: the router, dispatch/combine, and the routed decode step.
 
     forward(x `[B, T, D]`, cache=None, cu_seqlens=None, use_cache=False) -> MixerOutput(output, cache, aux_loss).
     With `cu_seqlens` (B = 1, N packed sequences) segments are (sequence, memory) pairs.
@@ -79,26 +81,12 @@ class MixtureOfMemories(RuleLayer):
         _check_mixture_args(num_memories, topk, shared_memory, aux_loss_weight)
         super().__init__(rule, hidden_size, num_heads, head_dim, value_dim, conv_size=conv_size,
                          use_short_conv=use_short_conv, use_output_gate=use_output_gate, norm_eps=norm_eps,
-                         chunk_size=chunk_size, backend=backend, rule_options=rule_options)
+                         chunk_size=chunk_size, backend=backend, rule_options=rule_options,
+                         num_states=num_memories + int(shared_memory))
         self.num_memories, self.topk, self.shared_memory = num_memories, topk, bool(shared_memory)
         self.aux_loss_weight = float(aux_loss_weight)
         self.conv_size = conv_size
-        Ms = self.num_states
-        D, H, K, V = hidden_size, num_heads, self.head_dim, self.value_dim
-        # per-memory keys, values and gates: ONE projection for all Ms memories (memory-major channels)
-        if self.k_proj is not None:
-            self.k_proj = nn.Linear(D, Ms * H * K, bias=False)
-        self.v_proj = nn.Linear(D, Ms * H * V, bias=False)
-        self.gates = self.rule.gate_module(D, Ms * H, K)
-        for name, channels in (("k", Ms * H * K), ("v", Ms * H * V)):
-            if name in self.convs:
-                self.convs[name] = ShortConv(channels, conv_size)
-        self.router = Router(D, num_memories, topk)
-
-    @property
-    def num_states(self) -> int:
-        """Ms: memories per sequence, the shared one included."""
-        return self.num_memories + int(self.shared_memory)
+        self.router = Router(hidden_size, num_memories, topk)
 
     @property
     def config(self) -> dict:
@@ -108,42 +96,14 @@ class MixtureOfMemories(RuleLayer):
                     conv_size=self.conv_size if self.convs else 0)
 
     # ---------------------------------------------------------------- pieces
-    def project(self, x: Tensor, cache: MoMCache | None, cu_seqlens) -> tuple[Tensor, Tensor, Tensor, dict]:
-        """x `[B, T, D]` -> q `[B, T, H, K]` (shared), k `[B, T, Ms, H, K]`, v `[B, T, Ms, H, V]`,
-        and the rule's per-token gates `[B, T, Ms, H(, K)]`: every memory's inputs at every token
-        (the decoding step, and the dense reference). The chunked path computes only the routed ones."""
-        H, K, V = self.num_heads, self.head_dim, self.value_dim
-        Ms = self.num_states
-        gates = self._gates(x)
-        q = self._conv("q", self.q_proj(x), cache, cu_seqlens, head=K).unflatten(-1, (H, K))
-        v = self._conv("v", self.v_proj(x), cache, cu_seqlens).unflatten(-1, (Ms, H, V))
-        if self.key_from_gate:
-            k = -torch.expm1(gates["g"]).to(q.dtype)                                 # k = 1 - alpha
-        else:
-            k = self._conv("k", self.k_proj(x), cache, cu_seqlens, head=K).unflatten(-1, (Ms, H, K))
-        return rule_inputs(x, q, k, v, gates)
-
-    def _gates(self, x: Tensor) -> dict[str, Tensor]:
-        """The rule's per-token gates of every memory, `[B, T, Ms, H(, K)]`."""
-        B, T, _ = x.shape
-        Ms, H = self.num_states, self.num_heads
-        gates = {}
-        for name, g in self.gates(x).items():
-            if not (isinstance(g, Tensor) and g.dim() >= 3 and tuple(g.shape[:3]) == (B, T, Ms * H)):
-                raise ValueError(f"MixtureOfMemories: the gate module of rule {self.rule.name!r} returned `{name}` "
-                                 f"with shape {tuple(getattr(g, 'shape', ()))}; only per-token gates [B, T, H(, K)] "
-                                 f"can be routed to memories (pass fixed options through `rule_options`)")
-            gates[name] = g.unflatten(2, (Ms, H))                                   # [B, T, Ms, H(, K)]
-        return gates
-
-    def _routed(self, name: str, lin: Tensor, d, cache, cu_seqlens, head: int | None) -> Tensor:
+    def _routed(self, name: str, lin: Tensor, d: Dispatch, cache, cu_seqlens, head: int | None) -> Tensor:
         """Packed rows `[R, C]` of the per-memory projection `name` (lin `[B, T, Ms * C]`) after its short
         conv: the conv runs over the token stream, but the fused kernel computes only the routed
         (token, memory) pairs and writes them in packed order (no gather, 3/5 of the work at M=4, top-2)."""
         B, T, MC = lin.shape
         Ms = self.num_states
         conv = self.convs[name] if name in self.convs else None
-        if conv is not None and cache is None and conv.kernel_size <= 4 and use_kernels(self.backend, lin):
+        if conv is not None and cache is None and use_conv_kernel(self.backend, lin, conv.kernel_size):
             from lsm_kernels.conv import short_conv
             pos = None if cu_seqlens is None else seq_positions(cu_seqlens, T)
             return short_conv(lin, conv.weight, conv.bias, pos, conv.activation, head, gather=(d.src, d.inv, Ms))
@@ -185,24 +145,16 @@ class MixtureOfMemories(RuleLayer):
     def _chunk(self, x, sel, w, cache, cu_seqlens) -> Tensor:
         """Training / prefill: one packed call of `rule.chunk`. Returns o `[B, T, H, V]`."""
         B, T, _ = x.shape
-        Ms, H, K, V = self.num_states, self.num_heads, self.head_dim, self.value_dim
+        Ms, H = self.num_states, self.num_heads
         d = dispatch(sel, Ms, cu_seqlens)
-        # index gathers whose backward is a gather or a unique-index copy: no host sync, no atomics
-        rows = lambda t: take_rows(t.flatten(0, 2), d.src)[None]                    # [B, T, Ms, ...] -> [1, R, ...]
-        gates = self._gates(x)
-        q = self._conv("q", self.q_proj(x), cache, cu_seqlens, head=K).unflatten(-1, (H, K))
-        v = self._routed("v", self.v_proj(x), d, cache, cu_seqlens, None).unflatten(-1, (H, V))[None]
-        if self.key_from_gate:
-            k = -torch.expm1(rows(gates["g"])).to(q.dtype)                           # k = 1 - alpha
-        else:
-            k = self._routed("k", self.k_proj(x), d, cache, cu_seqlens, K).unflatten(-1, (H, K))[None]
+        q, k, v, gates = self.project(x, cache, cu_seqlens, routed=_RoutedRows(self, d, cache, cu_seqlens))
         h0 = None if cache is None else tuple(s.flatten(0, 1) for s in cache.state)  # decode state, [B*Ms, H, ...]
-        q, k, v, gates = rule_inputs(x, take_tokens(q.flatten(0, 1), d)[None], k, v,
-                                     {**{n: rows(g) for n, g in gates.items()}, **self.rule_options})
-        o, S = self.rule.chunk(q, k, v, initial_state=h0, output_final_state=cache is not None,
-                               cu_seqlens=d.cu_seqlens, chunk_size=self.chunk_size, backend=self.backend,
+        o, S = self.rule.chunk(take_tokens(q.flatten(0, 1), d)[None], k, v, initial_state=h0,
+                               output_final_state=cache is not None, cu_seqlens=d.cu_seqlens,
+                               chunk_size=self.chunk_size, backend=self.backend,
                                # a batch row gives each memory at most T tokens: segments side by side
-                               max_seqlen=T if cu_seqlens is None else None, **gates)
+                               max_seqlen=T if cu_seqlens is None else None,
+                               **gates, **self.rule_options)
         if cache is not None:
             cache.state = tuple(s.unflatten(0, (B, Ms)) for s in S)
         o = take_rows(o[0], d.dest.flatten()).unflatten(0, d.dest.shape)           # [B*T, S, H, V]
@@ -211,11 +163,11 @@ class MixtureOfMemories(RuleLayer):
     def _step(self, q, k, v, gates, routing: Routing, cache: MoMCache) -> Tensor:
         """Decoding (T = 1): update only the K selected memories and the shared one. Returns `[B, 1, H, V]`.
 
-        `rule.routed_step` reads the selected memories' rows of k, v and gates; with the Triton
+        `routed_step` reads the selected memories' rows of k, v and gates; with the Triton
         backend it is one fused kernel updating the cache in place."""
-        o, cache.state = self.rule.routed_step(q[:, 0], k[:, 0], v[:, 0], cache.state, routing.index[:, 0],
-                                               routing.weight[:, 0], self.shared_memory, backend=self.backend,
-                                               **{n: g[:, 0] for n, g in gates.items()}, **self.rule_options)
+        o, cache.state = routed_step(self.rule, q[:, 0], k[:, 0], v[:, 0], cache.state, routing.index[:, 0],
+                                     routing.weight[:, 0], self.shared_memory, backend=self.backend,
+                                     **{n: g[:, 0] for n, g in gates.items()}, **self.rule_options)
         return o[:, None]
 
     def _check_inputs(self, x, cache, cu_seqlens) -> None:
@@ -241,6 +193,21 @@ class MixtureOfMemories(RuleLayer):
         lead = tuple(cache.state[0].shape[:3])
         if lead != (x.shape[0], self.num_states, self.num_heads):
             raise ValueError(f"{name}: the cache holds states for batch size {lead[0]}, got a batch of {x.shape[0]}")
+
+
+class _RoutedRows:
+    """What `RuleLayer.project` reads on the chunked path: the routed (token, memory) rows only, in dispatch order."""
+
+    def __init__(self, layer: MixtureOfMemories, d: Dispatch, cache, cu_seqlens):
+        self.layer, self.d, self.cache, self.cu_seqlens = layer, d, cache, cu_seqlens
+
+    def rows(self, name: str, lin: Tensor, head: int | None) -> Tensor:
+        """Projection `name`'s rows `[R, C]` after its short conv (lin `[B, T, Ms * C]`)."""
+        return self.layer._routed(name, lin, self.d, self.cache, self.cu_seqlens, head)
+
+    def gather(self, t: Tensor) -> Tensor:
+        """`[B, T, Ms, ...]` -> `[1, R, ...]`: an index gather whose backward is a gather (no host sync, no atomics)."""
+        return take_rows(t.flatten(0, 2), self.d.src)[None]
 
 
 def _check_mixture_args(num_memories, topk, shared_memory, aux_loss_weight) -> None:

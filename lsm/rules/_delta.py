@@ -1,6 +1,7 @@
 """The delta family: `S_t = a_t (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T`, `o_t = scale * S_t^T q_t`.
 
-One implementation serves deltanet (no decay, `a_t = 1`) and gated_deltanet (a data-dependent
+One implementation (`delta_step` the definition, `delta_chunk` the torch chunked form, `DeltaRule`
+the class whose configurations the rules are) serves deltanet (no decay, `a_t = 1`) and gated_deltanet (a data-dependent
 scalar decay per head, `a_t = exp(g_t)`, `g [B, T, H] <= 0`). `beta [B, T, H] >= 0` is the
 write strength (beta in [0, 2] keeps `I - beta k k^T` non-expansive for unit keys). Keys are
 expected L2-normalised; the layer normalises them, this module does not.
@@ -14,6 +15,8 @@ import torch
 from torch import Tensor
 
 from lsm.rules._chunking import ChunkLayout
+from lsm.rules._fla import fla_chunk
+from lsm.rules.base import UpdateRule
 
 
 def delta_step(q: Tensor, k: Tensor, v: Tensor, S: Tensor, scale: float, beta: Tensor,
@@ -105,3 +108,32 @@ def delta_chunk(q: Tensor, k: Tensor, v: Tensor, h0: Tensor | None, scale: float
     # 7. back to token order
     o = torch.stack(outs, 1).transpose(2, 3)                                      # [Nb, NC, C, H, V]
     return layout.from_chunks(o), layout.final_states(torch.stack(states, 1))
+
+
+class DeltaRule(UpdateRule):
+    """The family class: deltanet (gates `beta`) and gated_deltanet (`beta`, `g`) are configurations of it.
+
+    `fla_op`: the fla kernel computing the same function (lsm.rules._fla)."""
+
+    normalize_keys = True
+    has_fla = True
+    has_triton_step = True
+    has_triton_chunk = True
+    fla_op = "delta_rule"
+
+    def _step(self, q, k, v, state, scale, beta, g=None):
+        o, S = delta_step(q, k, v, state[0], scale, beta, g)
+        return o, (S,)
+
+    def _chunk_torch(self, q, k, v, initial_state, scale, layout, beta, g=None):
+        return delta_chunk(q, k, v, initial_state, scale, layout, beta, g)
+
+    def _chunk_fla(self, q, k, v, initial_state, output_final_state, scale, cu_seqlens, beta, g=None):
+        # keys arrive L2-normalised from the layer: fla's in-kernel normalisation stays off
+        decay = {} if g is None else {"g": g}
+        return fla_chunk(self.fla_op, q, k, v, initial_state, output_final_state, scale, cu_seqlens,
+                         beta=beta, **decay, use_qk_l2norm_in_kernel=False)
+
+    def _chunk_triton(self, q, k, v, initial_state, output_final_state, scale, cu_seqlens, chunk_size, beta, g=None):
+        from lsm_kernels.delta import chunk_delta
+        return chunk_delta(q, k, v, beta, g, scale, initial_state, output_final_state, cu_seqlens, chunk_size)

@@ -18,17 +18,17 @@ only for CPU tensors: on an accelerator they would force a host synchronisation 
 """
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
+from lsm.rules import backends
 from lsm.rules._chunking import ChunkLayout
+from lsm.rules.backends import Backend
+from lsm.rules.gates import NoGates
 
-Backend = Literal["auto", "torch", "triton", "fla"]
-BACKENDS = ("auto", "torch", "triton", "fla")
 DecodeState = tuple[Tensor, ...]
 
 
@@ -51,35 +51,6 @@ def _check(cond: bool, exc: type[Exception], msg: str) -> None:
         raise exc(msg)
 
 
-#: The "auto" policy on CUDA: per compute capability, the rules whose Triton kernels (this project's)
-#: measured at least as fast as fla's at every size of benchmarks/bench_kernels.py (B*T = 32K, H = 16,
-#: D = 128, T = 2048 and 8192, bf16; numbers in benchmarks/README.md), for training (forward+backward,
-#: used when an input requires grad) and for inference (forward). "auto" picks ours for these, fla's
-#: kernel where fla has the rule, else ours, else the torch form. An unlisted device gets fla wherever
-#: fla has the rule.
-TRITON_FIRST: dict[tuple[int, int], dict[str, frozenset[str]]] = {
-    # H100 (sm_90), triton 3.7.1, fla 0.6.0. fwd+bwd fla/ours: linear_attention 1.27/1.34, retnet 1.27/1.31,
-    # lightning 1.26/1.31, mamba2 1.37/1.39 (T=2048/8192). Forward: retnet 1.37/1.02, lightning 1.40/1.02;
-    # linear_attention 0.97/1.05 and mamba2 1.08/0.98 lose at one size. gla, hgrn2 (0.56), deltanet
-    # (0.88), gated_deltanet (0.82) stay on fla.
-    (9, 0): {"train": frozenset({"linear_attention", "retnet", "lightning", "mamba2"}),
-             "infer": frozenset({"retnet", "lightning"})},
-}
-
-
-@functools.lru_cache(maxsize=None)
-def _capability(device: torch.device) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(device)
-
-
-def _has_fla() -> bool:
-    try:
-        import fla  # noqa: F401
-    except Exception:  # fla imports triton, which can fail on exotic platforms
-        return False
-    return True
-
-
 class UpdateRule:
     """Base class. Subclasses set `name`, `gates`, and implement `_step` and `_chunk_torch`."""
 
@@ -98,7 +69,8 @@ class UpdateRule:
         nd = 3 if single_step else 4
         lay = "[B, H, K]" if single_step else "[B, T, H, K]"
         _check(q.dim() == nd, ValueError, f"{self.name}: `q` must be {lay}, got shape {tuple(q.shape)}")
-        _check(k.shape == q.shape, ValueError, f"{self.name}: `k` must have the shape of `q` {tuple(q.shape)}, got {tuple(k.shape)}")
+        _check(k.shape == q.shape, ValueError,
+               f"{self.name}: `k` must have the shape of `q` {tuple(q.shape)}, got {tuple(k.shape)}")
         _check(v.dim() == nd and v.shape[:-1] == q.shape[:-1], ValueError,
                f"{self.name}: `v` must be {lay[:-2]}V] matching q's leading dims {tuple(q.shape[:-1])}, got {tuple(v.shape)}")
         _check(q.dtype == k.dtype == v.dtype, TypeError,
@@ -134,15 +106,19 @@ class UpdateRule:
                    f"{self.name}: `cu_seqlens` must be a 1-D int32/int64 tensor [N+1], got "
                    f"{cu_seqlens.dtype if isinstance(cu_seqlens, Tensor) else type(cu_seqlens).__name__}"
                    f"{' of shape ' + str(tuple(cu_seqlens.shape)) if isinstance(cu_seqlens, Tensor) else ''}")
-            _check(B == 1, ValueError, f"{self.name}: with `cu_seqlens` the sequences are packed along T, so the batch size must be 1, got B={B}")
-            _check(cu_seqlens.numel() >= 2, ValueError, f"{self.name}: `cu_seqlens` needs at least 2 entries [0, ..., T], got {cu_seqlens.numel()}")
+            _check(B == 1, ValueError,
+                   f"{self.name}: with `cu_seqlens` the sequences are packed along T, so the batch size must be 1, got B={B}")
+            _check(cu_seqlens.numel() >= 2, ValueError,
+                   f"{self.name}: `cu_seqlens` needs at least 2 entries [0, ..., T], got {cu_seqlens.numel()}")
             N = cu_seqlens.numel() - 1
             if cu_seqlens.device.type == "cpu":
                 c = cu_seqlens
                 _check(int(c[0]) == 0, ValueError, f"{self.name}: `cu_seqlens` must start at 0, got {int(c[0])}")
                 if not bool((c[1:] >= c[:-1]).all()):
-                    raise ValueError(f"{self.name}: `cu_seqlens` must be non-decreasing (cumulative sequence lengths), got {c.tolist()}")
-                _check(int(c[-1]) == T, ValueError, f"{self.name}: `cu_seqlens` must end at T={T} (the packed length), got {int(c[-1])}")
+                    raise ValueError(f"{self.name}: `cu_seqlens` must be non-decreasing (cumulative sequence lengths), "
+                                     f"got {c.tolist()}")
+                _check(int(c[-1]) == T, ValueError,
+                       f"{self.name}: `cu_seqlens` must end at T={T} (the packed length), got {int(c[-1])}")
         if initial_state is not None:
             _check(isinstance(initial_state, Tensor) and initial_state.is_floating_point(), TypeError,
                    f"{self.name}: `initial_state` must be a floating-point tensor [N, H, K, V]")
@@ -191,7 +167,7 @@ class UpdateRule:
         _check(isinstance(state, tuple), TypeError,
                f"{self.name}: `state` must be the tuple returned by init_state/state_from_final/step, got {type(state).__name__}")
         gates = self._fill(q, gates)
-        backend = self._resolve_step_backend(backend, q)
+        backend = backends.resolve_step(self, backend, q, k, v, state, gates)
         step = self._step_triton if backend == "triton" else self._step
         o, state = step(q, k, v, state, self._scale(scale, q), **gates)
         return o.to(v.dtype), state  # like chunk/recurrent: the output in the inputs' dtype, the state in float32
@@ -213,54 +189,10 @@ class UpdateRule:
         o, S = recurrent_step(q, k, v, state[0], scale, inplace=False, **self._kernel_gates(gates))
         return o, (S,)
 
-    def routed_step(self, q: Tensor, k: Tensor, v: Tensor, state: DecodeState, index: Tensor, weight: Tensor,
-                    shared: bool, scale=None, backend: Backend = "auto", **gates) -> tuple[Tensor, DecodeState]:
-        """One decoding step of a Mixture-of-Memories layer: update only the routed memories (and the shared one).
-
-        q `[B, H, K]` (the shared query); every memory's inputs k `[B, Ms, H, K]`, v `[B, Ms, H, V]`,
-        gates `[B, Ms, H(, K)]`; state: the decode-state tuple, every tensor `[B, Ms, H, ...]`
-        (Ms = M routed memories + the shared one, last, when `shared`); index `[B, topk]` distinct
-        memories < M and weight `[B, topk]`. Returns (o `[B, H, V]` = sum_s w_s o_s with the shared
-        memory's weight 1, the new state). The memories not selected keep their state exactly.
-
-        With the Triton backend, a float32 state and no autograd graph to record, one fused kernel
-        updates the selected memories in place (`lsm_kernels.decode.mom_step`); otherwise the
-        selected states are gathered, stepped with `step` as one batch, and scattered back.
-        """
-        B, Ms = state[0].shape[:2]
-        backend = self._resolve_step_backend(backend, q)
-        fused = (backend == "triton" and self.has_triton_step and len(state) == 1 and state[0].dtype == torch.float32
-                 and state[0].is_contiguous()
-                 and not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, state[0], weight,
-                                                                                      *gates.values()) if isinstance(t, Tensor))))
-        if fused:
-            from lsm_kernels.decode import mom_step
-            gates = self._fill(q, gates)
-            o = mom_step(q, k, v, state[0], index, weight, self._scale(scale, q), shared=shared,
-                         **self._kernel_gates(gates))
-            return o, state
-        sel, w = with_shared_slot(index, weight, Ms - 1) if shared else (index, weight)
-        S = sel.shape[1]
-        H, K = q.shape[1:]
-
-        def at(t: Tensor) -> Tensor:                                            # gather index for [B, Ms, ...]
-            return sel.view(B, S, *([1] * (t.dim() - 2))).expand(B, S, *t.shape[2:])
-
-        pick = lambda t: t.gather(1, at(t)).flatten(0, 1)                       # [B, Ms, ...] -> [B*S, ...]
-        per_memory = {n: pick(t) for n, t in gates.items() if isinstance(t, Tensor) and t.shape[:2] == (B, Ms)}
-        fixed = {n: t for n, t in gates.items() if n not in per_memory}
-        o, new = self.step(q[:, None].expand(B, S, H, K).flatten(0, 1), pick(k), pick(v), tuple(pick(s) for s in state),
-                           scale=scale, backend=backend, **per_memory, **fixed)
-        state = tuple(s.scatter(1, at(s), n.unflatten(0, (B, S)).to(s.dtype)) for s, n in zip(state, new))
-        return mix_slots(o.unflatten(0, (B, S)), w), state
-
-    def _resolve_step_backend(self, backend: str, q: Tensor) -> str:
-        _check(backend in BACKENDS, ValueError, f"{self.name}: unknown backend {backend!r}; choose one of {BACKENDS}")
-        if backend == "auto":
-            return "triton" if (q.is_cuda and self.has_triton_step) else "torch"
-        if backend == "fla":  # a decode step is one small update; fla's fused_recurrent adds launch overhead only
-            return "torch"
-        return backend
+    def kernel_step_args(self, q: Tensor, scale: float | None, gates: dict) -> tuple[float, dict]:
+        """(scale, gates) as the fused decode kernels (`lsm_kernels.decode`) take them: the scale resolved,
+        the gates filled with their defaults and reduced to the kernel's `g` / `g_gamma` / `beta`."""
+        return self._scale(scale, q), self._kernel_gates(self._fill(q, gates))
 
     # ---------------------------------------------------------------- recurrent (the definition)
     def recurrent(self, q: Tensor, k: Tensor, v: Tensor, initial_state: Tensor | None = None,
@@ -345,7 +277,7 @@ class UpdateRule:
                        f"{self.name}: `max_seqlen`={max_seqlen} is shorter than the longest sequence ({longest})")
         gates = self._fill(q, gates)
         scale = self._scale(scale, q)
-        backend = self.resolve_backend(backend, q)
+        backend = self.resolve_backend(backend, q, k, v, gates)
         if backend == "fla":
             return self._chunk_fla(q, k, v, initial_state, output_final_state, scale, cu_seqlens, **gates)
         if backend == "triton":
@@ -376,26 +308,23 @@ class UpdateRule:
                           max_seqlen=max_seqlen, **gates)
         return o, (self.state_from_final(S) if output_final_state else None)
 
-    def resolve_backend(self, backend: str, q: Tensor) -> str:
-        """The concrete backend `chunk` runs for `backend` on q's device."""
-        _check(backend in BACKENDS, ValueError, f"{self.name}: unknown backend {backend!r}; choose one of {BACKENDS}")
-        if backend == "auto":
-            if not q.is_cuda:
-                return "torch"
-            ours = type(self)._chunk_triton is not UpdateRule._chunk_triton
-            if ours:
-                mode = "train" if torch.is_grad_enabled() and getattr(q, "requires_grad", False) else "infer"
-                if self.name in TRITON_FIRST.get(_capability(q.device), {}).get(mode, ()):
-                    return "triton"
-            if self.has_fla and _has_fla():
-                return "fla"
-            return "triton" if ours else "torch"
-        if backend == "fla":
-            _check(self.has_fla, ValueError, f"{self.name}: flash-linear-attention has no kernel for this rule; use backend='torch'")
-            _check(q.is_cuda, ValueError, f"{self.name}: backend='fla' runs Triton kernels on a GPU; q is on {q.device}. Use backend='torch' on CPU")
-        return backend
+    def resolve_backend(self, backend: str, q: Tensor, k: Tensor | None = None, v: Tensor | None = None,
+                        gates: dict | None = None) -> str:
+        """The concrete backend `chunk` runs for `backend` on q's device (lsm.rules.backends.resolve_chunk)."""
+        return backends.resolve_chunk(self, backend, q, k, v, gates)
+
+    def kernel_refusal(self, call: Literal["chunk", "step"], backend: str, q: Tensor, k: Tensor | None,
+                       v: Tensor | None, gates: dict, state: DecodeState | None = None, auto: bool = False) -> str | None:
+        """Why `backend`'s kernel cannot take this `call` (a message naming the option and the fix), or None.
+
+        The hook of lsm.rules.backends: an explicit backend raises the message as a `ValueError`; `auto`
+        (asked while resolving backend="auto") may also decline calls the kernel takes but runs slower
+        than the torch form, and then runs the torch form. Reads shapes, dtypes and flags only."""
+        return None
 
     has_fla: bool = False
+    #: True for rules with a chunked Triton kernel (`_chunk_triton`)
+    has_triton_chunk: bool = False
 
     def _chunk_torch(self, q, k, v, initial_state, scale, layout: ChunkLayout, **gates) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
@@ -413,25 +342,6 @@ class UpdateRule:
 
     def __repr__(self) -> str:
         return f"<rule {self.name}>"
-
-
-def with_shared_slot(index: Tensor, weight: Tensor, shared: int) -> tuple[Tensor, Tensor]:
-    """Append the always-on shared memory (slot `shared`, weight 1) to routed slots `[..., K]` -> `[..., K + 1]`."""
-    return (torch.cat([index, torch.full_like(index[..., :1], shared)], -1),
-            torch.cat([weight, torch.ones_like(weight[..., :1])], -1))
-
-
-def mix_slots(o: Tensor, w: Tensor) -> Tensor:
-    """Weighted sum over slots: o `[L, S, H, V]`, w `[L, S]` -> `[L, H, V]` in o's dtype (summed in >= float32)."""
-    ct = torch.promote_types(o.dtype, torch.float32)
-    return (o.to(ct) * w.to(ct)[..., None, None]).sum(1).to(o.dtype)
-
-
-class NoGates(nn.Module):
-    """Gate module of rules without per-token gates."""
-
-    def forward(self, x: Tensor) -> dict[str, Tensor]:
-        return {}
 
 
 _REGISTRY: dict[str, UpdateRule] = {}

@@ -5,34 +5,16 @@ The rule's math is gla's; what differs is the parameterisation: the layer derive
 """
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
-
-from lsm.rules.base import register
-from lsm.rules.gla import GLA
-
-
-class HGRN2Gate(nn.Module):
-    """`alpha = lower + (1 - lower) * sigmoid(x W)`, `g = log(alpha)`, `[B, T, H, K]`."""
-
-    def __init__(self, hidden_size: int, num_heads: int, head_dim: int, lower_bound: float = 0.0):
-        super().__init__()
-        self.num_heads, self.head_dim, self.lower_bound = num_heads, head_dim, lower_bound
-        self.proj = nn.Linear(hidden_size, num_heads * head_dim, bias=True)
-
-    def forward(self, x: Tensor) -> dict[str, Tensor]:
-        z = self.proj(x)
-        if self.lower_bound > 0:
-            g = torch.log(self.lower_bound + (1 - self.lower_bound) * torch.sigmoid(z))
-        else:
-            g = F.logsigmoid(z)
-        return {"g": g.unflatten(-1, (self.num_heads, self.head_dim))}
+from lsm.rules._diag import DiagonalDecayRule
+from lsm.rules.base import GateSpec, register
+from lsm.rules.gates import HGRN2Gate
 
 
 @register
-class HGRN2(GLA):
+class HGRN2(DiagonalDecayRule):
     name = "hgrn2"
+    gates = {"g": GateSpec(per="key", kind="log_decay")}
+    fla_op = "gla"
     #: the layer sets `k = 1 - exp(g)` instead of projecting a key
     key_from_gate = True
 

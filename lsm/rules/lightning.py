@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import torch
 
-from lsm.rules.base import register
-from lsm.rules.retnet import _ConstantDecay
+from lsm.rules._diag import DiagonalDecayRule
+from lsm.rules.base import GateSpec, register
 
 
 def lightning_gamma(num_heads: int, device=None) -> torch.Tensor:
@@ -17,8 +17,9 @@ def lightning_gamma(num_heads: int, device=None) -> torch.Tensor:
 
 
 @register
-class Lightning(_ConstantDecay):
+class Lightning(DiagonalDecayRule):
     name = "lightning"
+    gates = {"g_gamma": GateSpec(per="head", kind="log_decay", required=False)}
 
     def default_gamma(self, num_heads, device=None):
         return lightning_gamma(num_heads, device)

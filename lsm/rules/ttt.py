@@ -61,40 +61,12 @@ its first mini-batch's W equals our S (tests/test_rules_ttt.py checks this on CP
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
+from lsm.rules import backends
 from lsm.rules._chunking import ChunkLayout
 from lsm.rules.base import GateSpec, UpdateRule, _check, register
-
-
-class TTTGate(nn.Module):
-    """`eta = base_lr * sigmoid(x W + b)`, `[B, T, H]`.
-
-    `base_lr` defaults to `1 / head_dim` (TTT-Linear's `ttt_base_lr = 1` divided by the head
-    dimension). W starts at N(0, 0.02^2), b at 0, so eta starts near `base_lr / 2`.
-    With `layer_norm=True` the module also owns the LN form's `ln_weight` (ones) and `ln_bias`
-    (zeros), `[H, head_dim]`, and returns them in the gate dict.
-    """
-
-    def __init__(self, hidden_size: int, num_heads: int, head_dim: int, base_lr: float | None = None,
-                 layer_norm: bool = False):
-        super().__init__()
-        self.base_lr = 1.0 / head_dim if base_lr is None else float(base_lr)
-        self.proj = nn.Linear(hidden_size, num_heads, bias=True)
-        nn.init.normal_(self.proj.weight, std=0.02)
-        nn.init.zeros_(self.proj.bias)
-        self.layer_norm = layer_norm
-        if layer_norm:
-            self.ln_weight = nn.Parameter(torch.ones(num_heads, head_dim))
-            self.ln_bias = nn.Parameter(torch.zeros(num_heads, head_dim))
-
-    def forward(self, x: Tensor) -> dict[str, Tensor]:
-        z = self.proj(x)
-        z = z.to(torch.promote_types(z.dtype, torch.float32))                        # rates in at least float32
-        out = {"eta": self.base_lr * torch.sigmoid(z)}
-        if self.layer_norm:
-            out.update(ln_weight=self.ln_weight, ln_bias=self.ln_bias)
-        return out
+from lsm.rules.gates import TTTGate
 
 
 def _layer_norm(z: Tensor, w: Tensor, b: Tensor, eps: float) -> Tensor:
@@ -166,6 +138,7 @@ class TTT(UpdateRule):
     options = {"mini_batch_size": 16, "ln_weight": None, "ln_bias": None, "ln_eps": 1e-6}
     normalize_keys = True
     has_fla = False
+    has_triton_chunk = True
 
     # ---------------------------------------------------------------- options
     def _validate(self, q, k, v, initial_state, cu_seqlens, gates, single_step=False):
@@ -233,18 +206,6 @@ class TTT(UpdateRule):
     # ---------------------------------------------------------------- decoding on the GPU (lsm_kernels.ttt.ttt_step)
     has_triton_step = True
 
-    def step(self, q, k, v, state, scale=None, backend="auto", **gates):
-        """As `UpdateRule.step`. backend='auto' runs the fused Triton step on CUDA tensors when nothing needs
-        gradients through the step (the kernel is forward only) and the state is float32; else the torch step."""
-        if backend == "auto" and isinstance(q, Tensor):
-            tensors = [q, k, v, *(state if isinstance(state, tuple) else ()), *gates.values()]
-            tensors = [t for t in tensors if isinstance(t, Tensor)]
-            needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-            f32_state = isinstance(state, tuple) and all(isinstance(t, Tensor) and t.dtype == torch.float32
-                                                         for t in state)
-            backend = "triton" if q.is_cuda and f32_state and not needs_grad else "torch"
-        return super().step(q, k, v, state, scale=scale, backend=backend, **gates)
-
     def _step_triton(self, q, k, v, state, scale, eta, mini_batch_size, ln_weight, ln_bias, ln_eps):
         """One token by the fused kernel (forward only): the same (o, (S0, S, n)) as `_step`, in new tensors."""
         _check(len(state) == 3, ValueError,
@@ -261,10 +222,6 @@ class TTT(UpdateRule):
         b = gates.get("mini_batch_size", self.options["mini_batch_size"])
         if isinstance(b, int) and not isinstance(b, bool) and b >= 1 and isinstance(chunk_size, int) and chunk_size >= 1:
             chunk_size = b * max(1, chunk_size // b)
-        if backend == "auto" and isinstance(q, Tensor) and isinstance(v, Tensor):
-            # fla has no kernel for this function (see the module docstring): our Triton kernel where it takes
-            # the call, else the torch form. A shape/dtype/option decision only: no host synchronisation.
-            backend = "triton" if q.is_cuda and self._triton_preferred(q, v, gates) else "torch"
         return super().chunk(q, k, v, initial_state=initial_state, output_final_state=output_final_state, scale=scale,
                              cu_seqlens=cu_seqlens, chunk_size=chunk_size, backend=backend, max_seqlen=max_seqlen,
                              **gates)
@@ -383,8 +340,19 @@ class TTT(UpdateRule):
     #: the largest key head dim the chunk kernel holds (the state tile spans all of K)
     triton_max_key_dim = 256
 
-    def _triton_unsupported(self, q: Tensor, v: Tensor, gates: dict) -> str | None:
-        """Why the Triton chunk kernel cannot take this call (a message naming the option and the fix), or None."""
+    def kernel_refusal(self, call, backend, q, k, v, gates, state=None, auto=False):
+        """The Triton kernels' limits (lsm.rules.backends asks): the chunk kernel holds K <= 256, a mini-batch
+        <= 64 and float32/bfloat16/float16 inputs, and `auto` keeps the LN form above V = 128 on the torch
+        form; `auto` runs the fused decode step (forward only) when nothing needs gradients through it and
+        the state is float32. fla has no kernel for this function (see the module docstring)."""
+        if call == "step":
+            if not auto:
+                return None
+            if backends.requires_grad(q, k, v, *(state if isinstance(state, tuple) else ()), *gates.values()):
+                return f"{self.name}: the fused decode step is forward only; use backend='torch' to differentiate"
+            if not (isinstance(state, tuple) and all(isinstance(t, Tensor) and t.dtype == torch.float32 for t in state)):
+                return f"{self.name}: the fused decode step takes a float32 state; use backend='torch'"
+            return None
         fix = "use backend='torch'"
         K = q.shape[-1]
         if K > self.triton_max_key_dim:
@@ -398,24 +366,20 @@ class TTT(UpdateRule):
         if q.dtype not in kernel_dtypes or v.dtype not in kernel_dtypes:
             return (f"{self.name}: backend='triton' takes float32/bfloat16/float16 q, k, v, got {q.dtype}: "
                     f"{fix}, or cast the inputs to float32")
+        ln = gates.get("ln_weight") is not None or gates.get("ln_bias") is not None
+        if auto and ln and v.shape[-1] > self.triton_auto_max_ln_dim:
+            return (f"{self.name}: backend='auto' keeps the LayerNorm form at V={v.shape[-1]} > "
+                    f"{self.triton_auto_max_ln_dim} on the torch form (the kernel's state tile spills registers)")
         return None
 
     #: the LN form holds all of V in one program: `auto` takes the kernel up to this head dim (at 256 the
     #: [256, 256] float32 state tile spills registers and the backward takes minutes per autotune config to compile)
     triton_auto_max_ln_dim = 128
 
-    def _triton_preferred(self, q: Tensor, v: Tensor, gates: dict) -> bool:
-        """Whether backend='auto' runs the Triton kernel (given a CUDA device)."""
-        ln = gates.get("ln_weight") is not None or gates.get("ln_bias") is not None
-        return self._triton_unsupported(q, v, gates) is None and not (ln and v.shape[-1] > self.triton_auto_max_ln_dim)
-
     def _chunk_triton(self, q, k, v, initial_state, output_final_state, scale, cu_seqlens, chunk_size, eta,
                       mini_batch_size, ln_weight, ln_bias, ln_eps):
         """Plain and LayerNorm form by `lsm_kernels.ttt.chunk_ttt_linear`: one kernel step per mini-batch (the
         chunk is the mini-batch; `chunk_size` does not change the result and is not used)."""
-        why = self._triton_unsupported(q, v, {"mini_batch_size": mini_batch_size})
-        if why is not None:
-            raise ValueError(why)
         from lsm_kernels.ttt import chunk_ttt_linear
         return chunk_ttt_linear(q, k, v, eta, scale, initial_state, output_final_state, cu_seqlens, mini_batch_size,
                                 ln_weight, ln_bias, ln_eps)

@@ -1,0 +1,39 @@
+"""Where and how a process computes: the device, the autocast precision, the seeds.
+
+    device = resolve_device(cfg.train.device)          # "auto" -> cuda if available, else cpu
+    with autocast_context(cfg.train.precision, device):
+        ...
+    seed_everything(cfg.train.seed, threads=cfg.train.threads)
+"""
+from __future__ import annotations
+
+import random
+from contextlib import nullcontext
+
+import torch
+
+from lsm.config import ConfigError
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` (CUDA when available, else CPU), `cpu`, `cuda`, `cuda:N`; asking for CUDA without one is a `ConfigError`."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"train.device: {name!r} asked for, but no CUDA device is available (use auto or cpu)")
+    return torch.device(name)
+
+
+def autocast_context(precision: str, device: torch.device):
+    """bf16 autocast on GPU (or when asked for), plain float32 otherwise."""
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def seed_everything(seed: int, threads: int = 0) -> None:
+    """Seed torch's and Python's RNGs (every device); `threads > 0` also sets torch's CPU thread count."""
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    random.seed(seed)
