@@ -44,7 +44,7 @@ from safetensors import safe_open
 from safetensors.torch import load_model, save_model
 from torch import nn
 
-from lsm.config import Config, ConfigError, from_dict, load_config, to_yaml
+from lsm.config import Config, ConfigError, first_line, from_dict, load_config, parse_overrides, to_yaml
 from lsm.distributed import DistContext, barrier, unwrap
 from lsm.model import LanguageModel, build_model
 
@@ -70,9 +70,24 @@ class CheckpointError(ConfigError):
 
 def _unreadable(file: Path, e: BaseException) -> CheckpointError:
     """The error for a damaged file; `e`'s first line only (library errors can span many lines)."""
-    lines = str(e).strip().splitlines()
-    reason = f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
+    reason = f"{type(e).__name__}: {first_line(e)}" if str(e).strip() else type(e).__name__
     return CheckpointError(file, f"cannot be read, truncated or corrupt ({reason})")
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Replace `path` with `text` in one rename (a crash leaves the old file or the new one, never half of it)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # the usual permissions, not mkstemp's private ones
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 # --------------------------------------------------------------------------- RNG state
@@ -102,9 +117,7 @@ def publish_checkpoint(tmp: Path, final: Path, root: Path, keep: int) -> None:
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    pointer = root / ".latest.tmp"
-    pointer.write_text(final.name + "\n")
-    os.replace(pointer, root / "latest")
+    write_atomic(root / "latest", final.name + "\n")
     older = [p for p in sorted(root.glob("step_*")) if p.name <= final.name]
     for old in older[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
@@ -116,7 +129,7 @@ def save_checkpoint(out_dir: Path, model: nn.Module, optimizer, scheduler, step:
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:06d}"
     tmp = Path(tempfile.mkdtemp(prefix=f".step_{step:06d}.", dir=root))
-    save_model(getattr(model, "module", model), str(tmp / "model.safetensors"))
+    save_model(unwrap(model), str(tmp / "model.safetensors"))
     (tmp / "config.yaml").write_text(to_yaml(cfg))
     torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "rng": rng_state()}, tmp / "trainer_state.pt")
@@ -169,6 +182,13 @@ def is_sharded_checkpoint(ckpt: str | os.PathLike) -> bool:
     return (Path(ckpt) / SHARDED_DIR / ".metadata").is_file()
 
 
+def _needed_files(ckpt: Path) -> tuple[str, ...]:
+    """The files a checkpoint folder must hold: a sharded (FSDP) one keeps its weights in dcp/, not model.safetensors."""
+    if is_sharded_checkpoint(ckpt):
+        return tuple(f for f in CHECKPOINT_FILES if f != "model.safetensors")
+    return CHECKPOINT_FILES
+
+
 def find_checkpoint(path: str | os.PathLike) -> Path:
     """A checkpoint folder from itself, a run folder, or a run's `checkpoints/` folder (its latest)."""
     p = Path(path)
@@ -178,9 +198,7 @@ def find_checkpoint(path: str | os.PathLike) -> Path:
             p = candidate / (candidate / "latest").read_text().strip()
             via_latest = True
             break
-    needed = CHECKPOINT_FILES
-    if is_sharded_checkpoint(p):  # FSDP: DCP shards in dcp/ instead of model.safetensors
-        needed = tuple(f for f in CHECKPOINT_FILES if f != "model.safetensors")
+    needed = _needed_files(p)
     missing = [f for f in needed if not (p / f).is_file()]
     if missing and (via_latest or len(missing) < len(needed)):  # a checkpoint, but an incomplete one
         raise CheckpointError(p / missing[0], "is missing")
@@ -196,9 +214,7 @@ def check_checkpoint(ckpt: Path, full: bool = False) -> None:
     Cheap by default (safetensors header and size, the zip directory of trainer_state.pt, config.yaml);
     `full` also unpickles trainer_state.pt.
     """
-    needed = CHECKPOINT_FILES
-    if is_sharded_checkpoint(ckpt):
-        needed = tuple(f for f in CHECKPOINT_FILES if f != "model.safetensors")
+    needed = _needed_files(ckpt)
     for name in needed:
         if not (ckpt / name).is_file():
             raise CheckpointError(ckpt / name, "is missing")
@@ -323,8 +339,7 @@ def _load_safetensors(model: nn.Module, ckpt: Path, device: str | torch.device =
     try:
         load_model(model, str(file), device=str(device))
     except RuntimeError as e:  # missing/unexpected keys or shapes: the config does not describe these weights
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(file, f"does not match the model of {ckpt / 'config.yaml'} ({first})",
+        raise CheckpointError(file, f"does not match the model of {ckpt / 'config.yaml'} ({first_line(e)})",
                               "load it with the config it was trained with (no model.* overrides)") from None
     except Exception as e:  # the Rust reader's own error types
         raise _unreadable(file, e) from None
@@ -374,13 +389,11 @@ def lsm_config_of(data: dict, where: str, overrides: list[str] | tuple[str, ...]
     if data.get("model_type") != MODEL_TYPE or not isinstance(data.get("lsm"), dict):
         raise ConfigError(f"{where}: a {data.get('model_type', 'untyped')!r} model, not an lsm export "
                           f"(model_type {MODEL_TYPE!r} with an 'lsm' config); write one with `lsm export RUN OUT_DIR`")
-    for o in overrides:
-        if "=" not in o:
-            raise ConfigError(f"override {o!r} must look like key=value (e.g. eval.batch_size=64)")
+    extra = parse_overrides(overrides)
     try:
-        merged = OmegaConf.merge(OmegaConf.create(data["lsm"]), OmegaConf.from_dotlist(list(overrides)))
+        merged = OmegaConf.merge(OmegaConf.create(data["lsm"]), extra)
     except OmegaConfBaseException as e:
-        raise ConfigError(f"{where}: bad config or override: {str(e).strip().splitlines()[0]}") from None
+        raise ConfigError(f"{where}: bad config or override: {first_line(e)}") from None
     return from_dict(merged)
 
 

@@ -181,18 +181,23 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
         try:
             layers.append(OmegaConf.load(p))
         except Exception as e:  # YAML syntax errors come from several libraries
-            raise ConfigError(f"{p}: not valid YAML: {_first_line(e)}") from None
+            raise ConfigError(f"{p}: not valid YAML: {first_line(e)}") from None
         if not isinstance(layers[0], DictConfig):
             raise ConfigError(f"{p}: the top level must be a mapping of sections (model, data, train, ...)")
     if overrides:
-        for o in overrides:
-            if "=" not in o:
-                raise ConfigError(f"override {o!r} must look like key=value (e.g. train.steps=200)")
-        try:
-            layers.append(OmegaConf.from_dotlist(list(overrides)))
-        except Exception as e:  # OmegaConf's own errors and YAML syntax errors of a value
-            raise ConfigError(f"bad override: {_first_line(e)}") from None
+        layers.append(parse_overrides(overrides))
     return from_dict(OmegaConf.merge(*layers) if layers else {})
+
+
+def parse_overrides(overrides: list[str] | tuple[str, ...]) -> DictConfig:
+    """OmegaConf dot-list overrides (`train.steps=200`) as a config to merge; a malformed one is a `ConfigError`."""
+    for o in overrides:
+        if "=" not in o:
+            raise ConfigError(f"override {o!r} must look like key=value (e.g. train.steps=200)")
+    try:
+        return OmegaConf.from_dotlist(list(overrides))
+    except Exception as e:  # OmegaConf's own errors and YAML syntax errors of a value
+        raise ConfigError(f"bad override: {first_line(e)}") from None
 
 
 def from_dict(data: Any) -> Config:
@@ -227,13 +232,14 @@ def with_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
     return from_dict(OmegaConf.to_container(base))
 
 
-def _first_line(e: Exception) -> str:
+def first_line(e: BaseException) -> str:
+    """An exception's first line (library errors can span many lines), else its type's name."""
     return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
 def _omegaconf_message(e: OmegaConfBaseException) -> str:
     key = getattr(e, "full_key", None)
-    msg = _first_line(e)
+    msg = first_line(e)
     if "could not be converted to" in msg or "Value '" in msg:
         msg = "wrong type: " + msg
     return f"{key}: {msg}" if key else msg

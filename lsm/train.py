@@ -38,7 +38,7 @@ from torch import nn
 
 from lsm import checkpoint, distributed
 from lsm.accounting import account, config_seq_len
-from lsm.config import Config, to_yaml
+from lsm.config import Config, TrainConfig, to_yaml
 from lsm.console import StepMeter, StepRow, device_peak_tflops, format_line, info_lines
 from lsm.data import Batch, build_data
 from lsm.evaluate import evaluate, summary
@@ -77,6 +77,11 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def build_optimizer(model: nn.Module, t: TrainConfig, fused: bool | None = None) -> torch.optim.AdamW:
+    """AdamW with `train.*`'s learning rate, betas and weight decay (on matrices only, see `param_groups`)."""
+    return torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=tuple(t.betas), fused=fused)
+
+
 def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
     """Linear warm-up to 1 over `warmup` steps, then cosine down to `min_ratio` at `total`."""
     if step < warmup:
@@ -94,7 +99,7 @@ class MetricsLogger:
         if resume_step is not None and self.path.exists():
             # drop what an interrupted run logged after its last checkpoint: those steps are replayed
             kept = [ln for ln in self.path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= resume_step]
-            self.path.write_text("".join(ln + "\n" for ln in kept))
+            checkpoint.write_atomic(self.path, "".join(ln + "\n" for ln in kept))
         elif resume_step is None and self.path.exists():
             self.path.unlink()
         self.tb = None
@@ -169,20 +174,19 @@ def _train(cfg: Config, ctx: distributed.DistContext, resume: bool, max_steps: i
     model = build_model(cfg).to(device)
     acc = account(model, config_seq_len(cfg))
     model = distributed.wrap_model(model, cfg)
-    optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=tuple(t.betas),
-                                  fused=device.type == "cuda")
+    optimizer = build_optimizer(model, t, fused=device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, t.warmup_steps, t.steps, t.min_lr_ratio))
     start = 0
     if ckpt is not None:
         start = checkpoint.load_training_state(
             ckpt, cfg, ctx, model, optimizer, scheduler,
-            lambda plain: torch.optim.AdamW(param_groups(plain, t.weight_decay), lr=t.lr, betas=tuple(t.betas)))
+            lambda plain: build_optimizer(plain, t))
 
     data = distributed.on_all_ranks(ctx, lambda: build_data(cfg))
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.yaml").write_text(to_yaml(cfg))
+        checkpoint.write_atomic(out_dir / "config.yaml", to_yaml(cfg))
     logger = MetricsLogger(out_dir, t.tensorboard, start if ckpt is not None else None) if main else None
     end = t.steps if max_steps is None else min(t.steps, start + max_steps)
     result = TrainResult(out_dir, start, rank=ctx.rank)
