@@ -6,7 +6,7 @@
         meter.add(step + 1, loss, aux_loss, grad_norm, tokens)  # device tensors: no host wait
         if log_step:
             rows = meter.flush()              # the one host read of the window: [(step, loss, aux, grad_norm)]
-            rec = meter.record(step + 1, lr, end)
+            rec = meter.record(lr, end)       # the last flushed step's record; starts a new window
             print(format_line(rec, total_steps))
 
 A record holds step, loss, aux_loss, lr, grad_norm, tok_per_s, tflops (achieved TFLOP/s of the
