@@ -4,7 +4,9 @@
     _check_device(x)        a CUDA tensor, or the interpreter on: else a ValueError saying how to run
     chunk_layout(...)       device-side chunk maps of a (packed) batch, no host synchronisation
     _chunk_rows (jit)       a chunk slot's first and end row in such a layout
+    _scale(scale, K)        the readout scale: K ** -0.5 when None
     _prec(dtype)            tl.dot precision: "ieee" for float32 inputs, "tf32" for half types
+    _chunk_size(chunk_size) the chunked kernels' BT: a power of two in [16, 64]
     _blocks(K, V)           (BK, BV) tiles of the chunked kernels
     NONE GAMMA SCALAR VECTOR  the decay kinds (compile-time `DECAY`), `decay_kind(g, g_gamma)`;
     _load_G_head (jit)      a head decay's in-chunk cumulative log-decay
@@ -35,8 +37,16 @@ def _check_device(x: torch.Tensor) -> None:
                          "(set TRITON_INTERPRET=1 before importing triton to run them on the CPU, slowly)")
 
 
+def _scale(scale: float | None, K: int) -> float:
+    return K ** -0.5 if scale is None else float(scale)
+
+
 def _prec(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _chunk_size(chunk_size: int) -> int:
+    return min(64, max(16, triton.next_power_of_2(int(chunk_size))))
 
 
 def _blocks(K: int, V: int) -> tuple[int, int]:

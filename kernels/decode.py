@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lsm_kernels._common import GAMMA, NONE, SCALAR, VECTOR, _check_device
+from lsm_kernels._common import GAMMA, NONE, SCALAR, VECTOR, _check_device, _scale
 
 
 @triton.jit
@@ -94,7 +94,7 @@ def recurrent_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: tor
     contiguous float32 state is updated in place and returned; otherwise the new state goes to a new
     tensor (the same memory traffic: the kernel reads the old state once and writes the new one once).
     """
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scale = _scale(scale, q.shape[-1])
     if state.dtype != torch.float32 or not state.is_contiguous():
         state = state.float().contiguous()
     out = state if inplace else torch.empty_like(state)
@@ -112,7 +112,7 @@ def mom_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, states: torch.Te
     projection computes them; the kernel reads the rows of the memories it updates, no gather). Returns
     o = sum_s w_s scale S_s^T q over the selected memories (and the shared one with weight 1), `[B, H, V]`.
     """
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scale = _scale(scale, q.shape[-1])
     B, Ms = states.shape[:2]
     topk = indices.shape[1]
     if indices.shape != (B, topk) or weights.shape != (B, topk):

@@ -49,7 +49,19 @@ import torch
 import triton
 import triton.language as tl
 
-from lsm_kernels._common import NONE, SCALAR, _blocks, _check_device, _chunk_rows, _load_G_head, _prec, _tune, chunk_layout
+from lsm_kernels._common import (
+    NONE,
+    SCALAR,
+    _blocks,
+    _check_device,
+    _chunk_rows,
+    _chunk_size,
+    _load_G_head,
+    _prec,
+    _scale,
+    _tune,
+    chunk_layout,
+)
 from lsm_kernels.diag import _fwd_o_kernel, _local_cumsum
 
 MAX_K = 256
@@ -494,8 +506,6 @@ def chunk_delta(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.T
     K up to 256; V any size (tiled).
     """
     _check_inputs(q)
-    if scale is None:
-        scale = q.shape[-1] ** -0.5
-    BT = min(64, max(16, triton.next_power_of_2(int(chunk_size))))
-    return DeltaChunkFunction.apply(q, k, v, beta, g, initial_state, float(scale), cu_seqlens, BT,
+    return DeltaChunkFunction.apply(q, k, v, beta, g, initial_state, _scale(scale, q.shape[-1]), cu_seqlens,
+                                    _chunk_size(chunk_size),
                                     bool(output_final_state))

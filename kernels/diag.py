@@ -45,8 +45,10 @@ from lsm_kernels._common import (
     _blocks,
     _check_device,
     _chunk_rows,
+    _chunk_size,
     _load_G_head,
     _prec,
+    _scale,
     _tune,
     chunk_layout,
     decay_kind,
@@ -597,9 +599,6 @@ def chunk_diag(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tenso
     final state `[N, H, K, V]` float32 or None). K and V up to 256 (tiled).
     """
     _check_device(q)
-    if scale is None:
-        scale = q.shape[-1] ** -0.5
-    BT = min(64, max(16, triton.next_power_of_2(int(chunk_size))))
-    o, ht = DiagChunkFunction.apply(q, k, v, g, g_gamma, initial_state, float(scale), cu_seqlens, BT,
-                                    bool(output_final_state))
+    o, ht = DiagChunkFunction.apply(q, k, v, g, g_gamma, initial_state, _scale(scale, q.shape[-1]), cu_seqlens,
+                                    _chunk_size(chunk_size), bool(output_final_state))
     return o, ht

@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lsm_kernels._common import _check_device, _chunk_rows, _prec, _tune, chunk_layout
+from lsm_kernels._common import _check_device, _chunk_rows, _prec, _scale, _tune, chunk_layout
 
 MAX_K = 256
 MAX_MB = 64
@@ -384,8 +384,7 @@ def chunk_ttt_linear(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eta: tor
         H, V = v.shape[-2:]
         ln_weight = torch.ones(H, V, device=q.device) if ln_weight is None else ln_weight
         ln_bias = torch.zeros(H, V, device=q.device) if ln_bias is None else ln_bias
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    return TTTLinearFunction.apply(q, k, v, eta, initial_state, ln_weight, ln_bias, scale, cu_seqlens,
+    return TTTLinearFunction.apply(q, k, v, eta, initial_state, ln_weight, ln_bias, _scale(scale, q.shape[-1]), cu_seqlens,
                                    mini_batch_size, bool(output_final_state), float(ln_eps))
 
 
@@ -473,7 +472,7 @@ def ttt_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eta: torch.Tenso
         ln_weight = torch.ones(H, V, device=q.device) if ln_weight is None else ln_weight.contiguous()
         ln_bias = torch.zeros(H, V, device=q.device) if ln_bias is None else ln_bias.contiguous()
     S0, S, n = (x.contiguous() for x in state)
-    scale = K ** -0.5 if scale is None else float(scale)
+    scale = _scale(scale, K)
     BV = triton.next_power_of_2(V) if ln else max(16, min(64, triton.next_power_of_2(V)))   # LN: all of V
     BK = max(16, min(triton.next_power_of_2(K), max(1, 4096 // BV)))
     o = torch.empty(B, H, V, device=q.device, dtype=v.dtype)
