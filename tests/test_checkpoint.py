@@ -1,11 +1,13 @@
 """Checkpoints that cannot be read: one line naming the file and what to do, for `lsm train --resume`,
 `lsm eval` and `lsm generate`; `--resume` falls back to the newest intact checkpoint and says so."""
+import os
 import shutil
+import stat
 
 import pytest
 import torch
 
-from lsm.checkpoint import CheckpointError, check_checkpoint, find_checkpoint, load_trained
+from lsm.checkpoint import CheckpointError, check_checkpoint, find_checkpoint, load_trained, write_atomic
 from lsm.cli import main
 from lsm.config import load_config
 from lsm.train import train
@@ -123,3 +125,24 @@ def test_intact_checkpoint_loads_the_trained_weights(run):
     _, same = load_trained(run / "checkpoints" / "step_000004")
     for p, q in zip(model.parameters(), same.parameters()):
         assert torch.equal(p, q)
+
+
+def test_write_atomic_replaces_the_whole_file_or_nothing(tmp_path, monkeypatch):
+    """A run's small files (config.yaml, metrics.jsonl, checkpoints/latest): the old file or the new one, with
+    the usual permissions, and no temporary file left behind when the rename fails."""
+    path = tmp_path / "run" / "config.yaml"
+    write_atomic(path, "one\n")
+    write_atomic(path, "two\n")
+    assert path.read_text() == "two\n"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
+
+    def fail(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", fail)
+    with pytest.raises(OSError, match="disk full"):
+        write_atomic(path, "three\n")
+    assert path.read_text() == "two\n"
+    assert [p.name for p in path.parent.iterdir()] == ["config.yaml"]
