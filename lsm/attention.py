@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from lsm.layers import MixerOutput
 from lsm.modules import seq_positions
+from lsm.rules._chunking import token_sequences
 
 
 @dataclass
@@ -70,7 +71,7 @@ class Attention(nn.Module):
         if cache is not None:
             cache.k, cache.v = k, v
         if cu_seqlens is not None:
-            seq = torch.searchsorted(cu_seqlens[1:].long(), torch.arange(T, device=x.device), right=True)
+            seq = token_sequences(cu_seqlens, T)[0]
             mask = (seq[:, None] == seq[None, :]) & torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         elif past == 0:

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lsm.rules._chunking import token_sequences
 from lsm.rules.backends import use_conv_kernel, use_kernels
 
 
@@ -17,9 +18,7 @@ def _upcast(dtype: torch.dtype) -> torch.dtype:
 
 def seq_positions(cu_seqlens: Tensor, T: int) -> Tensor:
     """Position of every packed token inside its own sequence, `[T]` (on the device, no sync)."""
-    t = torch.arange(T, device=cu_seqlens.device)
-    seq = torch.searchsorted(cu_seqlens[1:].long(), t, right=True).clamp(max=cu_seqlens.numel() - 2)
-    return t - cu_seqlens.long()[seq]
+    return token_sequences(cu_seqlens, T)[1]
 
 
 def rule_inputs(x: Tensor, q: Tensor, k: Tensor, v: Tensor, gates: dict) -> tuple[Tensor, Tensor, Tensor, dict]:

@@ -15,6 +15,17 @@ import torch
 from torch import Tensor
 
 
+def token_sequences(cu_seqlens: Tensor, T: int) -> tuple[Tensor, Tensor]:
+    """(seq `[T]`, pos `[T]`): the sequence of every token of a packed batch and its position inside it.
+
+    cu_seqlens `[N+1]` (any integer dtype); both results are long tensors on its device (no host sync).
+    """
+    cu = cu_seqlens.long()
+    t = torch.arange(T, device=cu.device)
+    seq = torch.searchsorted(cu[1:], t, right=True).clamp(max=cu.numel() - 2)   # [T]
+    return seq, t - cu[seq]
+
+
 class ChunkLayout:
     """Index maps between token order and the chunk-aligned layout.
 
@@ -43,9 +54,8 @@ class ChunkLayout:
             self.seq_start[:, 0] = True
             self.seq_index = torch.arange(N, device=device)[:, None].expand(N, NC)
             self.last_chunk = torch.arange(N, device=device) * NC + (NC - 1)   # padding is identity: the last column
-            t = torch.arange(T, device=device)
-            seq = torch.searchsorted(cu[1:], t, right=True).clamp(max=N - 1)
-            self.dest = seq * (NC * C) + (t - cu[seq])
+            seq, pos = token_sequences(cu, T)
+            self.dest = seq * (NC * C) + pos
             return
         if cu_seqlens is None:
             NC = max(-(-T // C), 1)
@@ -70,9 +80,7 @@ class ChunkLayout:
         self.seq_start = torch.zeros(1, NC, dtype=torch.bool, device=device)
         self.seq_start.index_fill_(1, chunk_off, True)              # index_fill_: no host-to-device copy
         self.last_chunk = chunk_off + nchunks - 1
-        t = torch.arange(T, device=device)
-        seq = (torch.searchsorted(cu[1:], t, right=True)).clamp(max=N - 1)  # [T] sequence of token t
-        pos = t - cu[seq]
+        seq, pos = token_sequences(cu, T)                        # [T] sequence of token t, position in it
         self.dest = (chunk_off[seq] + pos // C) * C + pos % C
 
     def to_chunks(self, x: Tensor) -> Tensor:

@@ -64,7 +64,7 @@ import torch
 from torch import Tensor
 
 from lsm.rules import backends
-from lsm.rules._chunking import ChunkLayout
+from lsm.rules._chunking import ChunkLayout, token_sequences
 from lsm.rules.base import GateSpec, UpdateRule, _check, register
 from lsm.rules.gates import TTTGate
 
@@ -253,13 +253,10 @@ class TTT(UpdateRule):
                    f"{self.name}: the decode state's position `n` must be an integer in [0, {b}) that is the same for "
                    f"every head (as init_state/step/chunk make it)")
         cu = (torch.arange(B + 1, device=dev) * T if cu_seqlens is None else cu_seqlens.to(dev)).long()
-        N = cu.numel() - 1
         lens, pos0 = cu[1:] - cu[:-1], n[:, 0].round().long()                          # [N]
         head = torch.minimum(lens, b - pos0)                                            # tokens finishing this mini-batch
         foot = (lens - head) % b if output_final_state else torch.zeros_like(lens)      # tokens of the last partial one
-        tok = torch.arange(TT, device=dev)
-        seq = torch.searchsorted(cu[1:], tok, right=True).clamp(max=N - 1)              # [TT] sequence of each token
-        pos = tok - cu[:-1][seq]
+        seq, pos = token_sequences(cu, TT)                                              # [TT] sequence of each token
         in_head, in_foot = pos < head[seq], pos >= (lens - foot)[seq]
         w, bias = (ln_weight.to(dt), ln_bias.to(dt)) if ln_weight is not None else (None, None)
         flat = lambda t: t.reshape(TT, *t.shape[2:])
@@ -272,7 +269,7 @@ class TTT(UpdateRule):
             live = (slot < count[:, None]).to(dt)
             take = lambda t: t[idx].to(dt)
             return _mini_batch(take(qf), take(kf), take(vf), take(ef) * live[..., None], S0_.to(dt), S_.to(dt),
-                               scale if scale is not None else K ** -0.5, w, bias, ln_eps)
+                               self._scale(scale, q), w, bias, ln_eps)
 
         o_head, S_head = one(cu[:-1], head, S0, S)
         body_mask = ~(in_head | in_foot)
