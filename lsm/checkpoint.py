@@ -74,6 +74,14 @@ def _unreadable(file: Path, e: BaseException) -> CheckpointError:
     return CheckpointError(file, f"cannot be read, truncated or corrupt ({reason})")
 
 
+def usual_mode(mode: int) -> int:
+    """`mode` less the process's umask: the permissions of a plain `open`/`mkdir`, for files made by mkstemp/mkdtemp
+    (which are private to their owner) before they are renamed into place."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return mode & ~umask
+
+
 def write_atomic(path: Path, text: str) -> None:
     """Replace `path` with `text` in one rename (a crash leaves the old file or the new one, never half of it)."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -81,9 +89,7 @@ def write_atomic(path: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # the usual permissions, not mkstemp's private ones
+        os.chmod(tmp, usual_mode(0o666))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -129,6 +135,7 @@ def save_checkpoint(out_dir: Path, model: nn.Module, optimizer, scheduler, step:
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:06d}"
     tmp = Path(tempfile.mkdtemp(prefix=f".step_{step:06d}.", dir=root))
+    os.chmod(tmp, usual_mode(0o777))  # as a sharded checkpoint's folder (mkdir), not mkdtemp's private one
     save_model(unwrap(model), str(tmp / "model.safetensors"))
     (tmp / "config.yaml").write_text(to_yaml(cfg))
     torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),

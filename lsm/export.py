@@ -24,7 +24,16 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from lsm.checkpoint import ARCHITECTURE, CONFIG_FILE, MODEL_TYPE, PREFIX, WEIGHTS_FILE, load_trained, read_hf_config
+from lsm.checkpoint import (
+    ARCHITECTURE,
+    CONFIG_FILE,
+    MODEL_TYPE,
+    PREFIX,
+    WEIGHTS_FILE,
+    load_trained,
+    read_hf_config,
+    usual_mode,
+)
 from lsm.config import Config, ConfigError, model_vocab_size
 
 
@@ -65,13 +74,11 @@ def write_hf_folder(model: torch.nn.Module, cfg: Config, out_dir: str | os.PathL
                 raise ConfigError(f"{out}: exists and is not an lsm export; remove it or choose another OUT_DIR") from None
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
     try:
         save_file(_state_dict(model), str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         (tmp / CONFIG_FILE).write_text(json.dumps(hf_config_dict(cfg), indent=2) + "\n")
         for path, mode in ((tmp, 0o777), (tmp / WEIGHTS_FILE, 0o666), (tmp / CONFIG_FILE, 0o666)):
-            os.chmod(path, mode & ~umask)  # a folder to share: the usual permissions, not mkdtemp's private ones
+            os.chmod(path, usual_mode(mode))  # a folder to share, not mkdtemp's private one
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
