@@ -117,7 +117,7 @@ def _mixer_account(mixer: nn.Module, seq_len: int) -> dict[str, float]:
         flops += 2 * m.weight.numel() * frac
     chunk = mixer.chunk_size
     if rule.name in TTT_RULES:
-        chunk = int(mixer.rule_options.get("mini_batch_size", rule.options.get("mini_batch_size", 16)))
+        chunk = int(mixer.rule_options.get("mini_batch_size", rule.options["mini_batch_size"]))  # the rule owns its default
     flops += touched * H * rule_core_flops(rule.name, K, V, chunk)
     state_total = state + conv
     rw = state * touched / Ms + conv
