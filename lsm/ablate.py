@@ -6,6 +6,8 @@ Variants (MoM paper, arXiv 2502.13685, Table 5):
   single_same_state  one memory with the same total state as the MoM variant: the MoM layer holds
                      (num_memories + shared) x H memories of K x V, so this one gets that many heads
                      of the same K x V
+  single_active_state  one memory with MoM's active state: a token of the MoM layer reads and writes
+                     (topk + shared) x H memories of K x V, so this one gets that many heads
 
     lsm ablate configs/ablate_rules.yaml ablate.seeds=[0,1,2] ablate.lrs=[1e-3,3e-3] ablate.jobs=2
     lsm ablate configs/x.yaml --shard 1/2        # this host runs half of the cells ...
@@ -50,7 +52,8 @@ from typing import Any
 
 from lsm.config import AblateConfig, Config, ConfigError, to_yaml, with_overrides
 
-VARIANT_LABELS = {"single": "single", "mom": "MoM", "single_same_state": "single, MoM-size state"}
+VARIANT_LABELS = {"single": "single", "mom": "MoM", "single_same_state": "single, MoM-size state",
+                  "single_active_state": "single, MoM-active state"}
 SELECTION_LABELS = {"mean": "best LR by mean validation score over all seeds",
                     "two_stage": "two-stage: best LR by validation score at the first seed, other seeds at that LR"}
 # columns of runs.csv kept as text when read back (the rest are numbers, or JSON for swept values)
@@ -82,8 +85,9 @@ def variant_config(cfg: Config, rule: str, variant: str) -> Config:
     m = cfg.model.mixer
     head_dim = m.head_dim or cfg.model.hidden_size // m.num_heads
     changes: dict = {"model.mixer.rule": rule, "model.mixer.type": "mom" if variant == "mom" else "rule"}
-    if variant == "single_same_state":
-        changes["model.mixer.num_heads"] = m.num_heads * (m.num_memories + int(m.shared_memory))
+    if variant in ("single_same_state", "single_active_state"):
+        memories = m.num_memories if variant == "single_same_state" else m.topk
+        changes["model.mixer.num_heads"] = m.num_heads * (memories + int(m.shared_memory))
         changes["model.mixer.head_dim"] = head_dim
         changes["model.mixer.value_dim"] = m.value_dim or head_dim
     return with_overrides(cfg, changes)
@@ -588,7 +592,8 @@ def plot_all(rows: list[dict], lines: list[dict], out: Path, metric: str) -> Non
 
     colours = plt.get_cmap("tab10")
     rules = list(dict.fromkeys(ln["rule"] for ln in lines))
-    styles = {"single": ("-", "o"), "mom": ("--", "s"), "single_same_state": (":", "^")}
+    styles = {"single": ("-", "o"), "mom": ("--", "s"), "single_same_state": (":", "^"),
+              "single_active_state": ("-.", "v")}
 
     def style(line, i):
         ls, marker = styles[line["variant"]]
@@ -603,20 +608,22 @@ def plot_all(rows: list[dict], lines: list[dict], out: Path, metric: str) -> Non
         os.replace(tmp, out / name)
         plt.close(fig)
 
-    pair_keys = sorted({k for r in rows for k in r if k.startswith("acc@") and "/" not in k}, key=lambda k: int(k[4:]))
+    # acc@<pairs> or acc@<pairs>/T<len> (test cells of several lengths), ordered by pairs then length
+    pair_keys = sorted({k for r in rows for k in r if k.startswith("acc@")},
+                       key=lambda k: tuple(int(x.lstrip("T")) for x in k[4:].split("/")))
     if metric == "accuracy" and pair_keys:
         fig, ax = plt.subplots(figsize=(8, 4))
         for i, ln in enumerate(lines):
             sel = _selected(rows, ln)
             if not sel:
                 continue
-            xs = [int(k[4:]) for k in pair_keys]
+            xs = [int(k[4:].split("/")[0]) for k in pair_keys]
             ys = [[r[k] for r in sel] for k in pair_keys]
             st = style(ln, i)
             ax.plot(xs, [statistics.fmean(y) for y in ys], label=f"{_label(ln)} (n={len(sel)})", **st)
             ax.fill_between(xs, [min(y) for y in ys], [max(y) for y in ys], color=st["color"], alpha=0.15)
         ax.set_xscale("log", base=2)
-        ax.set_xticks(xs, [str(x) for x in xs])
+        ax.set_xticks(xs, [k[4:] for k in pair_keys])
         ax.minorticks_off()
         ax.set(xlabel="key-value pairs", ylabel="recall accuracy (mean, band min–max over seeds)", ylim=(-0.02, 1.02),
                title="MQAR recall")

@@ -147,7 +147,10 @@ def account(model: nn.Module, seq_len: int) -> Account:
 
 def config_seq_len(cfg) -> int:
     """The training context length a config declares (MQAR or text)."""
-    return cfg.data.mqar.seq_len if cfg.data.kind == "mqar" else cfg.data.text.seq_len
+    if cfg.data.kind != "mqar":
+        return cfg.data.text.seq_len
+    q = cfg.data.mqar
+    return max(L for L, _ in q.train_cells) if q.train_cells else q.seq_len
 
 
 def account_config(cfg, seq_len: int | None = None) -> Account:

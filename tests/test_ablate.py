@@ -7,7 +7,7 @@ import pytest
 
 import lsm.ablate as ablate
 from lsm.cli import main
-from lsm.config import load_config, with_overrides
+from lsm.config import from_dict, load_config, with_overrides
 
 TINY = ["model.hidden_size=16", "model.num_layers=1", "model.mixer.num_heads=2", "model.mixer.backend=torch",
         "model.mixer.num_memories=2", "model.mixer.topk=1",
@@ -40,6 +40,22 @@ def test_cell_list_nests_rules_variants_grid_lrs_seeds(tmp_path):
         assert t.model.mixer.topk == dict(c.swept)["model.mixer.topk"]
         assert t.model.mixer.type == ("mom" if c.variant == "mom" else "rule") and t.train.threads == 1
         assert t.train.out_dir.endswith(c.id)
+
+
+def test_state_matched_variants():
+    """single_same_state gets MoM's total state in heads, single_active_state its active (topk + shared) state."""
+    from lsm.ablate import variant_config
+    from lsm.model import memory_state_size
+
+    cfg = from_dict({"model": {"hidden_size": 32, "mixer": {"num_heads": 2, "num_memories": 4, "topk": 2}}})
+    size = {v: memory_state_size(variant_config(cfg, "deltanet", v).model)
+            for v in ("single", "mom", "single_same_state", "single_active_state")}
+    assert size["mom"] == size["single_same_state"] == 5 * size["single"]
+    assert size["single_active_state"] == 3 * size["single"]
+    active = variant_config(cfg, "deltanet", "single_active_state").model.mixer
+    assert (active.type, active.num_heads, active.head_dim) == ("rule", 6, 16)
+    no_shared = with_overrides(cfg, {"model.mixer.shared_memory": False})
+    assert variant_config(no_shared, "deltanet", "single_active_state").model.mixer.num_heads == 4
 
 
 def test_config_hash_changes_with_settings_not_with_names(tmp_path):
