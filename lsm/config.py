@@ -53,6 +53,9 @@ class MixerConfig:
     topk: int = 2                      # memories each token updates and reads
     shared_memory: bool = True         # an always-on memory every token updates
     aux_loss_weight: float = 0.01      # weight of the load-balancing loss
+    router_conv: int = 0               # > 1: the router reads a causal depthwise conv of x over this many tokens; 0 = x_t
+    router_temperature: float = 1.0    # router scores are softmax(logits / temperature)
+    router_init_std: Optional[float] = None  # std of the router's init; None = model.init_std
     # softmax attention (type: attention, and the attention layers of hybrids)
     rope_theta: float = 10000.0        # RoPE base
 
@@ -337,6 +340,12 @@ def validate(cfg: Config) -> None:
                               f"(a token is routed to at most num_memories memories)")
         if mx.aux_loss_weight < 0:
             raise ConfigError(f"model.mixer.aux_loss_weight: must be >= 0, got {mx.aux_loss_weight}")
+        if mx.router_conv < 0:
+            raise ConfigError(f"model.mixer.router_conv: must be >= 0 (0 or 1 = the router reads x_t alone), "
+                              f"got {mx.router_conv}")
+        _positive("model.mixer.router_temperature", mx.router_temperature)
+        if mx.router_init_std is not None and mx.router_init_std < 0:
+            raise ConfigError(f"model.mixer.router_init_std: must be >= 0 (None = model.init_std), got {mx.router_init_std}")
     if m.attention_every < 0:
         raise ConfigError(f"model.attention_every: must be >= 0 (0 = no attention blocks), got {m.attention_every}")
     for i in m.attention_layers:

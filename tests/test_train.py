@@ -101,6 +101,9 @@ def test_ablate_writes_table_csv_and_plot(tmp_path, capsys):
     assert (tmp_path / "ab" / "results.csv").read_text().count("\n") == 5
     for plot in ("accuracy_vs_pairs.png", "accuracy_vs_state.png", "loss_curves.png"):
         assert (tmp_path / "ab" / plot).stat().st_size > 1000
-    memory = {r["variant"]: r["memory_floats"] for r in read_runs(tmp_path / "ab" / "runs.csv")}
+    runs = read_runs(tmp_path / "ab" / "runs.csv")
+    memory = {r["variant"]: r["memory_floats"] for r in runs}
+    routed = {r["variant"]: r.get("route/L0/share") for r in runs}                # routing diagnostics: MoM rows only
+    assert 0 <= routed["mom"] <= 1 and routed["single"] is None
     assert memory["mom"] == memory["single_same_state"] == 3 * memory["single"]  # same-state baseline matches MoM
     assert memory["single_active_state"] == 2 * memory["single"]                  # top-1 + shared: 2 memories active
