@@ -105,13 +105,22 @@ def _fmt(value: Any) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
-def make_cell(cfg: Config, rule: str, variant: str, swept: tuple, lr: float, seed: int) -> Cell:
-    """The cell of (rule, variant, grid values, lr, seed): its resolved config and id."""
-    base = with_overrides(cfg, {**dict(swept), "train.lr": lr, "train.seed": seed, "data.seed": seed,
+def group_config(cfg: Config, rule: str, variant: str, swept: tuple) -> Config:
+    """The resolved config of a (rule, variant, grid values) group, before its lr and seed are set."""
+    base = with_overrides(cfg, {**dict(swept),
                                 # CPU runs are one thread each unless asked otherwise: numbers then do not
                                 # depend on how many cells run side by side
                                 "train.threads": cfg.train.threads or 1, "train.progress": False})
-    vc = variant_config(base, rule, variant)
+    return variant_config(base, rule, variant)
+
+
+def make_cell(cfg: Config, rule: str, variant: str, swept: tuple, lr: float, seed: int,
+              group: Config | None = None) -> Cell:
+    """The cell of (rule, variant, grid values, lr, seed): its resolved config and id. `group`: the group's
+    `group_config`, when the caller has it (validating a config is the slow part of planning a sweep)."""
+    group = group or group_config(cfg, rule, variant, swept)
+    # lr and seeds are validated where they are declared (ablate.lrs, ablate.seeds): set them directly
+    vc = replace(group, train=replace(group.train, lr=float(lr), seed=seed), data=replace(group.data, seed=seed))
     cid = config_hash(vc)
     name = f"{rule}-{variant}-{cid}"
     vc = replace(vc, name=name, train=replace(vc.train, out_dir=str(Path(cfg.ablate.out_dir) / "cells" / name)))
@@ -131,18 +140,19 @@ def learning_rates(cfg: Config) -> list[float]:
 def all_cells(cfg: Config) -> list[Cell]:
     """rules x variants x grid x lrs x seeds, in that nesting order."""
     a = cfg.ablate
-    return [make_cell(cfg, rule, variant, swept, lr, seed)
-            for rule in a.rules for variant in a.variants for swept in grid_points(a)
+    groups = [(rule, variant, swept) for rule in a.rules for variant in a.variants for swept in grid_points(a)]
+    return [make_cell(cfg, *g, lr, seed, group=group)
+            for g, group in ((g, group_config(cfg, *g)) for g in groups)
             for lr in learning_rates(cfg) for seed in a.seeds]
 
 
-def plan(cfg: Config, rows: list[dict]) -> list[Cell]:
+def plan(cfg: Config, rows: list[dict], cells: list[Cell] | None = None) -> list[Cell]:
     """The cells the sweep needs given the rows finished so far.
 
     mean: every cell. two_stage: every lr at the first seed; a group's other seeds once its first-seed
     cells are all finished (at the lr they select), or at once when there is one lr.
     """
-    cells = all_cells(cfg)
+    cells = all_cells(cfg) if cells is None else cells
     a = cfg.ablate
     if a.selection == "mean" or len(learning_rates(cfg)) == 1:
         return cells
@@ -314,7 +324,8 @@ def _run_sweep(cfg: Config, rerun: bool, shard, quiet: bool, out: Path, runs_pat
     mine = {r["cell"]: r for r in read_runs(runs_path)}
     merged = {r["cell"]: r for r in read_runs(out / "runs.csv")} if shard is not None else {}
     ran: set[str] = set()
-    fresh = {c.id for c in all_cells(cfg) if in_shard(c, shard)} if rerun else set()  # --rerun: run these again
+    every = all_cells(cfg)  # once: resolving and hashing hundreds of configs takes seconds
+    fresh = {c.id for c in every if in_shard(c, shard)} if rerun else set()  # --rerun: run these again
     t0 = time.perf_counter()
 
     def finished() -> dict:
@@ -330,7 +341,7 @@ def _run_sweep(cfg: Config, rerun: bool, shard, quiet: bool, out: Path, runs_pat
 
     while True:  # two_stage plans its second stage once the first is done
         done = finished()
-        cells = [c for c in plan(cfg, list(done.values())) if in_shard(c, shard)]
+        cells = [c for c in plan(cfg, list(done.values()), every) if in_shard(c, shard)]
         todo = [c for c in cells if c.id not in done and c.id not in ran]
         if not todo:
             break
@@ -338,7 +349,7 @@ def _run_sweep(cfg: Config, rerun: bool, shard, quiet: bool, out: Path, runs_pat
             print(f"{len(todo)} cells to run ({len(cells) - len(todo)} of this plan finished before), "
                   f"{min(cfg.ablate.jobs, len(todo))} at a time", flush=True)
         _run_cells(todo, cfg, record)
-    ids = {c.id for c in all_cells(cfg)}
+    ids = {c.id for c in every}
     rows = [r for r in {**merged, **mine}.values() if r["cell"] in ids]
     if shard is None:
         write_results(rows, cfg)
