@@ -2,6 +2,7 @@
 # One GPU session on the lent H100/H200 (see benchmarks/README.md): install the carried wheels
 # (fla 0.6.0, triton 3.7.1 reassembled from /tmp/tw), then run the steps named on the command line.
 # Logs go to $OUT.   Usage: bash benchmarks/gpu_session.sh [warm|check|mom|kernels|kernels2048|kernels8192|tests]...
+# (TEST_JOBS, TESTS, TESTS_S: pytest workers, paths and time limit of `tests`; RACE_RULES, RACE_S: the race's rules and limit)
 #
 #   warm     compile every kernel variant the timed steps need, in parallel processes sharing the disk
 #            cache (benchmarks/_gpu.py: LSM_WARM_SHARD splits each autotuner's configs), while the GPU
@@ -45,12 +46,15 @@ for what in "$@"; do
       for f in $W/*.log; do echo "$f: $(grep -c '^rule' $f) tables, $(grep -c 'Error' $f) errors"; done
       grep -h "Error" $W/*.log | sort | uniq -c | head -20 ;;
     check)   timeout 500 python3 benchmarks/gpu_check.py 2>&1 | tee "$OUT/gpu_check.log" | tail -40 ;;
-    tests)   timeout 420 python3 -m pytest -n 0 -m gpu -p no:cacheprovider tests 2>&1 | tee "$OUT/gpu_tests.log" | tail -30 ;;
+    # every gpu-marked test (the GPU matrix included); tiny shapes leave the GPU launch-bound, so
+    # TEST_JOBS pytest workers share it
+    tests)   timeout ${TESTS_S:-420} python3 -m pytest -n ${TEST_JOBS:-0} -m gpu -p no:cacheprovider -q -rf ${TESTS:-tests} 2>&1 \
+               | tee "$OUT/gpu_tests.log" | tail -40 ;;
     mom)     timeout 560 python3 benchmarks/bench_mom.py --out "$OUT/bench_mom.md" 2>&1 | tee "$OUT/bench_mom.log" | tail -40 ;;
     kernels) timeout 580 python3 benchmarks/bench_kernels.py --out "$OUT/bench_kernels.json" --plot "$OUT/bench_kernels.png" 2>&1 | tee "$OUT/bench_kernels.log" | tail -40 ;;
     kernels2048|kernels8192)
       T=${what#kernels}
-      timeout 580 python3 benchmarks/bench_kernels.py --T $T --out "$OUT/bench_kernels_$T.json" 2>&1 | tee "$OUT/bench_kernels_$T.log" | tail -40 ;;
+      timeout ${RACE_S:-580} python3 benchmarks/bench_kernels.py --T $T --rules ${RACE_RULES:-$RULES} --out "$OUT/bench_kernels_$T.json" 2>&1 | tee "$OUT/bench_kernels_$T.log" | tail -40 ;;
   esac
   echo "# step $what took $(( $(date +%s) - t0 )) s"
 done

@@ -140,7 +140,7 @@ def test_failing_cell_is_recorded_and_the_others_finish(tmp_path, monkeypatch):
 
 def test_early_stopping_looks_at_validation_only(tmp_path, monkeypatch):
     import lsm.evaluate
-    from lsm.train import train
+    import lsm.train
 
     real, splits = lsm.evaluate.evaluate, []
 
@@ -148,10 +148,10 @@ def test_early_stopping_looks_at_validation_only(tmp_path, monkeypatch):
         splits.append(split)
         result = real(model, cfg, data, device, split)
         return {**result, "accuracy": 1.0} if split == "val" else result
-    monkeypatch.setattr(lsm.evaluate, "evaluate", perfect_validation)
+    monkeypatch.setattr(lsm.train, "evaluate", perfect_validation)  # the name the trainer calls
     cfg = tiny(tmp_path, "train.steps=8", "train.eval_every=2", "train.target_accuracy=0.99",
                f"train.out_dir={tmp_path / 'run'}", "train.progress=false")
-    result = train(cfg, quiet=True)
+    result = lsm.train.train(cfg, quiet=True)
     assert result.step == result.steps_to_target == 2 and splits == ["val", "test"]
     assert result.eval["accuracy"] < 1.0 and result.val["accuracy"] == 1.0
 
