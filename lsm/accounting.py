@@ -95,7 +95,9 @@ def _mixer_account(mixer: nn.Module, seq_len: int) -> dict[str, float]:
     # the rule's decode state for Ms memories (on the meta device: shapes only)
     state = _numel(rule.init_state(Ms, H, K, V, device="meta"))
     memory = Ms * H * K * V
-    conv = sum(c.channels * (c.kernel_size - 1) for c in getattr(mixer, "convs", {}).values())
+    router_conv = getattr(mixer, "router_conv", None)   # MoM routing from a conv window: its tail is cached too
+    convs = [*getattr(mixer, "convs", {}).values(), *([router_conv] if router_conv is not None else [])]
+    conv = sum(c.channels * (c.kernel_size - 1) for c in convs)
     # per-memory parameters: projections whose output holds Ms memories' channels, the gate module, their convs
     per_memory = set()
     if Ms > 1:
