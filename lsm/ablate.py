@@ -54,6 +54,7 @@ from lsm.config import AblateConfig, Config, ConfigError, to_yaml, with_override
 
 VARIANT_LABELS = {"single": "single", "mom": "MoM", "single_same_state": "single, MoM-size state",
                   "single_active_state": "single, MoM-active state"}
+STATE_MATCHED = ("single_active_state", "single_same_state")  # the baselines MoM is compared with at equal state
 SELECTION_LABELS = {"mean": "best LR by mean validation score over all seeds",
                     "two_stage": "two-stage: best LR by validation score at the first seed, other seeds at that LR"}
 # columns of runs.csv kept as text when read back (the rest are numbers, or JSON for swept values)
@@ -519,21 +520,30 @@ def summarize(rows: list[dict], selection: str = "mean", seeds: list[int] | None
         for k in ("params_total", "params_active", "state_floats", "memory_floats", "state_rw_floats"):
             if members[0].get(k) is not None:
                 line[k] = members[0][k]
-        line.update({c: statistics.fmean(r[c] for r in ok) for c in (ok[0] if ok else {}) if c.startswith(("acc@", "val_"))})
+        line.update({c: statistics.fmean(r[c] for r in ok if r.get(c) is not None)
+                     for c in (ok[0] if ok else {}) if c.startswith(("acc@", "val_", "route/"))})
         out.append(line)
     for line in out:
-        base = per_seed.get((line["rule"], "single", tuple(json.dumps(line.get(k)) for k in swept_keys)))
-        mine = per_seed[(line["rule"], line["variant"], tuple(json.dumps(line.get(k)) for k in swept_keys))]
-        if line["variant"] == "single" or not base:
-            continue
-        shared = sorted(set(base) & set(mine))
-        diffs = [mine[s] - base[s] for s in shared]
-        if diffs:
-            line.update({"diff_mean": statistics.fmean(diffs),
-                         "diff_se": statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else math.nan,
-                         "wins": sum(1 for d in diffs if (d > 0) == higher and d != 0), "paired": len(diffs),
-                         "verdict": verdict(diffs, higher)})
+        key = lambda variant: (line["rule"], variant, tuple(json.dumps(line.get(k)) for k in swept_keys))
+        mine = per_seed[key(line["variant"])]
+        if line["variant"] != "single":
+            line.update(_paired(per_seed.get(key("single")), mine, higher, ""))
+        if line["variant"] == "mom":  # MoM against the single memories of its active and of its total state
+            for baseline in STATE_MATCHED:
+                line.update(_paired(per_seed.get(key(baseline)), mine, higher, f"vs_{baseline}_"))
     return out
+
+
+def _paired(base: dict | None, mine: dict, higher: bool, prefix: str) -> dict:
+    """Paired per-seed difference mine - base on the seeds both finished: {prefix}diff_mean, diff_se, wins,
+    paired, verdict (nothing when no seed pairs up)."""
+    diffs = [mine[s] - base[s] for s in sorted(set(base or {}) & set(mine))]
+    if not diffs:
+        return {}
+    return {f"{prefix}diff_mean": statistics.fmean(diffs),
+            f"{prefix}diff_se": statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else math.nan,
+            f"{prefix}wins": sum(1 for d in diffs if (d > 0) == higher and d != 0), f"{prefix}paired": len(diffs),
+            f"{prefix}verdict": verdict(diffs, higher)}
 
 
 def _num(x: Any, spec: str = ".3f") -> str:
@@ -563,7 +573,25 @@ def markdown_table(lines: list[dict], cfg: Config, metric: str = "accuracy") -> 
                  _num(ln["val_mean"]), f"{ln.get('state_floats', 0):,}",
                  f"{ln.get('params_total', 0) / 1e3:.0f}k", _num(ln["steps_mean"], ".0f"), vs, ln.get("verdict", "")]
         out.append("| " + " | ".join(cells) + " |")
-    return head + "\n".join(out) + "\n"
+    return head + "\n".join(out) + "\n" + _state_matched_table(lines, swept)
+
+
+def _state_matched_table(lines: list[dict], swept: list[str]) -> str:
+    """MoM against the single memories with its active and with its total state (paired per seed), when run."""
+    have = [b for b in STATE_MATCHED if any(f"vs_{b}_diff_mean" in ln for ln in lines)]
+    if not have:
+        return ""
+    cols = ["rule", *[k.split(".")[-1] for k in swept], *[f"MoM vs {VARIANT_LABELS[b]}" for b in have]]
+    out = ["", "MoM against the single memory of the same active state (K + shared memories' worth of heads) and of the "
+           "same total state (M + shared): paired per-seed difference, mean ± SE (wins/seeds), verdict.", "",
+           "| " + " | ".join(cols) + " |", "|" + "|".join(["---"] * (1 + len(swept)) + ["---:"] * len(have)) + "|"]
+    for ln in lines:
+        if ln["variant"] != "mom":
+            continue
+        vs = [(f"{ln[f'vs_{b}_diff_mean']:+.3f} ± {_num(ln[f'vs_{b}_diff_se'])} ({ln[f'vs_{b}_wins']}/"
+               f"{ln[f'vs_{b}_paired']}) {ln[f'vs_{b}_verdict']}") if f"vs_{b}_diff_mean" in ln else "" for b in have]
+        out.append("| " + " | ".join([ln["rule"], *[_fmt(ln.get(k)) for k in swept], *vs]) + " |")
+    return "\n".join(out) + "\n"
 
 
 def write_results(rows: list[dict], cfg: Config) -> list[dict]:

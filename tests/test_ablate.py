@@ -194,6 +194,10 @@ def test_statistics_selection_and_tie_rule_on_a_hand_made_table(tmp_path):
     table = ablate.markdown_table(list(lines.values()), cfg)
     assert "3 seeds (0, 1, 2)" in table and "LR grid [0.001, 0.003]" in table and "best LR by mean" in table
     assert "+0.083 ± 0.017 (3/3) | win |" in table
+    # MoM against the state-matched single memory: mom - same = -0.2, +0.15, +0.05, a tie
+    assert mom["vs_single_same_state_diff_mean"] == pytest.approx(0.0) and mom["vs_single_same_state_wins"] == 2
+    assert mom["vs_single_same_state_verdict"] == "tie" and "vs_single_active_state_diff_mean" not in mom
+    assert "| gla | +0.000 ± 0.104 (2/3) tie |" in table and "MoM vs single, MoM-size state" in table
 
 
 def test_verdict_rule():
