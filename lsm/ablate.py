@@ -520,8 +520,10 @@ def summarize(rows: list[dict], selection: str = "mean", seeds: list[int] | None
         for k in ("params_total", "params_active", "state_floats", "memory_floats", "state_rw_floats"):
             if members[0].get(k) is not None:
                 line[k] = members[0][k]
-        line.update({c: statistics.fmean(r[c] for r in ok if r.get(c) is not None)
-                     for c in (ok[0] if ok else {}) if c.startswith(("acc@", "val_", "route/"))})
+        for c in (ok[0] if ok else {}):   # per-cell scores and routing diagnostics (MoM rows only), over seeds
+            seen = [r[c] for r in ok if r.get(c) is not None]
+            if seen and c.startswith(("acc@", "val_", "route/")):
+                line[c] = statistics.fmean(seen)
         out.append(line)
     for line in out:
         key = lambda variant: (line["rule"], variant, tuple(json.dumps(line.get(k)) for k in swept_keys))
