@@ -25,7 +25,9 @@ chosen rate only (`two_stage`). Test numbers are reported, never selected on.
 Output in `ablate.out_dir`:
   runs.csv                  one row per cell (metrics, validation, accounting, steps, seconds, status, provenance)
   results.md, results.csv   per (rule, variant, grid values): selected lr, mean ± std, min–max over seeds,
-                            paired per-seed difference vs the single variant (mean, SE, wins) and its verdict
+                            paired per-seed difference vs the single variant (mean, SE, wins) and its verdict;
+                            MoM's paired differences vs single_active_state and single_same_state (a second table);
+                            MoM's routing diagnostics (route/<layer>/..., lsm.mixture.diagnostics) averaged over seeds
   accuracy_vs_pairs.png     MQAR: accuracy vs number of pairs, band = min–max over seeds
   <metric>_vs_state.png     accuracy (or bits per byte) vs decode-state floats, log x
   loss_curves.png           training loss, band = min–max over seeds
