@@ -88,9 +88,14 @@ def cases() -> list:
     return out
 
 
-def precisions(backend: str) -> tuple[str, ...]:
-    """Both, except for Triton's CPU interpreter, which does not emulate bf16 dots faithfully (fp32 only)."""
-    return ("fp32",) if ON_CPU and backend == "triton" else PRECISIONS
+def precisions(name: str, backend: str) -> tuple[str, ...]:
+    """Both, except for Triton's CPU interpreter, which does not emulate bf16 dots faithfully (fp32 only), and
+    fla's delta-rule kernel, which refuses float32 inputs (bf16 only; the refusal is tested in test_rules.py)."""
+    if ON_CPU and backend == "triton":
+        return ("fp32",)
+    if backend == "fla" and name == "deltanet":
+        return ("bf16",)
+    return PRECISIONS
 
 
 def autocast(precision: str):
@@ -157,7 +162,7 @@ def test_training_step(kind, name, backend):
     """Loss + backward: outputs and parameter gradients finite and close to the fp32 torch form."""
     module, x = build(kind, name), inputs(kind, T)
     y_ref, g_ref = run_train(module, kind, "torch", "fp32", x)
-    for precision in precisions(backend):
+    for precision in precisions(name, backend):
         y, g = run_train(module, kind, backend, precision, x)
         what = f"{kind} {name} {backend} {precision}"
         assert torch.isfinite(y).all(), f"{what}: non-finite output"
@@ -177,7 +182,7 @@ def test_prefill_and_decode(kind, name, backend):
     set_backend(module, "torch")
     y_ref, _ = forward(module, kind, x)
     set_backend(module, backend)
-    for precision in precisions(backend):
+    for precision in precisions(name, backend):
         cache, outs, a = None, [], 0
         with autocast(precision):
             for n in (SPLIT[0], SPLIT[1], *([1] * SPLIT[2])):
@@ -202,7 +207,7 @@ def test_packed_varlen(kind, name, backend):
     set_backend(module, "torch")
     y_ref, _ = forward(module, kind, x, cu_seqlens=cu)
     set_backend(module, backend)
-    for precision in precisions(backend):
+    for precision in precisions(name, backend):
         with autocast(precision):
             y, _ = forward(module, kind, x, cu_seqlens=cu)
         what = f"{kind} {name} {backend} {precision}"
@@ -250,7 +255,7 @@ def test_greedy_generate(name, backend):
     top2 = lm(ref).logits.float().topk(2, -1).values
     margin = top2[..., 0] - top2[..., 1]                         # [B, PROMPT + NEW]: at position t, for token t+1
     set_backend(lm, backend)
-    for precision in precisions(backend):
+    for precision in precisions(name, backend):
         for graph in (False,) if ON_CPU else (False, True):
             with autocast(precision):
                 got = lm.generate(prompt, NEW, temperature=0, cuda_graph=graph)

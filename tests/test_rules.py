@@ -353,3 +353,14 @@ def test_triton_first_table_agrees_with_its_benchmark_file():
             won = {n for n in rules if all(r.get(f"fla_{key}") is not None and r[f"triton_{key}"] <= r[f"fla_{key}"]
                                            for r in rows if r["rule"] == n)}
             assert getattr(entry, mode) == won, (cap, mode, entry.source)
+
+
+def test_fla_deltanet_refuses_float32_with_a_clear_message():
+    """fla's delta-rule kernel asserts on float32 inputs: our hook says so first (explicit backend='fla' raises
+    it; 'auto' skips fla for such calls), and lets bf16 through."""
+    rule = R.get("deltanet")
+    q32 = torch.randn(1, 8, 2, 16)
+    msg = rule.kernel_refusal("chunk", "fla", q32, q32, q32, {})
+    assert msg is not None and "bf16" in msg and "backend='triton'" in msg
+    assert rule.kernel_refusal("chunk", "fla", q32.bfloat16(), q32.bfloat16(), q32.bfloat16(), {}) is None
+    assert R.get("gated_deltanet").kernel_refusal("chunk", "fla", q32, q32, q32, {}) is None

@@ -81,7 +81,7 @@ def resolve_chunk(rule, backend: str, q: Tensor, k: Tensor | None = None, v: Ten
             table = TRITON_FIRST.get(capability(q.device))
             if table is not None and rule.name in getattr(table, mode):
                 return "triton"
-        if rule.has_fla and has_fla():
+        if rule.has_fla and has_fla() and rule.kernel_refusal("chunk", "fla", q, k, v, gates, auto=True) is None:
             return "fla"
         return "triton" if ours else "torch"
     if backend == "fla":
@@ -90,8 +90,8 @@ def resolve_chunk(rule, backend: str, q: Tensor, k: Tensor | None = None, v: Ten
         if not q.is_cuda:
             raise ValueError(f"{rule.name}: backend='fla' runs Triton kernels on a GPU; q is on {q.device}. "
                              f"Use backend='torch' on CPU")
-    if backend == "triton":
-        why = rule.kernel_refusal("chunk", "triton", q, k, v, gates)
+    if backend in ("fla", "triton"):
+        why = rule.kernel_refusal("chunk", backend, q, k, v, gates)
         if why is not None:
             raise ValueError(why)
     return backend
