@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU session on the lent H100/H200 (see benchmarks/README.md): install the carried wheels
 # (fla 0.6.0, triton 3.7.1 reassembled from /tmp/tw), then run the steps named on the command line.
-# Logs go to $OUT.   Usage: bash benchmarks/gpu_session.sh [warm|check|mom|kernels|kernels2048|kernels8192|tests]...
+# Logs go to $OUT.   Usage: bash benchmarks/gpu_session.sh [warm|check|mom|kernels|kernels2048|kernels8192|tests|sweep|zoo]...
 # (TEST_JOBS, TESTS, TESTS_S: pytest workers, paths and time limit of `tests`; RACE_RULES, RACE_S: the race's rules and limit)
 #
 #   warm     compile every kernel variant the timed steps need, in parallel processes sharing the disk
@@ -9,6 +9,12 @@
 #            correctness checks run beside them. Nothing timed here; autotune choices are not kept.
 #   mom      benchmarks/bench_mom.py (issue table: MoM vs single layer vs fla, decode, syncs)
 #   kernels* benchmarks/bench_kernels.py (ours vs fla vs SDPA, every rule), T = 2048 and/or 8192
+#   sweep    benchmarks/bench_sweep_gpu.py: steps/s of the recall study's model, SWEEP_PROCS processes sharing the GPU
+#   zoo      one call of the recall study (configs/zoology_mqar.yaml) into runs/zoology_mqar (carry it: the call
+#            sees the finished runs and plans the second stage from them): ZOO_RULES ("[deltanet,gla]"),
+#            ZOO_WIDTHS ("[64]"), ZOO_SHARD ("1/1"), ZOO_JOBS, ZOO_EXTRA (more overrides), ZOO_S (time limit; a cut sweep keeps its finished
+#            rows). Its rows (shards/<rules_widths_shard>/runs.csv) and each cell's metrics.jsonl come back
+#            under $OUT/zoology_mqar: copy them into runs/zoology_mqar here, then `lsm ablate configs/zoology_mqar.yaml --merge`.
 # Timed steps autotune alone on the GPU, with LSM_TUNE_MS=5,25 for ours and fla's kernels alike.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -55,6 +61,19 @@ for what in "$@"; do
     kernels2048|kernels8192)
       T=${what#kernels}
       timeout ${RACE_S:-580} python3 benchmarks/bench_kernels.py --T $T --rules ${RACE_RULES:-$RULES} --out "$OUT/bench_kernels_$T.json" 2>&1 | tee "$OUT/bench_kernels_$T.log" | tail -40 ;;
+    sweep)   timeout ${SWEEP_S:-560} python3 benchmarks/bench_sweep_gpu.py --procs ${SWEEP_PROCS:-1 4 8} --out "$OUT" 2>&1 \
+               | tee "$OUT/bench_sweep_gpu.log" | tail -20 ;;
+    zoo)
+      Z=runs/zoology_mqar
+      timeout ${ZOO_S:-540} python3 -m lsm ablate configs/zoology_mqar.yaml \
+        ablate.rules=${ZOO_RULES:?set ZOO_RULES, e.g. [deltanet]} "ablate.grid={model.hidden_size: ${ZOO_WIDTHS:-[64,128]}}" \
+        ablate.jobs=${ZOO_JOBS:-8} ablate.out_dir=$Z ${ZOO_EXTRA:-} --shard ${ZOO_SHARD:-1/1} 2>&1 | tee "$OUT/zoo.log" | tail -30
+      # the shard's rows under a name of their own (rules, widths, shard), so no later call overwrites them here
+      TAG=$(echo "${ZOO_RULES}_${ZOO_WIDTHS:-all}_${ZOO_SHARD:-1/1}" | tr -c 'a-z0-9\n' '_')
+      S=${ZOO_SHARD:-1/1}; mkdir -p "$OUT/zoology_mqar/shards/$TAG"
+      cp "$Z/shards/${S%/*}of${S#*/}/runs.csv" "$OUT/zoology_mqar/shards/$TAG/runs.csv"
+      (cd $Z && find cells -name metrics.jsonl -o -name config.yaml | grep -v checkpoints | tar -cf - -T - \
+        | tar -xf - -C "$OUT/zoology_mqar") ;;
   esac
   echo "# step $what took $(( $(date +%s) - t0 )) s"
 done

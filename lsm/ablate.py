@@ -6,6 +6,8 @@ Variants (MoM paper, arXiv 2502.13685, Table 5):
   single_same_state  one memory with the same total state as the MoM variant: the MoM layer holds
                      (num_memories + shared) x H memories of K x V, so this one gets that many heads
                      of the same K x V
+  single_active_state  one memory with MoM's active state: a token of the MoM layer reads and writes
+                     (topk + shared) x H memories of K x V, so this one gets that many heads
 
     lsm ablate configs/ablate_rules.yaml ablate.seeds=[0,1,2] ablate.lrs=[1e-3,3e-3] ablate.jobs=2
     lsm ablate configs/x.yaml --shard 1/2        # this host runs half of the cells ...
@@ -23,7 +25,9 @@ chosen rate only (`two_stage`). Test numbers are reported, never selected on.
 Output in `ablate.out_dir`:
   runs.csv                  one row per cell (metrics, validation, accounting, steps, seconds, status, provenance)
   results.md, results.csv   per (rule, variant, grid values): selected lr, mean ± std, min–max over seeds,
-                            paired per-seed difference vs the single variant (mean, SE, wins) and its verdict
+                            paired per-seed difference vs the single variant (mean, SE, wins) and its verdict;
+                            MoM's paired differences vs single_active_state and single_same_state (a second table);
+                            MoM's routing diagnostics (route/<layer>/..., lsm.mixture.diagnostics) averaged over seeds
   accuracy_vs_pairs.png     MQAR: accuracy vs number of pairs, band = min–max over seeds
   <metric>_vs_state.png     accuracy (or bits per byte) vs decode-state floats, log x
   loss_curves.png           training loss, band = min–max over seeds
@@ -50,7 +54,9 @@ from typing import Any
 
 from lsm.config import AblateConfig, Config, ConfigError, to_yaml, with_overrides
 
-VARIANT_LABELS = {"single": "single", "mom": "MoM", "single_same_state": "single, MoM-size state"}
+VARIANT_LABELS = {"single": "single", "mom": "MoM", "single_same_state": "single, MoM-size state",
+                  "single_active_state": "single, MoM-active state"}
+STATE_MATCHED = ("single_active_state", "single_same_state")  # the baselines MoM is compared with at equal state
 SELECTION_LABELS = {"mean": "best LR by mean validation score over all seeds",
                     "two_stage": "two-stage: best LR by validation score at the first seed, other seeds at that LR"}
 # columns of runs.csv kept as text when read back (the rest are numbers, or JSON for swept values)
@@ -82,8 +88,9 @@ def variant_config(cfg: Config, rule: str, variant: str) -> Config:
     m = cfg.model.mixer
     head_dim = m.head_dim or cfg.model.hidden_size // m.num_heads
     changes: dict = {"model.mixer.rule": rule, "model.mixer.type": "mom" if variant == "mom" else "rule"}
-    if variant == "single_same_state":
-        changes["model.mixer.num_heads"] = m.num_heads * (m.num_memories + int(m.shared_memory))
+    if variant in ("single_same_state", "single_active_state"):
+        memories = m.num_memories if variant == "single_same_state" else m.topk
+        changes["model.mixer.num_heads"] = m.num_heads * (memories + int(m.shared_memory))
         changes["model.mixer.head_dim"] = head_dim
         changes["model.mixer.value_dim"] = m.value_dim or head_dim
     return with_overrides(cfg, changes)
@@ -101,13 +108,22 @@ def _fmt(value: Any) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
-def make_cell(cfg: Config, rule: str, variant: str, swept: tuple, lr: float, seed: int) -> Cell:
-    """The cell of (rule, variant, grid values, lr, seed): its resolved config and id."""
-    base = with_overrides(cfg, {**dict(swept), "train.lr": lr, "train.seed": seed, "data.seed": seed,
+def group_config(cfg: Config, rule: str, variant: str, swept: tuple) -> Config:
+    """The resolved config of a (rule, variant, grid values) group, before its lr and seed are set."""
+    base = with_overrides(cfg, {**dict(swept),
                                 # CPU runs are one thread each unless asked otherwise: numbers then do not
                                 # depend on how many cells run side by side
                                 "train.threads": cfg.train.threads or 1, "train.progress": False})
-    vc = variant_config(base, rule, variant)
+    return variant_config(base, rule, variant)
+
+
+def make_cell(cfg: Config, rule: str, variant: str, swept: tuple, lr: float, seed: int,
+              group: Config | None = None) -> Cell:
+    """The cell of (rule, variant, grid values, lr, seed): its resolved config and id. `group`: the group's
+    `group_config`, when the caller has it (validating a config is the slow part of planning a sweep)."""
+    group = group or group_config(cfg, rule, variant, swept)
+    # lr and seeds are validated where they are declared (ablate.lrs, ablate.seeds): set them directly
+    vc = replace(group, train=replace(group.train, lr=float(lr), seed=seed), data=replace(group.data, seed=seed))
     cid = config_hash(vc)
     name = f"{rule}-{variant}-{cid}"
     vc = replace(vc, name=name, train=replace(vc.train, out_dir=str(Path(cfg.ablate.out_dir) / "cells" / name)))
@@ -127,18 +143,19 @@ def learning_rates(cfg: Config) -> list[float]:
 def all_cells(cfg: Config) -> list[Cell]:
     """rules x variants x grid x lrs x seeds, in that nesting order."""
     a = cfg.ablate
-    return [make_cell(cfg, rule, variant, swept, lr, seed)
-            for rule in a.rules for variant in a.variants for swept in grid_points(a)
+    groups = [(rule, variant, swept) for rule in a.rules for variant in a.variants for swept in grid_points(a)]
+    return [make_cell(cfg, *g, lr, seed, group=group)
+            for g, group in ((g, group_config(cfg, *g)) for g in groups)
             for lr in learning_rates(cfg) for seed in a.seeds]
 
 
-def plan(cfg: Config, rows: list[dict]) -> list[Cell]:
+def plan(cfg: Config, rows: list[dict], cells: list[Cell] | None = None) -> list[Cell]:
     """The cells the sweep needs given the rows finished so far.
 
     mean: every cell. two_stage: every lr at the first seed; a group's other seeds once its first-seed
     cells are all finished (at the lr they select), or at once when there is one lr.
     """
-    cells = all_cells(cfg)
+    cells = all_cells(cfg) if cells is None else cells
     a = cfg.ablate
     if a.selection == "mean" or len(learning_rates(cfg)) == 1:
         return cells
@@ -310,7 +327,8 @@ def _run_sweep(cfg: Config, rerun: bool, shard, quiet: bool, out: Path, runs_pat
     mine = {r["cell"]: r for r in read_runs(runs_path)}
     merged = {r["cell"]: r for r in read_runs(out / "runs.csv")} if shard is not None else {}
     ran: set[str] = set()
-    fresh = {c.id for c in all_cells(cfg) if in_shard(c, shard)} if rerun else set()  # --rerun: run these again
+    every = all_cells(cfg)  # once: resolving and hashing hundreds of configs takes seconds
+    fresh = {c.id for c in every if in_shard(c, shard)} if rerun else set()  # --rerun: run these again
     t0 = time.perf_counter()
 
     def finished() -> dict:
@@ -326,7 +344,7 @@ def _run_sweep(cfg: Config, rerun: bool, shard, quiet: bool, out: Path, runs_pat
 
     while True:  # two_stage plans its second stage once the first is done
         done = finished()
-        cells = [c for c in plan(cfg, list(done.values())) if in_shard(c, shard)]
+        cells = [c for c in plan(cfg, list(done.values()), every) if in_shard(c, shard)]
         todo = [c for c in cells if c.id not in done and c.id not in ran]
         if not todo:
             break
@@ -334,7 +352,7 @@ def _run_sweep(cfg: Config, rerun: bool, shard, quiet: bool, out: Path, runs_pat
             print(f"{len(todo)} cells to run ({len(cells) - len(todo)} of this plan finished before), "
                   f"{min(cfg.ablate.jobs, len(todo))} at a time", flush=True)
         _run_cells(todo, cfg, record)
-    ids = {c.id for c in all_cells(cfg)}
+    ids = {c.id for c in every}
     rows = [r for r in {**merged, **mine}.values() if r["cell"] in ids]
     if shard is None:
         write_results(rows, cfg)
@@ -504,21 +522,32 @@ def summarize(rows: list[dict], selection: str = "mean", seeds: list[int] | None
         for k in ("params_total", "params_active", "state_floats", "memory_floats", "state_rw_floats"):
             if members[0].get(k) is not None:
                 line[k] = members[0][k]
-        line.update({c: statistics.fmean(r[c] for r in ok) for c in (ok[0] if ok else {}) if c.startswith(("acc@", "val_"))})
+        for c in (ok[0] if ok else {}):   # per-cell scores and routing diagnostics (MoM rows only), over seeds
+            seen = [r[c] for r in ok if r.get(c) is not None]
+            if seen and c.startswith(("acc@", "val_", "route/")):
+                line[c] = statistics.fmean(seen)
         out.append(line)
     for line in out:
-        base = per_seed.get((line["rule"], "single", tuple(json.dumps(line.get(k)) for k in swept_keys)))
-        mine = per_seed[(line["rule"], line["variant"], tuple(json.dumps(line.get(k)) for k in swept_keys))]
-        if line["variant"] == "single" or not base:
-            continue
-        shared = sorted(set(base) & set(mine))
-        diffs = [mine[s] - base[s] for s in shared]
-        if diffs:
-            line.update({"diff_mean": statistics.fmean(diffs),
-                         "diff_se": statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else math.nan,
-                         "wins": sum(1 for d in diffs if (d > 0) == higher and d != 0), "paired": len(diffs),
-                         "verdict": verdict(diffs, higher)})
+        key = lambda variant: (line["rule"], variant, tuple(json.dumps(line.get(k)) for k in swept_keys))
+        mine = per_seed[key(line["variant"])]
+        if line["variant"] != "single":
+            line.update(_paired(per_seed.get(key("single")), mine, higher, ""))
+        if line["variant"] == "mom":  # MoM against the single memories of its active and of its total state
+            for baseline in STATE_MATCHED:
+                line.update(_paired(per_seed.get(key(baseline)), mine, higher, f"vs_{baseline}_"))
     return out
+
+
+def _paired(base: dict | None, mine: dict, higher: bool, prefix: str) -> dict:
+    """Paired per-seed difference mine - base on the seeds both finished: {prefix}diff_mean, diff_se, wins,
+    paired, verdict (nothing when no seed pairs up)."""
+    diffs = [mine[s] - base[s] for s in sorted(set(base or {}) & set(mine))]
+    if not diffs:
+        return {}
+    return {f"{prefix}diff_mean": statistics.fmean(diffs),
+            f"{prefix}diff_se": statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else math.nan,
+            f"{prefix}wins": sum(1 for d in diffs if (d > 0) == higher and d != 0), f"{prefix}paired": len(diffs),
+            f"{prefix}verdict": verdict(diffs, higher)}
 
 
 def _num(x: Any, spec: str = ".3f") -> str:
@@ -548,7 +577,25 @@ def markdown_table(lines: list[dict], cfg: Config, metric: str = "accuracy") -> 
                  _num(ln["val_mean"]), f"{ln.get('state_floats', 0):,}",
                  f"{ln.get('params_total', 0) / 1e3:.0f}k", _num(ln["steps_mean"], ".0f"), vs, ln.get("verdict", "")]
         out.append("| " + " | ".join(cells) + " |")
-    return head + "\n".join(out) + "\n"
+    return head + "\n".join(out) + "\n" + _state_matched_table(lines, swept)
+
+
+def _state_matched_table(lines: list[dict], swept: list[str]) -> str:
+    """MoM against the single memories with its active and with its total state (paired per seed), when run."""
+    have = [b for b in STATE_MATCHED if any(f"vs_{b}_diff_mean" in ln for ln in lines)]
+    if not have:
+        return ""
+    cols = ["rule", *[k.split(".")[-1] for k in swept], *[f"MoM vs {VARIANT_LABELS[b]}" for b in have]]
+    out = ["", "MoM against the single memory of the same active state (K + shared memories' worth of heads) and of the "
+           "same total state (M + shared): paired per-seed difference, mean ± SE (wins/seeds), verdict.", "",
+           "| " + " | ".join(cols) + " |", "|" + "|".join(["---"] * (1 + len(swept)) + ["---:"] * len(have)) + "|"]
+    for ln in lines:
+        if ln["variant"] != "mom":
+            continue
+        vs = [(f"{ln[f'vs_{b}_diff_mean']:+.3f} ± {_num(ln[f'vs_{b}_diff_se'])} ({ln[f'vs_{b}_wins']}/"
+               f"{ln[f'vs_{b}_paired']}) {ln[f'vs_{b}_verdict']}") if f"vs_{b}_diff_mean" in ln else "" for b in have]
+        out.append("| " + " | ".join([ln["rule"], *[_fmt(ln.get(k)) for k in swept], *vs]) + " |")
+    return "\n".join(out) + "\n"
 
 
 def write_results(rows: list[dict], cfg: Config) -> list[dict]:
@@ -588,7 +635,8 @@ def plot_all(rows: list[dict], lines: list[dict], out: Path, metric: str) -> Non
 
     colours = plt.get_cmap("tab10")
     rules = list(dict.fromkeys(ln["rule"] for ln in lines))
-    styles = {"single": ("-", "o"), "mom": ("--", "s"), "single_same_state": (":", "^")}
+    styles = {"single": ("-", "o"), "mom": ("--", "s"), "single_same_state": (":", "^"),
+              "single_active_state": ("-.", "v")}
 
     def style(line, i):
         ls, marker = styles[line["variant"]]
@@ -603,20 +651,22 @@ def plot_all(rows: list[dict], lines: list[dict], out: Path, metric: str) -> Non
         os.replace(tmp, out / name)
         plt.close(fig)
 
-    pair_keys = sorted({k for r in rows for k in r if k.startswith("acc@") and "/" not in k}, key=lambda k: int(k[4:]))
+    # acc@<pairs> or acc@<pairs>/T<len> (test cells of several lengths), ordered by pairs then length
+    pair_keys = sorted({k for r in rows for k in r if k.startswith("acc@")},
+                       key=lambda k: tuple(int(x.lstrip("T")) for x in k[4:].split("/")))
     if metric == "accuracy" and pair_keys:
         fig, ax = plt.subplots(figsize=(8, 4))
         for i, ln in enumerate(lines):
             sel = _selected(rows, ln)
             if not sel:
                 continue
-            xs = [int(k[4:]) for k in pair_keys]
+            xs = [int(k[4:].split("/")[0]) for k in pair_keys]
             ys = [[r[k] for r in sel] for k in pair_keys]
             st = style(ln, i)
             ax.plot(xs, [statistics.fmean(y) for y in ys], label=f"{_label(ln)} (n={len(sel)})", **st)
             ax.fill_between(xs, [min(y) for y in ys], [max(y) for y in ys], color=st["color"], alpha=0.15)
         ax.set_xscale("log", base=2)
-        ax.set_xticks(xs, [str(x) for x in xs])
+        ax.set_xticks(xs, [k[4:] for k in pair_keys])
         ax.minorticks_off()
         ax.set(xlabel="key-value pairs", ylabel="recall accuracy (mean, band min–max over seeds)", ylim=(-0.02, 1.02),
                title="MQAR recall")

@@ -95,7 +95,9 @@ def _mixer_account(mixer: nn.Module, seq_len: int) -> dict[str, float]:
     # the rule's decode state for Ms memories (on the meta device: shapes only)
     state = _numel(rule.init_state(Ms, H, K, V, device="meta"))
     memory = Ms * H * K * V
-    conv = sum(c.channels * (c.kernel_size - 1) for c in getattr(mixer, "convs", {}).values())
+    router_conv = getattr(mixer, "router_conv", None)   # MoM routing from a conv window: its tail is cached too
+    convs = [*getattr(mixer, "convs", {}).values(), *([router_conv] if router_conv is not None else [])]
+    conv = sum(c.channels * (c.kernel_size - 1) for c in convs)
     # per-memory parameters: projections whose output holds Ms memories' channels, the gate module, their convs
     per_memory = set()
     if Ms > 1:
@@ -147,7 +149,10 @@ def account(model: nn.Module, seq_len: int) -> Account:
 
 def config_seq_len(cfg) -> int:
     """The training context length a config declares (MQAR or text)."""
-    return cfg.data.mqar.seq_len if cfg.data.kind == "mqar" else cfg.data.text.seq_len
+    if cfg.data.kind != "mqar":
+        return cfg.data.text.seq_len
+    q = cfg.data.mqar
+    return max(L for L, _ in q.train_cells) if q.train_cells else q.seq_len
 
 
 def account_config(cfg, seq_len: int | None = None) -> Account:

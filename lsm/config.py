@@ -22,7 +22,7 @@ MIXER_TYPES = ("rule", "mom", "attention")
 DATA_KINDS = ("mqar", "text")
 PRECISIONS = ("auto", "fp32", "bf16")
 PARALLEL = ("none", "ddp", "fsdp")
-VARIANTS = ("single", "mom", "single_same_state")
+VARIANTS = ("single", "mom", "single_same_state", "single_active_state")
 SELECTIONS = ("mean", "two_stage")
 # keys a sweep sets itself (ablate.seeds / ablate.lrs / per cell), so `ablate.grid` may not
 SWEEP_OWNED = ("name", "train.seed", "data.seed", "train.lr", "train.out_dir", "model.mixer.rule", "model.mixer.type")
@@ -53,6 +53,9 @@ class MixerConfig:
     topk: int = 2                      # memories each token updates and reads
     shared_memory: bool = True         # an always-on memory every token updates
     aux_loss_weight: float = 0.01      # weight of the load-balancing loss
+    router_conv: int = 0               # > 1: the router reads a causal depthwise conv of x over this many tokens; 0 = x_t
+    router_temperature: float = 1.0    # router scores are softmax(logits / temperature)
+    router_init_std: Optional[float] = None  # std of the router's init; None = model.init_std
     # softmax attention (type: attention, and the attention layers of hybrids)
     rope_theta: float = 10000.0        # RoPE base
 
@@ -83,6 +86,9 @@ class MQARConfig:
     train_pairs: list[int] = field(default_factory=lambda: [4, 8, 16])  # each example draws its number of pairs from this list
     test_pairs: list[int] = field(default_factory=lambda: [4, 8, 16])   # evaluation sweep over the number of pairs
     test_seq_lens: list[int] = field(default_factory=list)  # evaluation sweep over lengths; empty = [seq_len]
+    # (seq_len, pairs) cells, each [seq_len, pairs]; when given they replace the keys above
+    train_cells: list[list[int]] = field(default_factory=list)  # each example draws a cell; shorter ones are right-padded
+    test_cells: list[list[int]] = field(default_factory=list)   # the evaluation sweep, cell by cell
     num_test: int = 256                # test examples per (pairs, length) cell
     num_val: int = 128                 # validation examples per cell (own stream; early stopping and LR selection use it)
     power_a: float = 0.01              # query positions follow a power law in the gap to their key (Zoology's alpha)
@@ -147,7 +153,7 @@ class AblateConfig:
     """`lsm ablate`: rules x variants x grid x learning rates x seeds, each cell trained and evaluated."""
 
     rules: list[str] = field(default_factory=lambda: ["gated_deltanet"])
-    variants: list[str] = field(default_factory=lambda: ["single", "mom"])  # "single", "mom", "single_same_state"
+    variants: list[str] = field(default_factory=lambda: ["single", "mom"])  # lsm.config.VARIANTS
     seeds: list[int] = field(default_factory=lambda: [0])   # a run's seed sets train.seed and data.seed
     lrs: list[float] = field(default_factory=list)          # learning-rate grid; empty = [train.lr]
     grid: dict[str, list[Any]] = field(default_factory=dict)  # any config key -> values, e.g. {model.mixer.topk: [1, 2]}
@@ -340,6 +346,12 @@ def validate(cfg: Config) -> None:
                               f"(a token is routed to at most num_memories memories)")
         if mx.aux_loss_weight < 0:
             raise ConfigError(f"model.mixer.aux_loss_weight: must be >= 0, got {mx.aux_loss_weight}")
+        if mx.router_conv < 0:
+            raise ConfigError(f"model.mixer.router_conv: must be >= 0 (0 or 1 = the router reads x_t alone), "
+                              f"got {mx.router_conv}")
+        _positive("model.mixer.router_temperature", mx.router_temperature)
+        if mx.router_init_std is not None and mx.router_init_std < 0:
+            raise ConfigError(f"model.mixer.router_init_std: must be >= 0 (None = model.init_std), got {mx.router_init_std}")
     if m.attention_every < 0:
         raise ConfigError(f"model.attention_every: must be >= 0 (0 = no attention blocks), got {m.attention_every}")
     for i in m.attention_layers:
@@ -363,7 +375,7 @@ def validate(cfg: Config) -> None:
         _positive("data.mqar.num_val", q.num_val)
         if q.vocab_size < 4 or q.vocab_size % 2:
             raise ConfigError(f"data.mqar.vocab_size: must be an even number >= 4, got {q.vocab_size}")
-        if not q.train_pairs:
+        if not q.train_pairs and not q.train_cells:
             raise ConfigError("data.mqar.train_pairs: give at least one number of pairs")
         n_keys = q.vocab_size // 2 - 1
         for key, pairs in (("data.mqar.train_pairs", q.train_pairs), ("data.mqar.test_pairs", q.test_pairs)):
@@ -372,13 +384,25 @@ def validate(cfg: Config) -> None:
                 if n > n_keys:
                     raise ConfigError(f"{key}: {n} pairs need {n} distinct keys, but data.mqar.vocab_size = {q.vocab_size} "
                                       f"has {n_keys} (keys are [1, V/2))")
-        for n in q.train_pairs:
-            if 4 * n > q.seq_len:
-                raise ConfigError(f"data.mqar.train_pairs: {n} pairs need data.mqar.seq_len >= {4 * n} "
-                                  f"(2n key-value tokens + n query/answer slots of 2), got {q.seq_len}")
+        for key, cells in (("data.mqar.train_cells", q.train_cells), ("data.mqar.test_cells", q.test_cells)):
+            for c in cells:
+                if len(c) != 2 or not all(isinstance(x, int) and x > 0 for x in c):
+                    raise ConfigError(f"{key}: each cell is [seq_len, pairs] of two positive ints, got {list(c)}")
+                L, n = c
+                if n > n_keys:
+                    raise ConfigError(f"{key}: {n} pairs need {n} distinct keys, but data.mqar.vocab_size = {q.vocab_size} "
+                                      f"has {n_keys} (keys are [1, V/2))")
+                if 4 * n > L:
+                    raise ConfigError(f"{key}: cell [{L}, {n}]: {n} pairs need seq_len >= {4 * n} "
+                                      f"(2n key-value tokens + n query/answer slots of 2)")
+        if not q.train_cells:
+            for n in q.train_pairs:
+                if 4 * n > q.seq_len:
+                    raise ConfigError(f"data.mqar.train_pairs: {n} pairs need data.mqar.seq_len >= {4 * n} "
+                                      f"(2n key-value tokens + n query/answer slots of 2), got {q.seq_len}")
         for L in q.test_seq_lens:
             _positive("data.mqar.test_seq_lens", L)
-        if q.test_pairs and all(4 * n > L for n in q.test_pairs for L in (q.test_seq_lens or [q.seq_len])):
+        if not q.test_cells and q.test_pairs and all(4 * n > L for n in q.test_pairs for L in (q.test_seq_lens or [q.seq_len])):
             raise ConfigError("data.mqar.test_pairs: no (pairs, length) cell fits (a length needs >= 4 x pairs)")
         if m.vocab_size is not None and m.vocab_size < q.vocab_size:
             raise ConfigError(f"model.vocab_size: {m.vocab_size} < data.mqar.vocab_size = {q.vocab_size}")

@@ -79,31 +79,58 @@ def mqar_examples(num_examples: int, num_pairs: int, seq_len: int, vocab_size: i
     return Batch(seq[:, :-1].contiguous(), labels[:, :-1].contiguous())
 
 
+def mqar_write_positions(batch: Batch, num_pairs: int) -> Tensor:
+    """For every query of an MQAR batch, the position of its pair's value token (where the pair is written).
+
+    batch: `mqar_examples(..., num_pairs, ...)`. Returns `[B, T]` long: at a query position (labels != IGNORE,
+    the input there is the query key) the position 2j + 1 of the value of the pair whose key it is; -1 elsewhere.
+    """
+    ids = batch.input_ids                                                        # [B, T]
+    keys = ids[:, 0:2 * num_pairs:2]                                             # [B, n] distinct per row
+    match = ids[:, :, None] == keys[:, None, :]                                  # [B, T, n]
+    write = 2 * match.to(torch.long).argmax(-1) + 1                              # [B, T]
+    return torch.where(batch.labels != IGNORE, write, torch.full_like(write, -1))
+
+
 class MQARData:
-    """Training batches mixing `train_pairs`; test sets per (pairs, length) cell of the sweep."""
+    """Training batches mixing (seq_len, pairs) cells; test sets per (pairs, length) cell of the sweep.
+
+    Cells come from `train_cells` / `test_cells` when given, else from `seq_len` x `train_pairs` and
+    `test_seq_lens` x `test_pairs`. A training batch is as long as its longest cell; a shorter example is
+    right-padded with filler 0 and label IGNORE, which a causal model never sees from the example's own tokens.
+    """
 
     kind = "mqar"
 
     def __init__(self, cfg: MQARConfig, seed: int = 0):
         self.cfg, self.seed = cfg, seed
 
-    def train_batch(self, step: int, batch_size: int, micro: int = 0) -> Batch:
-        """Batch `step` (micro-batch `micro`) of the training stream; examples draw their number of pairs."""
+    def train_cells(self) -> list[tuple[int, int]]:
+        """The (seq_len, pairs) cells the training examples draw from, uniformly."""
         c = self.cfg
+        return [(L, n) for L, n in c.train_cells] if c.train_cells else [(c.seq_len, n) for n in c.train_pairs]
+
+    def train_batch(self, step: int, batch_size: int, micro: int = 0) -> Batch:
+        """Batch `step` (micro-batch `micro`) of the training stream; each example draws its cell."""
+        c = self.cfg
+        cells = self.train_cells()
         g = _generator(self.seed, "train", step, micro)
-        choice = torch.randint(len(c.train_pairs), (batch_size,), generator=g)
-        ids = torch.empty(batch_size, c.seq_len, dtype=torch.long)
-        labels = torch.empty_like(ids)
-        for i, n in enumerate(c.train_pairs):      # one vectorised call per distinct number of pairs
+        choice = torch.randint(len(cells), (batch_size,), generator=g)
+        T = max(L for L, _ in cells)
+        ids = torch.zeros(batch_size, T, dtype=torch.long)
+        labels = torch.full_like(ids, IGNORE)
+        for i, (L, n) in enumerate(cells):      # one vectorised call per cell
             rows = (choice == i).nonzero().flatten()
             if rows.numel():
-                b = mqar_examples(rows.numel(), n, c.seq_len, c.vocab_size, g, c.power_a)
-                ids[rows], labels[rows] = b.input_ids, b.labels
+                b = mqar_examples(rows.numel(), n, L, c.vocab_size, g, c.power_a)
+                ids[rows, :L], labels[rows, :L] = b.input_ids, b.labels
         return Batch(ids, labels)
 
     def test_cells(self) -> list[tuple[int, int]]:
         """The evaluation sweep: (num_pairs, seq_len) cells that fit (seq_len >= 4 * pairs)."""
         c = self.cfg
+        if c.test_cells:
+            return [(n, L) for L, n in c.test_cells]
         return [(n, T) for T in (c.test_seq_lens or [c.seq_len]) for n in c.test_pairs if 4 * n <= T]
 
     def test_set(self, num_pairs: int, seq_len: int, split: str = "test") -> Batch:

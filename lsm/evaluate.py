@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from lsm.config import Config
-from lsm.data import IGNORE, MQARData, TextData, build_data
+from lsm.data import IGNORE, Batch, MQARData, TextData, build_data, mqar_write_positions
+from lsm.mixture.diagnostics import RoutingTally, record_routing
 from lsm.runtime import autocast_context, resolve_device
 
 
@@ -22,6 +23,8 @@ def evaluate(model: nn.Module, cfg: Config, data: MQARData | TextData | None = N
     MQAR -> {"mqar": [{"num_pairs", "seq_len", "accuracy"}, ...], "accuracy": mean over cells}
             (accuracy = fraction of queried values predicted exactly, by argmax).
     text -> {"loss": nats per byte, "bpb": bits per byte}.
+    With MoM layers both add {"routing": {layer: {load0.., entropy, dead[, share (MQAR)]}}}
+    (`lsm.mixture.diagnostics`: counted on the device, read back once at the end).
     """
     data = data or build_data(cfg)
     device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -29,52 +32,83 @@ def evaluate(model: nn.Module, cfg: Config, data: MQARData | TextData | None = N
     was_training = model.training
     model.eval()
     try:
-        with autocast_context(cfg.train.precision, device):
+        with autocast_context(cfg.train.precision, device), record_routing(model) as routings:
+            tallies = {name: RoutingTally() for name in routings}
+
+            def count_routing(write_pos=None):
+                for name, calls in routings.items():
+                    for r in calls:
+                        tallies[name].add(r, write_pos)
+                    calls.clear()
+
             if isinstance(data, MQARData):
                 cells = []
                 for n, T in data.test_cells():
                     test = data.test_set(n, T, split)
                     correct = total = 0
                     for i in range(0, test.input_ids.shape[0], bs):
-                        ids, labels = test.input_ids[i:i + bs].to(device), test.labels[i:i + bs].to(device)
+                        part = Batch(test.input_ids[i:i + bs], test.labels[i:i + bs])
+                        ids, labels = part.input_ids.to(device), part.labels.to(device)
                         pred = model(ids).logits.argmax(-1)                         # [b, T]
+                        count_routing(mqar_write_positions(part, n) if routings else None)
                         mask = labels != IGNORE
                         correct += int((pred == labels)[mask].sum())
                         total += int(mask.sum())
                     cells.append({"num_pairs": n, "seq_len": T, "accuracy": correct / total})
-                return {"mqar": cells, "accuracy": sum(c["accuracy"] for c in cells) / len(cells)}
+                return {"mqar": cells, "accuracy": sum(c["accuracy"] for c in cells) / len(cells),
+                        **_routing_result(tallies)}
             nats = count = 0.0
             for batch in data.test_batches(bs, cfg.eval.text_batches, split):
                 logits = model(batch.input_ids.to(device)).logits.float()
+                count_routing()
                 nats += float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch.labels.to(device).flatten(),
                                                                 reduction="sum"))
                 count += batch.labels.numel()
             loss = nats / count
-            return {"loss": loss, "bpb": loss / math.log(2)}
+            return {"loss": loss, "bpb": loss / math.log(2), **_routing_result(tallies)}
     finally:
         model.train(was_training)
 
 
+def _routing_result(tallies: dict[str, RoutingTally]) -> dict:
+    """{"routing": {layer: {load0.., entropy, dead[, share]}}} for models with MoM layers, else nothing."""
+    routing = {name: t.summary() for name, t in tallies.items()}
+    return {"routing": routing} if routing else {}
+
+
 def summary(result: dict) -> dict[str, float]:
-    """Flat scalars of an evaluation result, for logs: accuracy and acc@pairs[/len], or loss and bpb."""
+    """Flat scalars of an evaluation result, for logs: accuracy and acc@pairs[/len], or loss and bpb; with MoM
+    layers also the routing diagnostics route/<layer>/<name> (lsm.mixture.diagnostics)."""
+    routing = {f"route/{layer}/{k}": v for layer, d in result.get("routing", {}).items() for k, v in d.items()}
     if "mqar" not in result:
-        return dict(result)
+        return {**{k: v for k, v in result.items() if k != "routing"}, **routing}
     lens = {c["seq_len"] for c in result["mqar"]}
     out = {"accuracy": result["accuracy"]}
     for c in result["mqar"]:
         key = f"acc@{c['num_pairs']}" + (f"/T{c['seq_len']}" if len(lens) > 1 else "")
         out[key] = c["accuracy"]
-    return out
+    return {**out, **routing}
 
 
 def format_result(result: dict) -> str:
-    """A Markdown table of an evaluation result."""
+    """A Markdown table of an evaluation result (and one of the routing diagnostics, with MoM layers)."""
     if "mqar" not in result:
-        return "| metric | value |\n|---|---|\n" + "".join(f"| {k} | {v:.4f} |\n" for k, v in result.items())
-    rows = ["| pairs | seq len | accuracy |", "|---:|---:|---:|"]
-    rows += [f"| {c['num_pairs']} | {c['seq_len']} | {c['accuracy']:.3f} |" for c in result["mqar"]]
-    rows.append(f"| mean | | {result['accuracy']:.3f} |")
-    return "\n".join(rows) + "\n"
+        text = "| metric | value |\n|---|---|\n" + "".join(f"| {k} | {v:.4f} |\n" for k, v in result.items()
+                                                          if k != "routing")
+    else:
+        rows = ["| pairs | seq len | accuracy |", "|---:|---:|---:|"]
+        rows += [f"| {c['num_pairs']} | {c['seq_len']} | {c['accuracy']:.3f} |" for c in result["mqar"]]
+        rows.append(f"| mean | | {result['accuracy']:.3f} |")
+        text = "\n".join(rows) + "\n"
+    routing = result.get("routing") or {}
+    if routing:
+        text += "\n| layer | load per memory | router entropy (nats) | dead memories | write/read share a memory |\n"
+        text += "|---|---|---:|---:|---:|\n"
+        for layer, d in routing.items():
+            load = " ".join(f"{d[k]:.2f}" for k in d if k.startswith("load"))
+            share = f"{d['share']:.3f}" if "share" in d else ""
+            text += f"| {layer} | {load} | {d['entropy']:.3f} | {d['dead']} | {share} |\n"
+    return text
 
 
 def evaluate_checkpoint(path: str, overrides: list[str] | tuple[str, ...] = (), device: str = "auto") -> tuple[Config, dict]:

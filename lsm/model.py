@@ -33,7 +33,9 @@ def build_mixer(cfg: MixerConfig, hidden_size: int, norm_eps: float, attention: 
                   chunk_size=cfg.chunk_size, backend=cfg.backend, rule_options=dict(cfg.rule_options))
     if cfg.type == "mom":
         return MixtureOfMemories(cfg.rule, hidden_size, cfg.num_heads, num_memories=cfg.num_memories, topk=cfg.topk,
-                                 shared_memory=cfg.shared_memory, aux_loss_weight=cfg.aux_loss_weight, **kwargs)
+                                 shared_memory=cfg.shared_memory, aux_loss_weight=cfg.aux_loss_weight,
+                                 router_conv=cfg.router_conv, router_temperature=cfg.router_temperature,
+                                 router_init_std=cfg.router_init_std, **kwargs)
     return RuleLayer(cfg.rule, hidden_size, cfg.num_heads, **kwargs)
 
 
@@ -100,9 +102,10 @@ class LanguageModel(nn.Module):
             self.head.weight = self.embed.weight
 
     def _init(self, m: nn.Module) -> None:
-        # Only plain linear/embedding weights: rules' gate parameters (decay rates, biases) keep their own init.
+        # Only plain linear/embedding weights: rules' gate parameters (decay rates, biases) keep their own init;
+        # a module that declares its own std (`_init_std`: the MoM router's `router_init_std`) keeps it.
         if isinstance(m, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(m.weight, std=self.cfg.init_std)
+            nn.init.normal_(m.weight, std=getattr(m, "_init_std", self.cfg.init_std))
             if getattr(m, "bias", None) is not None:
                 nn.init.zeros_(m.bias)
 

@@ -248,7 +248,8 @@ def _train(cfg: Config, ctx: distributed.DistContext, resume: bool, max_steps: i
                 if main:
                     logger.log({"step": step + 1, **{f"val/{k}": v for k, v in summary(result.val).items()}})
                 if main and not quiet:
-                    bar.write(f"step {step + 1}: validation " + ", ".join(f"{k} {v:.4f}" for k, v in summary(result.val).items()))
+                    bar.write(f"step {step + 1}: validation " + ", ".join(
+                        f"{k} {v:.4f}" for k, v in summary(result.val).items() if not k.startswith("route/")))
             stop = result.steps_to_target is not None
             do_eval = stop or (last and end == t.steps)
             if do_eval:
@@ -259,7 +260,8 @@ def _train(cfg: Config, ctx: distributed.DistContext, resume: bool, max_steps: i
                 if main:
                     logger.log({"step": step + 1, **{f"eval/{k}": v for k, v in summary(result.eval).items()}})
                 if main and not quiet:
-                    bar.write(f"step {step + 1}: test " + ", ".join(f"{k} {v:.4f}" for k, v in summary(result.eval).items()))
+                    bar.write(f"step {step + 1}: test " + ", ".join(
+                        f"{k} {v:.4f}" for k, v in summary(result.eval).items() if not k.startswith("route/")))
             if do_ckpt or stop:
                 result.checkpoint = checkpoint.save(ctx, out_dir, model, optimizer, scheduler, step + 1, cfg)
             if do_val or do_eval or do_ckpt:

@@ -10,6 +10,7 @@ token must be the key's value. A byte-level text model continues `--prompt`.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM
@@ -28,6 +29,8 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
+    if not (Path(args.folder) / "config.json").is_file():
+        p.error(f"{args.folder}: no config.json there; give a folder written by `lsm export RUN OUT_DIR`")
 
     model = AutoModelForCausalLM.from_pretrained(args.folder).to(args.device)
     cfg = model.config.lsm_config()

@@ -7,7 +7,7 @@ import pytest
 
 import lsm.ablate as ablate
 from lsm.cli import main
-from lsm.config import load_config, with_overrides
+from lsm.config import from_dict, load_config, with_overrides
 
 TINY = ["model.hidden_size=16", "model.num_layers=1", "model.mixer.num_heads=2", "model.mixer.backend=torch",
         "model.mixer.num_memories=2", "model.mixer.topk=1",
@@ -40,6 +40,35 @@ def test_cell_list_nests_rules_variants_grid_lrs_seeds(tmp_path):
         assert t.model.mixer.topk == dict(c.swept)["model.mixer.topk"]
         assert t.model.mixer.type == ("mom" if c.variant == "mom" else "rule") and t.train.threads == 1
         assert t.train.out_dir.endswith(c.id)
+
+
+def test_state_matched_variants():
+    """single_same_state gets MoM's total state in heads, single_active_state its active (topk + shared) state."""
+    from lsm.ablate import variant_config
+    from lsm.model import memory_state_size
+
+    cfg = from_dict({"model": {"hidden_size": 32, "mixer": {"num_heads": 2, "num_memories": 4, "topk": 2}}})
+    size = {v: memory_state_size(variant_config(cfg, "deltanet", v).model)
+            for v in ("single", "mom", "single_same_state", "single_active_state")}
+    assert size["mom"] == size["single_same_state"] == 5 * size["single"]
+    assert size["single_active_state"] == 3 * size["single"]
+    active = variant_config(cfg, "deltanet", "single_active_state").model.mixer
+    assert (active.type, active.num_heads, active.head_dim) == ("rule", 6, 16)
+    no_shared = with_overrides(cfg, {"model.mixer.shared_memory": False})
+    assert variant_config(no_shared, "deltanet", "single_active_state").model.mixer.num_heads == 4
+
+
+def test_zoology_preset_plans_the_recall_study():
+    """configs/zoology_mqar.yaml: 7 rules x 4 variants x 2 widths; stage one is the LR grid at seed 0 (per rule 24
+    runs), then 2 more seeds per group at its best LR (16): 280 runs in all, each training on (seq_len, pairs) cells."""
+    from pathlib import Path
+
+    path = Path(__file__).parent.parent / "configs" / "zoology_mqar.yaml"
+    assert len(load_config(path).ablate.rules) == 7
+    cfg = load_config(path, ["ablate.rules=[deltanet]"])   # one rule's cells: planning all 504 takes ~30 s here
+    assert len(ablate.all_cells(cfg)) == 4 * 2 * 3 * 3 and len(ablate.plan(cfg, [])) == 4 * 2 * 3
+    assert cfg.data.mqar.train_cells[-1] == [256, 16] and cfg.model.mixer.backend == "triton"
+    assert max(L for L, _ in cfg.data.mqar.test_cells) == 512
 
 
 def test_config_hash_changes_with_settings_not_with_names(tmp_path):
@@ -165,6 +194,10 @@ def test_statistics_selection_and_tie_rule_on_a_hand_made_table(tmp_path):
     table = ablate.markdown_table(list(lines.values()), cfg)
     assert "3 seeds (0, 1, 2)" in table and "LR grid [0.001, 0.003]" in table and "best LR by mean" in table
     assert "+0.083 ± 0.017 (3/3) | win |" in table
+    # MoM against the state-matched single memory: mom - same = -0.2, +0.15, +0.05, a tie
+    assert mom["vs_single_same_state_diff_mean"] == pytest.approx(0.0) and mom["vs_single_same_state_wins"] == 2
+    assert mom["vs_single_same_state_verdict"] == "tie" and "vs_single_active_state_diff_mean" not in mom
+    assert "| gla | +0.000 ± 0.104 (2/3) tie |" in table and "MoM vs single, MoM-size state" in table
 
 
 def test_verdict_rule():

@@ -68,6 +68,18 @@ def test_state_equals_real_decode_cache(rule, mixer_type):
     assert acc.params_total == model.num_params() == account_config(cfg).params_total
 
 
+def test_router_conv_tail_is_state():
+    """MoM routing from a conv window caches the window's tail: state_floats counts it."""
+    cfg = tiny("mom", rule="gated_deltanet", num_layers=2)
+    cfg.model.mixer.backend = "torch"
+    cfg.model.mixer.router_conv = 3
+    model = build_model(cfg)
+    out = model(torch.randint(0, 16, (1, 5)), use_cache=True)
+    acc = account(model, 64)
+    assert acc.state_floats == _cache_floats(out.caches) == account_config(cfg).state_floats
+    assert all("router" in c.conv for c in out.caches)
+
+
 def test_rule_core_flops_families():
     base = rule_core_flops("gla", 16, 16, 64)
     assert rule_core_flops("deltanet", 16, 16, 64) > base

@@ -75,6 +75,11 @@ def test_other_values():
     assert _error(["train.steps=0"]).startswith("train.steps: must be > 0")
     assert "not found" in _error([], "/nonexistent/config.yaml")
     assert _error(["steps"]).startswith("override 'steps' must look like key=value")
+    mom = ["model.mixer.type=mom"]
+    assert _error([*mom, "model.mixer.router_conv=-1"]).startswith("model.mixer.router_conv: must be >= 0")
+    assert _error([*mom, "model.mixer.router_temperature=0"]).startswith("model.mixer.router_temperature: must be > 0")
+    assert _error([*mom, "model.mixer.router_init_std=-1"]).startswith("model.mixer.router_init_std: must be >= 0")
+    assert _error(["data.mqar.train_cells=[[16,8]]"]).startswith("data.mqar.train_cells: cell [16, 8]")
 
 
 def test_with_overrides_validates():

@@ -1,8 +1,9 @@
 """MQAR invariants (Zoology layout) and the byte-level text source."""
+import pytest
 import torch
 
-from lsm.config import MQARConfig, TextConfig
-from lsm.data import IGNORE, MQARData, TextData, mqar_examples
+from lsm.config import ConfigError, MQARConfig, TextConfig, from_dict
+from lsm.data import IGNORE, MQARData, TextData, mqar_examples, mqar_write_positions
 
 
 def _gen(seed=0):
@@ -46,6 +47,43 @@ def test_mqar_is_seeded_and_splits_differ():
 def test_mqar_sweep_cells():
     cfg = MQARConfig(vocab_size=64, seq_len=32, train_pairs=[4], test_pairs=[4, 8, 16], test_seq_lens=[32, 64])
     assert MQARData(cfg).test_cells() == [(4, 32), (8, 32), (4, 64), (8, 64), (16, 64)]
+
+
+def test_mqar_train_and_test_cells():
+    """Explicit (seq_len, pairs) cells: a mixed batch right-padded to the longest cell, whose examples are exactly
+    the unpadded examples of their cell; the old keys give the same batches as the equivalent cells."""
+    cfg = MQARConfig(vocab_size=64, train_cells=[[16, 2], [32, 8]], test_cells=[[32, 4], [64, 16]])
+    d = MQARData(cfg, seed=3)
+    assert d.test_cells() == [(4, 32), (16, 64)] and d.train_cells() == [(16, 2), (32, 8)]
+    b = d.train_batch(0, 64)
+    assert b.input_ids.shape == (64, 32)
+    counts = (b.labels != IGNORE).sum(1)
+    assert set(counts.tolist()) == {2, 8}
+    short = counts == 2
+    assert (b.input_ids[short, 16:] == 0).all() and (b.labels[short, 16:] == IGNORE).all()
+    old = MQARData(MQARConfig(vocab_size=64, seq_len=32, train_pairs=[2, 8]), seed=3).train_batch(1, 16)
+    new = MQARData(MQARConfig(vocab_size=64, train_cells=[[32, 2], [32, 8]]), seed=3).train_batch(1, 16)
+    assert torch.equal(old.input_ids, new.input_ids) and torch.equal(old.labels, new.labels)
+
+
+def test_mqar_cells_are_validated():
+    with pytest.raises(ConfigError, match=r"data.mqar.train_cells: cell \[16, 8\]"):
+        from_dict({"data": {"mqar": {"train_cells": [[16, 8]]}}})
+    with pytest.raises(ConfigError, match="data.mqar.test_cells: each cell is"):
+        from_dict({"data": {"mqar": {"test_cells": [[64]]}}})
+    cfg = from_dict({"data": {"mqar": {"train_cells": [[64, 4], [256, 16]]}}})
+    from lsm.accounting import config_seq_len
+    assert config_seq_len(cfg) == 256
+
+
+def test_mqar_write_positions():
+    """Each query's write position holds its pair's value, which is the query's label."""
+    b = mqar_examples(8, 5, 40, 64, _gen())
+    w = mqar_write_positions(b, 5)
+    q = b.labels != IGNORE
+    assert ((w >= 0) == q).all()
+    assert torch.equal(b.input_ids.gather(1, w.clamp(min=0))[q], b.labels[q])
+    assert torch.equal(b.input_ids.gather(1, (w - 1).clamp(min=0))[q], b.input_ids[q])   # the key before it
 
 
 def test_text_bytes(tmp_path):

@@ -191,6 +191,73 @@ def test_gradients_reach_router_every_memory_and_shared(name):
     assert x.grad is not None and bool(x.grad.abs().sum() > 0)
 
 
+# the MoM-side options together: routing from a causal conv window of x, a router temperature, a router init std
+ROUTER_OPTIONS = dict(router_conv=3, router_temperature=0.5, router_init_std=0.5)
+
+
+@pytest.mark.parametrize("name", ["gated_deltanet", "gla", "ttt"])
+@settings(max_examples=3)
+@given(B=st.integers(1, 2), T=st.integers(1, 12), with_state=st.booleans(), seed=st.integers(0, 2**16))
+def test_router_options_equal_dense_reference(name, B, T, with_state, seed):
+    """With the router options, the packed wrapper equals the dense reference (which routes through the same
+    `router_input`, a plain conv), so routing from the window changes only what the router reads."""
+    layer = make_layer(name, seed, **ROUTER_OPTIONS)
+    x = rand_x(B, T, seed)
+    cache = random_cache(layer, B, seed) if with_state else None
+    y_ref, state_ref = mom_reference(layer, x, None if cache is None else cache.state)
+    out = layer(x, cache=cache, use_cache=True)
+    close(out.output, y_ref, name, "output", "output")
+    close(memory(layer, out.cache.state), memory(layer, state_ref), name, "final memories", "state")
+
+
+@pytest.mark.parametrize("name", ["gated_deltanet", "mamba2"])
+@settings(max_examples=3)
+@given(T=st.integers(2, 12), lens=st.lists(st.integers(1, 7), min_size=1, max_size=3), seed=st.integers(0, 2**16))
+def test_router_conv_decodes_and_packs_exactly(name, T, lens, seed):
+    """The router conv's tail rides in the cache (token-by-token decoding equals one forward) and its taps stop at
+    sequence boundaries (a packed batch equals separate runs); a later token never changes an earlier routing."""
+    layer = make_layer(name, seed, **ROUTER_OPTIONS)
+    x = rand_x(2, T, seed)
+    full = layer(x, use_cache=True)
+    cache, ys = None, []
+    for t in range(T):
+        out = layer(x[:, t:t + 1], cache=cache, use_cache=True)
+        cache, ys = out.cache, ys + [out.output]
+    close(torch.cat(ys, 1), full.output, name, "decoded outputs", "output")
+    assert cache.conv["router"].shape == (2, D, 2)
+    xp = rand_x(1, sum(lens), seed + 1)
+    cu = torch.tensor([0] + lens).cumsum(0)
+    separate = torch.cat([layer(xp[:, int(cu[n]):int(cu[n + 1])]).output for n in range(len(lens))], 1)
+    close(layer(xp, cu_seqlens=cu).output, separate, name, "packed outputs", "output")
+    x2 = x.clone()
+    x2[:, -1] = 0.0
+    r1, r2 = (layer.router(layer.router_input(v, None, None)) for v in (x, x2))
+    assert torch.equal(r1.index[:, :-1], r2.index[:, :-1])
+
+
+def test_router_options_default_off_and_their_effect():
+    """Off by default (no router conv parameters, temperature 1); a temperature divides the logits; the router's
+    init std holds inside a LanguageModel, whose init of linear weights would otherwise overwrite it."""
+    from lsm.config import from_dict
+    from lsm.model import build_model
+
+    plain = make_layer("deltanet", 0)
+    assert plain.router_conv is None and plain.router.temperature == 1.0
+    assert not any("router_conv" in n for n, _ in plain.named_parameters())
+    hot = make_layer("deltanet", 0, router_temperature=4.0)
+    x = rand_x(1, 5, 0)
+    logits = x @ hot.router.proj.weight.T
+    torch.testing.assert_close(hot.router(x).probs, torch.softmax(logits / 4.0, -1))
+    cfg = {"model": {"hidden_size": 64, "mixer": {"type": "mom", "num_heads": 2, "num_memories": 64, "backend": "torch"}}}
+    default = build_model(from_dict(cfg))
+    cfg["model"]["mixer"].update(router_init_std=0.5, router_conv=4)
+    wide = build_model(from_dict(cfg))
+    assert abs(float(default.blocks[0].mixer.router.proj.weight.detach().std()) - 0.02) < 0.003
+    assert abs(float(wide.blocks[0].mixer.router.proj.weight.detach().std()) - 0.5) < 0.05
+    assert wide.blocks[0].mixer.router_conv.kernel_size == 4
+    assert abs(float(wide.blocks[0].mixer.k_proj.weight.detach().std()) - 0.02) < 0.003      # other weights keep model.init_std
+
+
 def test_aux_loss_hand_computed():
     """M = 2, top-1, three tokens with router probabilities (0.9, 0.1), (0.6, 0.4), (0.2, 0.8):
     f = (2/3, 1/3), P = (1.7/3, 1.3/3), loss = 2 * (2/3 * 1.7/3 + 1/3 * 1.3/3) = 9.4 / 9."""
@@ -223,12 +290,17 @@ def test_bad_input_names_the_parameter():
         mk(hidden_size=10, num_heads=3)
     with pytest.raises(ValueError, match="aux_loss_weight"):
         mk(aux_loss_weight=-1.0)
+    for key, bad in (("router_conv", -1), ("router_temperature", 0.0), ("router_init_std", -0.1)):
+        with pytest.raises(ValueError, match=key):
+            mk(**{key: bad})
     layer = mk(num_memories=3)
     x = torch.randn(2, 3, 16)
     with pytest.raises(ValueError, match="x"):
         layer(torch.randn(2, 3, 8))
     cache = layer(x, use_cache=True).cache
-    for other, key in ((mk(num_memories=4), "num_memories"), (mk(num_memories=3, shared_memory=False), "shared_memory"),
+    for other, key in ((mk(num_memories=4), "num_memories"),
+                       (mk(num_memories=3, router_conv=2), "router_conv"),
+                       (mk(num_memories=3, shared_memory=False), "shared_memory"),
                        (mk(num_memories=3, head_dim=4), "head_dim"), (mk(rule="mamba2", num_memories=3), "rule")):
         with pytest.raises(ValueError, match=key):
             other(x[:, :1], cache=cache)

@@ -74,15 +74,22 @@ def test_ablate_writes_table_csv_and_plot(tmp_path, capsys):
     from lsm.ablate import read_runs
 
     cfg_file = tmp_path / "ab.yaml"
-    cfg_file.write_text("name: ab\nablate:\n  rules: [mamba2]\n  variants: [single, mom, single_same_state]\n")
+    cfg_file.write_text("name: ab\nablate:\n  rules: [mamba2]\n"
+                        "  variants: [single, mom, single_same_state, single_active_state]\n")
     assert main(["ablate", str(cfg_file), *TINY, "train.steps=1", "model.mixer.num_memories=2",
                  "model.mixer.topk=1", f"ablate.out_dir={tmp_path / 'ab'}"]) == 0
     out = capsys.readouterr().out
     table = (tmp_path / "ab" / "results.md").read_text()
-    assert table in out and len([ln for ln in table.splitlines() if ln.startswith("| mamba2")]) == 3
+    # four variants, and MoM's line of the table against the state-matched single memories
+    assert table in out and len([ln for ln in table.splitlines() if ln.startswith("| mamba2")]) == 4 + 1
+    assert "MoM vs single, MoM-active state" in table
     assert "acc@2" in (tmp_path / "ab" / "results.csv").read_text() and "MoM" in table
-    assert (tmp_path / "ab" / "results.csv").read_text().count("\n") == 4
+    assert (tmp_path / "ab" / "results.csv").read_text().count("\n") == 5
     for plot in ("accuracy_vs_pairs.png", "accuracy_vs_state.png", "loss_curves.png"):
         assert (tmp_path / "ab" / plot).stat().st_size > 1000
-    memory = {r["variant"]: r["memory_floats"] for r in read_runs(tmp_path / "ab" / "runs.csv")}
+    runs = read_runs(tmp_path / "ab" / "runs.csv")
+    memory = {r["variant"]: r["memory_floats"] for r in runs}
+    routed = {r["variant"]: r.get("route/L0/share") for r in runs}                # routing diagnostics: MoM rows only
+    assert 0 <= routed["mom"] <= 1 and routed["single"] is None
     assert memory["mom"] == memory["single_same_state"] == 3 * memory["single"]  # same-state baseline matches MoM
+    assert memory["single_active_state"] == 2 * memory["single"]                  # top-1 + shared: 2 memories active

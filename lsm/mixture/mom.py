@@ -27,7 +27,7 @@ from torch import Tensor
 from lsm.layers import MixerOutput, RuleLayer
 from lsm.mixture.routing import Dispatch, Router, Routing, dispatch, load_balancing_loss, take_rows, take_tokens
 from lsm.mixture.slots import mix_slots, routed_step, with_shared_slot
-from lsm.modules import seq_positions
+from lsm.modules import ShortConv, seq_positions
 from lsm.rules.backends import use_conv_kernel
 from lsm.rules.base import DecodeState
 
@@ -56,6 +56,13 @@ class MixtureOfMemories(RuleLayer):
         num_memories: M, routed memories per layer. topk: K memories per token (1 <= K <= M).
         shared_memory: add an always-on memory that every token updates and reads with weight 1.
         aux_loss_weight: weight of the load-balancing loss returned in `MixerOutput.aux_loss`.
+        router_conv: W > 1: the router reads a causal depthwise convolution of x over the last W tokens
+            (no activation; its tail rides in the cache) instead of x_t alone, so a token's memories can
+            depend on its neighbours: on MQAR a pair's write (at its value, the key one token back) and its
+            read (at the query key) can then pick the same memory. 0 (default) or 1: x_t.
+        router_temperature: router scores are softmax(logits / temperature) (default 1).
+        router_init_std: std of the router weight's normal init (default None: the model's `init_std`).
+        Routing diagnostics (load, entropy, dead memories, write/read sharing) are in `lsm.mixture.diagnostics`.
 
     Dtypes as in `RuleLayer` (the same `lsm.modules.rule_inputs`): q, k, v in the activation dtype, gates
     in at least float32, states (every memory's) in float32.
@@ -75,10 +82,12 @@ class MixtureOfMemories(RuleLayer):
 
     def __init__(self, rule, hidden_size: int, num_heads: int, head_dim: int | None = None,
                  value_dim: int | None = None, num_memories: int = 4, topk: int = 2, shared_memory: bool = True,
-                 aux_loss_weight: float = 0.01, conv_size: int = 4, use_short_conv: bool = True,
+                 aux_loss_weight: float = 0.01, router_conv: int = 0, router_temperature: float = 1.0,
+                 router_init_std: float | None = None, conv_size: int = 4, use_short_conv: bool = True,
                  use_output_gate: bool = True, norm_eps: float = 1e-5, chunk_size: int = 64,
                  backend: str = "auto", rule_options: dict | None = None):
-        _check_mixture_args(num_memories, topk, shared_memory, aux_loss_weight)
+        _check_mixture_args(num_memories, topk, shared_memory, aux_loss_weight, router_conv, router_temperature,
+                            router_init_std)
         super().__init__(rule, hidden_size, num_heads, head_dim, value_dim, conv_size=conv_size,
                          use_short_conv=use_short_conv, use_output_gate=use_output_gate, norm_eps=norm_eps,
                          chunk_size=chunk_size, backend=backend, rule_options=rule_options,
@@ -86,14 +95,17 @@ class MixtureOfMemories(RuleLayer):
         self.num_memories, self.topk, self.shared_memory = num_memories, topk, bool(shared_memory)
         self.aux_loss_weight = float(aux_loss_weight)
         self.conv_size = conv_size
-        self.router = Router(hidden_size, num_memories, topk)
+        self.router = Router(hidden_size, num_memories, topk, router_temperature, router_init_std)
+        # the router's view of the token window: linear, so at init it is a random mix of the last W tokens
+        self.router_conv = ShortConv(hidden_size, router_conv, activation=False) if router_conv > 1 else None
 
     @property
     def config(self) -> dict:
         """What a cache must agree with."""
         return dict(rule=self.rule.name, num_memories=self.num_memories, shared_memory=self.shared_memory,
                     num_heads=self.num_heads, head_dim=self.head_dim, value_dim=self.value_dim,
-                    conv_size=self.conv_size if self.convs else 0)
+                    conv_size=self.conv_size if self.convs else 0,
+                    router_conv=self.router_conv.kernel_size if self.router_conv is not None else 0)
 
     # ---------------------------------------------------------------- pieces
     def _routed(self, name: str, lin: Tensor, d: Dispatch, cache, cu_seqlens, head: int | None) -> Tensor:
@@ -109,6 +121,16 @@ class MixtureOfMemories(RuleLayer):
             return short_conv(lin, conv.weight, conv.bias, pos, conv.activation, head, gather=(d.src, d.inv, Ms))
         full = self._conv(name, lin, cache, cu_seqlens, head=head)
         return take_rows(full.reshape(B * T * Ms, MC // Ms), d.src)
+
+    def router_input(self, x: Tensor, cache: MoMCache | None, cu_seqlens) -> Tensor:
+        """What the router reads: x `[B, T, D]`, or its causal conv over the last `router_conv` tokens."""
+        if self.router_conv is None:
+            return x
+        y, tail = self.router_conv(x, None if cache is None else cache.conv.get("router"), cu_seqlens,
+                                   backend=self.backend)
+        if cache is not None:
+            cache.conv["router"] = tail
+        return y
 
     def slots(self, routing: Routing) -> tuple[Tensor, Tensor]:
         """The memories a token reads and writes, and their weights: `[B, T, S]` each, S = K + shared.
@@ -131,7 +153,7 @@ class MixtureOfMemories(RuleLayer):
         B, T, _ = x.shape
         if use_cache and cache is None:
             cache = self.init_cache(B, x.device, torch.promote_types(x.dtype, torch.float32))
-        routing = self.router(x)
+        routing = self.router(self.router_input(x, cache, cu_seqlens))
         if cache is not None and T == 1:
             # a decoding step: the balancing loss is a training signal, not computed here
             o, aux_loss = self._step(*self.project(x, cache, cu_seqlens), routing, cache), x.new_zeros(())
@@ -210,7 +232,8 @@ class _RoutedRows:
         return take_rows(t.flatten(0, 2), self.d.src)[None]
 
 
-def _check_mixture_args(num_memories, topk, shared_memory, aux_loss_weight) -> None:
+def _check_mixture_args(num_memories, topk, shared_memory, aux_loss_weight, router_conv, router_temperature,
+                        router_init_std) -> None:
     for n, val in (("num_memories", num_memories), ("topk", topk)):
         if not isinstance(val, int) or isinstance(val, bool) or val < 1:
             raise ValueError(f"`{n}` must be a positive int, got {val!r}")
@@ -220,3 +243,9 @@ def _check_mixture_args(num_memories, topk, shared_memory, aux_loss_weight) -> N
         raise TypeError(f"`shared_memory` must be a bool, got {type(shared_memory).__name__}")
     if not isinstance(aux_loss_weight, (int, float)) or isinstance(aux_loss_weight, bool) or aux_loss_weight < 0:
         raise ValueError(f"`aux_loss_weight` must be a non-negative float, got {aux_loss_weight!r}")
+    if not isinstance(router_conv, int) or isinstance(router_conv, bool) or router_conv < 0:
+        raise ValueError(f"`router_conv` must be an int >= 0 (0 or 1: the router reads x_t alone), got {router_conv!r}")
+    if not isinstance(router_temperature, (int, float)) or isinstance(router_temperature, bool) or not router_temperature > 0:
+        raise ValueError(f"`router_temperature` must be a float > 0, got {router_temperature!r}")
+    if router_init_std is not None and (not isinstance(router_init_std, (int, float)) or router_init_std < 0):
+        raise ValueError(f"`router_init_std` must be None or a float >= 0, got {router_init_std!r}")

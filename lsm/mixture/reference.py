@@ -22,7 +22,7 @@ def mom_reference(layer: MixtureOfMemories, x: Tensor, state: DecodeState | None
     B, T, _ = x.shape
     Ms, H, K, V = layer.num_states, layer.num_heads, layer.head_dim, layer.value_dim
     ct = torch.promote_types(x.dtype, torch.float32)
-    sel, w = layer.slots(layer.router(x))                                           # [B, T, S]
+    sel, w = layer.slots(layer.router(layer.router_input(x, None, None)))           # [B, T, S]
     # dense routing: weight of every memory for every token (0 where not routed), and the mask
     routed = torch.zeros(B, T, Ms, dtype=torch.bool).scatter_(2, sel, True)         # [B, T, Ms]
     weight = torch.zeros(B, T, Ms, dtype=ct).scatter_(2, sel, w.to(ct))             # [B, T, Ms]

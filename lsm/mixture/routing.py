@@ -28,20 +28,29 @@ class Routing:
 
 
 class Router(nn.Module):
-    """Linear router: x `[B, T, D]` -> `Routing` over `num_memories` memories, top-`topk`."""
+    """Linear router: x `[B, T, D]` -> `Routing` over `num_memories` memories, top-`topk`.
 
-    def __init__(self, hidden_size: int, num_memories: int, topk: int):
+    temperature: scores are softmax(x W_r / temperature) (below 1 sharper, above 1 flatter; the top-K
+    weights are renormalised either way). init_std: std of the normal init of W_r; it also holds inside a
+    `LanguageModel`, whose init of linear weights defers to a module's `_init_std`. None = the model's init.
+    """
+
+    def __init__(self, hidden_size: int, num_memories: int, topk: int, temperature: float = 1.0,
+                 init_std: float | None = None):
         super().__init__()
-        self.num_memories, self.topk = num_memories, topk
+        self.num_memories, self.topk, self.temperature = num_memories, topk, float(temperature)
         self.proj = nn.Linear(hidden_size, num_memories, bias=False)
+        if init_std is not None:
+            self.proj._init_std = float(init_std)
+            nn.init.normal_(self.proj.weight, std=init_std)
 
     def forward(self, x: Tensor) -> Routing:
         # the routing decision in at least float32, under autocast too (like the rules' gates): a bf16 logit
         # would flip the top-k choice of near-ties between memories
         with torch.autocast(x.device.type, enabled=False):
-            probs = torch.softmax(F.linear(x.to(torch.promote_types(x.dtype, torch.float32)),
-                                           self.proj.weight.to(torch.promote_types(self.proj.weight.dtype, torch.float32))),
-                                  dim=-1)                                               # [B, T, M]
+            logits = F.linear(x.to(torch.promote_types(x.dtype, torch.float32)),
+                              self.proj.weight.to(torch.promote_types(self.proj.weight.dtype, torch.float32)))
+            probs = torch.softmax(logits / self.temperature, dim=-1)                      # [B, T, M]
         top, index = probs.topk(self.topk, dim=-1)                              # [B, T, K]
         return Routing(probs, index, top / top.sum(-1, keepdim=True))
 
