@@ -1,8 +1,9 @@
 """The rules' gate modules: hidden states `x [B, T, D]` -> the per-token gate inputs of one rule.
 
 `rule.gate_module(hidden_size, num_heads, head_dim)` returns one of these; the layer calls it on x
-and passes its dict to the rule. Decays come out in log space (`g <= 0`), rates (`beta`, `eta`) >= 0,
-all in at least float32.
+and passes its dict to the rule. Decays come out in log space (`g <= 0`), rates (`beta`, `eta`) >= 0;
+the layer casts them to at least float32 (`lsm.modules.rule_inputs`; the Mamba-2 decay and TTT's rate
+are computed in it already).
 
     NoGates            {}                                  linear_attention, retnet, lightning
     Mamba2Gate         {"g": [B, T, H]}                    mamba2
