@@ -169,14 +169,3 @@ class LanguageModel(nn.Module):
 def build_model(cfg: Config) -> LanguageModel:
     """The model of a full config, with the vocabulary taken from the data when `model.vocab_size` is unset."""
     return LanguageModel(replace(cfg.model, vocab_size=model_vocab_size(cfg)))
-
-
-def memory_state_size(cfg: ModelConfig) -> int:
-    """Floats of recurrent state per sequence summed over blocks (memories x heads x K x V; 0 for attention)."""
-    m = cfg.mixer
-    K = m.head_dim or cfg.hidden_size // m.num_heads
-    V = m.value_dim or K
-    per_memory = m.num_heads * K * V
-    memories = (m.num_memories + int(m.shared_memory)) if m.type == "mom" else 1
-    n = sum(1 for i in range(cfg.num_layers) if not is_attention_block(cfg, i))
-    return n * memories * per_memory

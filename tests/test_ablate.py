@@ -45,10 +45,10 @@ def test_cell_list_nests_rules_variants_grid_lrs_seeds(tmp_path):
 def test_state_matched_variants():
     """single_same_state gets MoM's total state in heads, single_active_state its active (topk + shared) state."""
     from lsm.ablate import variant_config
-    from lsm.model import memory_state_size
+    from lsm.accounting import account_config
 
     cfg = from_dict({"model": {"hidden_size": 32, "mixer": {"num_heads": 2, "num_memories": 4, "topk": 2}}})
-    size = {v: memory_state_size(variant_config(cfg, "deltanet", v).model)
+    size = {v: account_config(variant_config(cfg, "deltanet", v)).memory_floats
             for v in ("single", "mom", "single_same_state", "single_active_state")}
     assert size["mom"] == size["single_same_state"] == 5 * size["single"]
     assert size["single_active_state"] == 3 * size["single"]

@@ -2,8 +2,9 @@
 import pytest
 import torch
 
+from lsm.accounting import account_config
 from lsm.config import load_config
-from lsm.model import build_model, memory_state_size
+from lsm.model import build_model
 
 BASE = ["model.hidden_size=16", "model.num_layers=2", "model.mixer.num_heads=2", "data.mqar.vocab_size=32",
         "data.mqar.seq_len=16", "data.mqar.train_pairs=[2]", "data.mqar.test_pairs=[2]", "model.mixer.backend=torch",
@@ -78,9 +79,9 @@ def test_hybrid_layout_aux_loss_and_tied_head():
     assert router_grads and all(g is not None for g in router_grads)
 
 
-def test_memory_state_size():
+def test_memory_floats():
     cfg = load_config(None, BASE + VARIANTS["mom"])
-    assert memory_state_size(cfg.model) == 2 * (3 + 1) * 2 * 8 * 8   # layers x memories x heads x K x V
+    assert account_config(cfg).memory_floats == 2 * (3 + 1) * 2 * 8 * 8   # layers x memories x heads x K x V
 
 
 def test_mixer_only_blocks():
