@@ -45,13 +45,13 @@ import math
 import os
 import statistics
 import subprocess
-import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from lsm.checkpoint import write_atomic
 from lsm.config import AblateConfig, Config, ConfigError, to_yaml, with_overrides
 
 VARIANT_LABELS = {"single": "single", "mom": "MoM", "single_same_state": "single, MoM-size state",
@@ -240,7 +240,7 @@ def provenance_of(cfg: Config) -> dict:
 
     import lsm
     from lsm import rules
-    from lsm.train import resolve_device
+    from lsm.runtime import resolve_device
 
     try:
         import triton
@@ -397,14 +397,6 @@ def merge_rows(tables: list[list[dict]]) -> list[dict]:
 
 
 # --------------------------------------------------------------------------- runs.csv
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def _columns(rows: list[dict]) -> list[str]:
     return list(dict.fromkeys(k for r in rows for k in r))
 
@@ -420,7 +412,7 @@ def _csv_text(rows: list[dict], columns: list[str] | None = None) -> str:
 
 def write_runs(rows: list[dict], path: Path) -> None:
     """runs.csv, written into a temporary file and renamed into place."""
-    _atomic_write(Path(path), _csv_text(rows))
+    write_atomic(Path(path), _csv_text(rows))
 
 
 def _parse(key: str, text: str) -> Any:
@@ -602,15 +594,15 @@ def write_results(rows: list[dict], cfg: Config) -> list[dict]:
     """results.md, results.csv and the plots from a sweep's rows; returns the summary lines."""
     out = Path(cfg.ablate.out_dir)
     if not any(r.get("status") == "ok" for r in rows):
-        _atomic_write(out / "results.md", "no finished runs\n")
+        write_atomic(out / "results.md", "no finished runs\n")
         return []
     a = cfg.ablate
     order = lambda ln: (a.rules.index(ln["rule"]) if ln["rule"] in a.rules else len(a.rules),
                         a.variants.index(ln["variant"]) if ln["variant"] in a.variants else len(a.variants))
     lines = sorted(summarize(rows, a.selection, list(a.seeds)), key=order)  # the config's order, not the finishing order
     metric = _metric(rows)
-    _atomic_write(out / "results.md", markdown_table(lines, cfg, metric))
-    _atomic_write(out / "results.csv", _csv_text(lines))
+    write_atomic(out / "results.md", markdown_table(lines, cfg, metric))
+    write_atomic(out / "results.csv", _csv_text(lines))
     plot_all(rows, lines, out, metric)
     return lines
 

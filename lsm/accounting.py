@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 DELTA_RULES = frozenset({"deltanet", "gated_deltanet"})
-TTT_RULES = frozenset({"ttt", "titans"})
+TTT_RULES = frozenset({"ttt"})
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lsm.rules._chunking import token_sequences
+
 
 @dataclass
 class Routing:
@@ -102,7 +104,7 @@ def dispatch(sel: Tensor, num_slots_memories: int, cu_seqlens: Tensor | None = N
     N = cu.numel() - 1
     sel = sel.reshape(L, S)
     t = torch.arange(L, device=dev)
-    seq = torch.searchsorted(cu[1:], t, right=True).clamp(max=N - 1)           # [L] sequence of each token
+    seq, _ = token_sequences(cu, L)                                             # [L] sequence of each token
     # 1. how many tokens each memory received before each token, inside the token stream
     #    (scanned along the last dim of an [Ms, L] tensor: a scan over dim 0 of [L, Ms] is ~20x slower on GPUs)
     mask = torch.zeros(Ms, L, dtype=torch.long, device=dev).scatter_(0, sel.t(), 1)  # [Ms, L] routed?
