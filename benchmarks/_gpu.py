@@ -11,6 +11,9 @@ in the process:
     LSM_WARM_SHARD="i/n" warm-up processes only: each config list is cut to configs[i::n], so n
                           processes compile disjoint shares of the configs into the shared disk cache
                           (their timings and choices are thrown away; run with FLA_CACHE_RESULTS=0)
+    LSM_TUNE_FIRST=1     correctness runs only (gpu_check.py --quick-tune, the GPU test matrix): every
+                          autotuner keeps its first config, so nothing is timed and one variant per kernel
+                          and shape is compiled (results do not depend on the config; timings do)
 """
 from __future__ import annotations
 
@@ -28,6 +31,8 @@ def configure_autotuning() -> None:
         bench = functools.partial(triton.testing.do_bench, warmup=warmup, rep=rep)
         type(driver.active).get_benchmarker = lambda self: bench
     shard = os.environ.get("LSM_WARM_SHARD")
+    if os.environ.get("LSM_TUNE_FIRST") == "1":
+        shard = "0/1000000"   # configs[0::n] with n past any config count: the first config alone
     if shard:
         i, n = (int(x) for x in shard.split("/"))
         prune = autotuner.Autotuner.prune_configs

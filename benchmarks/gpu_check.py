@@ -15,16 +15,6 @@ import time
 import traceback
 
 
-def quick_tune():
-    import triton.runtime.autotuner as A
-    orig = A.Autotuner.__init__
-
-    def init(self, fn, arg_names, configs, *a, **kw):
-        orig(self, fn, arg_names, configs[:1], *a, **kw)
-
-    A.Autotuner.__init__ = init
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick-tune", action="store_true")
@@ -33,7 +23,11 @@ def main():
     ap.add_argument("--dim", type=int, default=64)
     a = ap.parse_args()
     if a.quick_tune:
-        quick_tune()
+        import os
+
+        from _gpu import configure_autotuning
+        os.environ["LSM_TUNE_FIRST"] = "1"
+        configure_autotuning()
     import torch
     import torch.nn.functional as F
 
