@@ -14,6 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import lsm.rules as R
+from lsm.rules._chunking import ChunkLayout
 
 RULES = R.names()
 F64 = dict(dtype=torch.float64)
@@ -130,6 +131,61 @@ def test_varlen_equals_separate_runs(name, lens, chunk_size, with_h0, seed):
 
 
 @pytest.mark.parametrize("name", RULES)
+@given(lens=st.lists(st.integers(0, 40), min_size=1, max_size=6), per_row=st.integers(1, 6),
+       chunk_size=st.sampled_from([16, 32]), with_h0=st.booleans(), seed=st.integers(0, 2**16))
+def test_every_chunk_layout_equals_recurrent(name, lens, per_row, chunk_size, with_h0, seed):
+    """The torch form on every `ChunkLayout` of a packed batch: the static ones an accelerator builds (one row;
+    one row per sequence under `max_seqlen`) and the exact ones built on CPU (those two, and `per_row`
+    sequences one after another in each row, as MoM groups a sequence's memory segments) give the packed
+    recurrence's outputs, final states and gradients. float64, atol 1e-9."""
+    rule = R.get(name)
+    H, K, V = 2, 8, 4
+    T = sum(lens)
+    inputs = make_inputs(rule, 1, T, H, K, V, seed, requires_grad=True)
+    cu = torch.tensor([0] + lens).cumsum(0)
+    h0 = torch.randn(len(lens), H, K, V, **F64).requires_grad_() if with_h0 else None
+    all_inputs = {**inputs, "h0": h0}
+    o_r, S_r = split_call(rule.recurrent, rule, inputs, h0, cu_seqlens=cu)
+    g_r = grads((o_r, S_r), all_inputs, seed)
+    q, k, v = (inputs[n] for n in "qkv")
+    gates = rule._fill(q, {n: t for n, t in inputs.items() if n not in "qkv"})
+    for max_seqlen, seqs_per_row, exact in [(None, None, False), (max(lens), None, False), (None, None, True),
+                                            (max(lens), None, True), (max(lens), per_row, True)]:
+        layout = ChunkLayout(1, T, chunk_size, cu, q.device, max_seqlen, seqs_per_row, exact)
+        what = f"{name} layout max_seqlen={max_seqlen} seqs_per_row={seqs_per_row} exact={exact}"
+        o, S = rule._chunk_torch(q, k, v, h0, rule._scale(None, q), layout, **gates)
+        assert_close(o, o_r, f"{what}: output")
+        assert_close(S, S_r, f"{what}: final states")
+        g = grads((o, S), all_inputs, seed)
+        for n in g_r:
+            assert_close(g[n], g_r[n], f"{what}: grad of {n}")
+
+
+@given(lens=st.lists(st.integers(0, 50), min_size=1, max_size=12), per_row=st.integers(1, 6),
+       chunk_size=st.sampled_from([1, 4, 16]))
+def test_chunk_layout_rows(lens, per_row, chunk_size):
+    """Every token gets its own slot, a sequence's tokens sit in time order in one row from a chunk start,
+    and the exact row length stays within the static bounds: ceil(max_seqlen / C) for one sequence per row,
+    ceil(T / C) + N - 1 for one row, ceil(row length / C) + g - 1 for g sequences per row."""
+    C, N, T = chunk_size, len(lens), sum(lens)
+    cu = torch.tensor([0] + lens).cumsum(0)
+    ceil = lambda n: max(-(-n // C), 1)
+    for max_seqlen, g, bound in [(max(lens), None, ceil(max(lens))), (None, None, ceil(T) + N - 1),
+                                 (max(lens), per_row, max(ceil(sum(lens[i:i + per_row])) for i in range(0, N, per_row))
+                                  + per_row - 1)]:
+        exact = ChunkLayout(1, T, C, cu, torch.device("cpu"), max_seqlen, g, exact=True)
+        static = ChunkLayout(1, T, C, cu, torch.device("cpu"), max_seqlen, g, exact=False)
+        assert exact.NC <= bound and (g is not None or exact.NC <= static.NC == bound)
+        assert exact.dest.unique().numel() == T
+        row, col = exact.dest // (exact.NC * C), exact.dest % (exact.NC * C)
+        for n in range(N):
+            a, b = int(cu[n]), int(cu[n + 1])
+            if b > a:
+                assert (row[a:b] == row[a]).all() and (col[a:b] == col[a] + torch.arange(b - a)).all()
+                assert col[a] % C == 0
+
+
+@pytest.mark.parametrize("name", RULES)
 @given(T=st.integers(1, 40), seed=st.integers(0, 2**16))
 def test_step_decoding_equals_recurrent(name, T, seed):
     """Decoding token by token with `step` from an empty state equals `recurrent`; float64, atol 1e-9."""
@@ -232,6 +288,8 @@ def test_max_seqlen_shorter_than_a_sequence_is_an_error():
     rule, x = _good("mamba2")
     with pytest.raises(ValueError, match="max_seqlen"):
         rule.chunk(x["q"], x["k"], x["v"], g=x["g"], cu_seqlens=torch.tensor([0, 7, 10]), max_seqlen=5)
+    with pytest.raises(ValueError, match="seqs_per_row"):
+        rule.chunk(x["q"], x["k"], x["v"], g=x["g"], cu_seqlens=torch.tensor([0, 7, 10]), seqs_per_row=0)
 
 
 def test_unknown_rule_lists_valid_ones():

@@ -174,8 +174,10 @@ class MixtureOfMemories(RuleLayer):
         o, S = self.rule.chunk(take_tokens(q.flatten(0, 1), d)[None], k, v, initial_state=h0,
                                output_final_state=cache is not None, cu_seqlens=d.cu_seqlens,
                                chunk_size=self.chunk_size, backend=self.backend,
-                               # a batch row gives each memory at most T tokens: segments side by side
-                               max_seqlen=T if cu_seqlens is None else None,
+                               # a batch row gives each memory at most T tokens: segments side by side (a
+                               # static bound, sync-free); on CPU the torch form scans a sequence's Ms segments
+                               # one after another in one row instead, which pads them to (K + shared) * T, not Ms * T
+                               max_seqlen=T if cu_seqlens is None else None, seqs_per_row=Ms,
                                **gates, **self.rule_options)
         if cache is not None:
             cache.state = tuple(s.unflatten(0, (B, Ms)) for s in S)

@@ -6,8 +6,9 @@ slots are zero, which every rule treats as "no update": zero key and value, log-
 eta 0. The inter-chunk scan then loops over the `NC` chunk columns (never over tokens, heads or
 sequences) and resets the state to the sequence's initial state where a sequence starts.
 
-All index arithmetic stays on the device: `NC` comes from static shapes (an upper bound in the
-variable-length case), so building the layout never synchronises with the host.
+All index arithmetic stays on the device. On an accelerator `NC` comes from static shapes (an upper
+bound in the variable-length case), so building the layout never synchronises with the host; on CPU it
+is read from the lengths, so a packed batch's layout is as short as its longest row.
 """
 from __future__ import annotations
 
@@ -29,6 +30,18 @@ def token_sequences(cu_seqlens: Tensor, T: int) -> tuple[Tensor, Tensor]:
 class ChunkLayout:
     """Index maps between token order and the chunk-aligned layout.
 
+    Sequences sit in the rows of the layout one after another, each from a chunk boundary; the scan runs
+    the rows side by side, so it takes NC steps (the longest row, in chunks) however many rows there are.
+    Which sequences share a row:
+        a batch (no `cu_seqlens`):             one row per batch row;
+        packed, `max_seqlen` given:            one row per sequence;
+        packed, no `max_seqlen`:               one row for all;
+        packed, `seqs_per_row = g`, exact NC:  every g consecutive sequences (MoM: the memories of one sequence).
+    NC is exact on CPU: the longest row, read from the lengths (a host read waits for nothing there). On
+    other devices it is a static bound from the shapes and `max_seqlen`, so building the layout never
+    synchronises with the host; there `seqs_per_row` is not used (a row of g sequences has no static bound
+    tighter than g rows of one). Both build the same attributes below: one code path for the rules' math.
+
     Attributes:
         N: number of sequences (B, or len(cu_seqlens) - 1).
         Nb, NC, C: the chunked layout is `[Nb, NC, C, ...]`.
@@ -39,48 +52,41 @@ class ChunkLayout:
     """
 
     def __init__(self, B: int, T: int, chunk_size: int, cu_seqlens: Tensor | None, device: torch.device,
-                 max_seqlen: int | None = None):
+                 max_seqlen: int | None = None, seqs_per_row: int | None = None, exact: bool | None = None):
         C = chunk_size
-        self.C = C
-        self.B, self.T = B, T
-        if cu_seqlens is not None and max_seqlen is not None:
-            # every sequence fits in ceil(max_seqlen / C) chunks: lay the N sequences out as a batch
-            # [N, NC, C] so that the scan runs NC steps for all of them at once (not sum(NC_n) steps)
+        self.C, self.B, self.T = C, B, T
+        if exact is None:  # a traced graph keeps static shapes: no host read there either
+            exact = torch.device(device).type == "cpu" and not torch.compiler.is_compiling()
+        if cu_seqlens is None:  # a batch is a packed batch of B sequences of length T: one code path for both
+            cu, max_seqlen, seqs_per_row = torch.arange(B + 1, device=device) * T, T, 1
+        else:
             cu = cu_seqlens.to(device=device, dtype=torch.long)
-            N = cu.numel() - 1
-            NC = max(-(-max_seqlen // C), 1)
-            self.N, self.Nb, self.NC = N, N, NC
-            self.seq_start = torch.zeros(N, NC, dtype=torch.bool, device=device)
-            self.seq_start[:, 0] = True
-            self.seq_index = torch.arange(N, device=device)[:, None].expand(N, NC)
-            self.last_chunk = torch.arange(N, device=device) * NC + (NC - 1)   # padding is identity: the last column
-            seq, pos = token_sequences(cu, T)
-            self.dest = seq * (NC * C) + pos
-            return
-        if cu_seqlens is None:
-            NC = max(-(-T // C), 1)
-            self.N, self.Nb, self.NC = B, B, NC
-            self.seq_start = torch.zeros(B, NC, dtype=torch.bool, device=device)
-            self.seq_start[:, 0] = True
-            self.seq_index = torch.arange(B, device=device)[:, None].expand(B, NC)
-            self.last_chunk = torch.arange(B, device=device) * NC + (NC - 1)
-            t = torch.arange(T, device=device)
-            self.dest = (torch.arange(B, device=device)[:, None] * (NC * C) + t[None, :]).reshape(-1)
-            return
-        cu = cu_seqlens.to(device=device, dtype=torch.long)
         N = cu.numel() - 1
-        lens = cu[1:] - cu[:-1]                                   # [N]
-        nchunks = ((lens + C - 1) // C).clamp(min=1)              # an empty sequence still owns one chunk
-        chunk_off = torch.cumsum(nchunks, 0) - nchunks            # [N] first chunk of each sequence
-        NC = -(-T // C) + N                                       # static upper bound on sum(nchunks)
-        self.N, self.Nb, self.NC = N, 1, NC
-        c = torch.arange(NC, device=device)
-        owner = torch.searchsorted(chunk_off, c, right=True) - 1  # [NC] sequence owning chunk c
-        self.seq_index = owner.clamp(0, N - 1)[None, :]
-        self.seq_start = torch.zeros(1, NC, dtype=torch.bool, device=device)
-        self.seq_start.index_fill_(1, chunk_off, True)              # index_fill_: no host-to-device copy
-        self.last_chunk = chunk_off + nchunks - 1
-        seq, pos = token_sequences(cu, T)                        # [T] sequence of token t, position in it
+        if seqs_per_row is None or not exact:
+            seqs_per_row = 1 if max_seqlen is not None else max(N, 1)
+        g = seqs_per_row
+        # 1. chunks per sequence, and the row of each sequence
+        nchunks = ((cu[1:] - cu[:-1] + C - 1) // C).clamp(min=1)                 # [N] an empty sequence owns one chunk
+        Nb = -(-N // g)
+        row = torch.arange(N, device=device) // g                                # [N]
+        first = torch.arange(Nb, device=device) * g                              # [Nb] first sequence of each row
+        before = nchunks.cumsum(0) - nchunks                                     # [N] chunks before a sequence, all rows
+        in_row = before - before[first][row]                                     # [N] its first chunk inside its row
+        # 2. the row length NC: exact (CPU), or a static bound (N ceil's sum to at most ceil(T / C) + N - 1)
+        if exact:
+            NC = int((in_row + nchunks).max()) if N else 1
+        elif max_seqlen is not None:
+            NC = max(-(-max_seqlen // C), 1)
+        else:
+            NC = max(-(-B * T // C), 1) + N - 1
+        self.N, self.Nb, self.NC = N, Nb, NC
+        # 3. flat chunk index of every sequence's first chunk, and what the scan needs per chunk
+        chunk_off = row * NC + in_row                                            # [N] increasing
+        c = torch.arange(Nb * NC, device=device)
+        self.seq_index = (torch.searchsorted(chunk_off, c, right=True) - 1).clamp(0, max(N - 1, 0)).view(Nb, NC)
+        self.seq_start = torch.zeros(Nb * NC, dtype=torch.bool, device=device).index_fill_(0, chunk_off, True).view(Nb, NC)
+        self.last_chunk = chunk_off + nchunks - 1                                # padding chunks after it are identity
+        seq, pos = token_sequences(cu, B * T)                                    # [B*T] sequence of every token, position
         self.dest = (chunk_off[seq] + pos // C) * C + pos % C
 
     def to_chunks(self, x: Tensor) -> Tensor:

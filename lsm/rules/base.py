@@ -249,7 +249,7 @@ class UpdateRule:
     def chunk(self, q: Tensor, k: Tensor, v: Tensor, initial_state: Tensor | None = None,
               output_final_state: bool = False, scale: float | None = None, cu_seqlens: Tensor | None = None,
               chunk_size: int = 64, backend: Backend = "auto", max_seqlen: int | None = None,
-              **gates) -> tuple[Tensor, Tensor | None]:
+              seqs_per_row: int | None = None, **gates) -> tuple[Tensor, Tensor | None]:
         """Chunked (parallel) form; equals `recurrent` for any T, chunk size, initial state and packing.
 
         `initial_state` is a state `[N, H, K, V]` or the rule's decode-state tuple (`init_state`, `step`,
@@ -260,11 +260,16 @@ class UpdateRule:
         `max_seqlen` (packed batches only, optional): a static upper bound on the sequence lengths, as in
         FlashAttention. The torch backend then scans all sequences side by side (ceil(max_seqlen / C)
         steps) instead of one after another; results are the same.
+
+        `seqs_per_row` (packed batches only, optional; the torch backend on CPU): scan every `seqs_per_row`
+        consecutive sequences one after another in one row, the rows side by side, each row as long as the
+        longest one (`ChunkLayout`). MoM groups each sequence's memory segments so: their lengths sum to
+        (K + shared) * T, while one row per segment would pad every segment to T. Results are the same.
         """
         if isinstance(initial_state, tuple):
             self._check_state(initial_state, q, v, cu_seqlens)
             return self._chunk_from_state(q, k, v, initial_state, output_final_state, scale, cu_seqlens, chunk_size,
-                                          backend, max_seqlen, **gates)
+                                          backend, max_seqlen, seqs_per_row, **gates)
         self._validate(q, k, v, initial_state, cu_seqlens, gates)
         _check(isinstance(chunk_size, int) and chunk_size >= 1, ValueError,
                f"{self.name}: `chunk_size` must be a positive int, got {chunk_size!r}")
@@ -275,6 +280,9 @@ class UpdateRule:
                 longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
                 _check(longest <= max_seqlen, ValueError,
                        f"{self.name}: `max_seqlen`={max_seqlen} is shorter than the longest sequence ({longest})")
+        if seqs_per_row is not None:
+            _check(isinstance(seqs_per_row, int) and not isinstance(seqs_per_row, bool) and seqs_per_row >= 1, ValueError,
+                   f"{self.name}: `seqs_per_row` must be a positive int (or None), got {seqs_per_row!r}")
         gates = self._fill(q, gates)
         scale = self._scale(scale, q)
         backend = self.resolve_backend(backend, q, k, v, gates)
@@ -282,7 +290,7 @@ class UpdateRule:
             return self._chunk_fla(q, k, v, initial_state, output_final_state, scale, cu_seqlens, **gates)
         if backend == "triton":
             return self._chunk_triton(q, k, v, initial_state, output_final_state, scale, cu_seqlens, chunk_size, **gates)
-        layout = ChunkLayout(q.shape[0], q.shape[1], chunk_size, cu_seqlens, q.device, max_seqlen)
+        layout = ChunkLayout(q.shape[0], q.shape[1], chunk_size, cu_seqlens, q.device, max_seqlen, seqs_per_row)
         o, S = self._chunk_torch(q, k, v, initial_state, scale, layout, **gates)
         return o.to(v.dtype), (S if output_final_state else None)
 
@@ -301,11 +309,11 @@ class UpdateRule:
         return self.final_from_state(state)
 
     def _chunk_from_state(self, q, k, v, state, output_final_state, scale, cu_seqlens, chunk_size, backend,
-                          max_seqlen, **gates):
+                          max_seqlen, seqs_per_row, **gates):
         """`chunk` from a decode-state tuple. Rules whose state is the memory alone unwrap and rewrap it."""
         o, S = self.chunk(q, k, v, initial_state=self.final_from_state(state), output_final_state=output_final_state,
                           scale=scale, cu_seqlens=cu_seqlens, chunk_size=chunk_size, backend=backend,
-                          max_seqlen=max_seqlen, **gates)
+                          max_seqlen=max_seqlen, seqs_per_row=seqs_per_row, **gates)
         return o, (self.state_from_final(S) if output_final_state else None)
 
     def resolve_backend(self, backend: str, q: Tensor, k: Tensor | None = None, v: Tensor | None = None,

@@ -216,7 +216,7 @@ class TTT(UpdateRule):
 
     # ---------------------------------------------------------------- chunked (mini-batch dual form)
     def chunk(self, q, k, v, initial_state=None, output_final_state=False, scale=None, cu_seqlens=None,
-              chunk_size=64, backend="auto", max_seqlen=None, **gates):
+              chunk_size=64, backend="auto", max_seqlen=None, seqs_per_row=None, **gates):
         """As `UpdateRule.chunk`; `chunk_size` is rounded down to a multiple of `mini_batch_size`
         (at least one mini-batch), so that every chunk holds whole mini-batches."""
         b = gates.get("mini_batch_size", self.options["mini_batch_size"])
@@ -224,10 +224,10 @@ class TTT(UpdateRule):
             chunk_size = b * max(1, chunk_size // b)
         return super().chunk(q, k, v, initial_state=initial_state, output_final_state=output_final_state, scale=scale,
                              cu_seqlens=cu_seqlens, chunk_size=chunk_size, backend=backend, max_seqlen=max_seqlen,
-                             **gates)
+                             seqs_per_row=seqs_per_row, **gates)
 
     def _chunk_from_state(self, q, k, v, state, output_final_state, scale, cu_seqlens, chunk_size, backend,
-                          max_seqlen, **gates):
+                          max_seqlen, seqs_per_row, **gates):
         """`chunk` continuing the decode state (S0, S, n), maybe mid-mini-batch, on any backend.
 
         Every sequence (row, or packed sequence) splits into a head, a body and, when the final state is
@@ -280,7 +280,8 @@ class TTT(UpdateRule):
         gates_body = {**gates, "eta": (ef * body_mask[:, None].to(ef.dtype))[None]}
         o, S_body = self.chunk(qf[None], kf[None], vf[None], initial_state=h0, output_final_state=output_final_state,
                                scale=scale, cu_seqlens=cu_body, chunk_size=chunk_size, backend=backend,
-                               max_seqlen=None if max_seqlen is None else max_seqlen + b, **gates_body)
+                               max_seqlen=None if max_seqlen is None else max_seqlen + b,
+                               seqs_per_row=seqs_per_row, **gates_body)
         o = torch.where(in_head[:, None, None], o_head.flatten(0, 1)[seq * b + pos.clamp(max=b - 1)].to(o.dtype), o[0])
         final = None
         if output_final_state:
