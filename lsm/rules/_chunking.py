@@ -37,10 +37,12 @@ class ChunkLayout:
         packed, `max_seqlen` given:            one row per sequence;
         packed, no `max_seqlen`:               one row for all;
         packed, `seqs_per_row = g`, exact NC:  every g consecutive sequences (MoM: the memories of one sequence).
-    NC is exact on CPU: the longest row, read from the lengths (a host read waits for nothing there). On
-    other devices it is a static bound from the shapes and `max_seqlen`, so building the layout never
-    synchronises with the host; there `seqs_per_row` is not used (a row of g sequences has no static bound
-    tighter than g rows of one). Both build the same attributes below: one code path for the rules' math.
+    NC is exact on CPU: the longest row, read from the lengths (a host read waits for nothing there); and
+    where shared rows would lay out no fewer chunks than a row per sequence, each sequence gets its own (the
+    same slots or fewer, a shorter scan). On other devices NC is a static bound from the shapes and
+    `max_seqlen`, so building the layout never synchronises with the host; there `seqs_per_row` is not used
+    (a row of g sequences has no static bound tighter than g rows of one). Both build the same attributes
+    below: one code path for the rules' math.
 
     Attributes:
         N: number of sequences (B, or len(cu_seqlens) - 1).
@@ -62,23 +64,27 @@ class ChunkLayout:
         else:
             cu = cu_seqlens.to(device=device, dtype=torch.long)
         N = cu.numel() - 1
-        if seqs_per_row is None or not exact:
-            seqs_per_row = 1 if max_seqlen is not None else max(N, 1)
-        g = seqs_per_row
-        # 1. chunks per sequence, and the row of each sequence
         nchunks = ((cu[1:] - cu[:-1] + C - 1) // C).clamp(min=1)                 # [N] an empty sequence owns one chunk
-        Nb = -(-N // g)
-        row = torch.arange(N, device=device) // g                                # [N]
-        first = torch.arange(Nb, device=device) * g                              # [Nb] first sequence of each row
         before = nchunks.cumsum(0) - nchunks                                     # [N] chunks before a sequence, all rows
-        in_row = before - before[first][row]                                     # [N] its first chunk inside its row
+
+        def rows(g: int) -> tuple[int, Tensor, Tensor]:
+            """g consecutive sequences per row: (Nb, the row of each sequence `[N]`, its first chunk in the row `[N]`)."""
+            Nb = -(-N // g)
+            row = torch.arange(N, device=device) // g                            # [N]
+            return Nb, row, before - before[row * g]
+
+        # 1. the rows: on CPU `seqs_per_row` sequences each, if given; else a row per sequence under a length bound,
+        #    or one row for all
+        Nb, row, in_row = rows(seqs_per_row if exact and seqs_per_row is not None
+                               else 1 if max_seqlen is not None else max(N, 1))
         # 2. the row length NC: exact (CPU), or a static bound (N ceil's sum to at most ceil(T / C) + N - 1)
         if exact:
             NC = int((in_row + nchunks).max()) if N else 1
-        elif max_seqlen is not None:
-            NC = max(-(-max_seqlen // C), 1)
+            if Nb < N and Nb * NC >= N * int(nchunks.max()):  # shared rows save no chunks: a row each scans fewer steps
+                Nb, row, in_row = rows(1)
+                NC = int(nchunks.max())
         else:
-            NC = max(-(-B * T // C), 1) + N - 1
+            NC = max(-(-max_seqlen // C), 1) if max_seqlen is not None else max(-(-B * T // C), 1) + N - 1
         self.N, self.Nb, self.NC = N, Nb, NC
         # 3. flat chunk index of every sequence's first chunk, and what the scan needs per chunk
         chunk_off = row * NC + in_row                                            # [N] increasing
