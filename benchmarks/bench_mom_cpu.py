@@ -6,8 +6,8 @@
 float32, d = 64, 2 heads (K = V = 32), backend "torch"; MoM with 4 memories, top-2 and a shared memory.
 Per (rule, T, chunk size): forward + backward of `RuleLayer` and `MixtureOfMemories` on x `[B, T, d]`
 (loss = mean of y^2), median of `--reps` calls after one warm-up. A token touches K + shared = 3 memories,
-so 3x the single layer is the rule's share of the ideal; "chunk rows" is how many chunk slots the MoM's one
-packed `rule.chunk` call scans per sequence (its `ChunkLayout`), against the B*T*(K + shared) routed rows.
+so 3x the single layer is the rule's share of the ideal. The last column: the chunk slots that the MoM's one
+packed `rule.chunk` call lays out (its `ChunkLayout`) per routed (token, memory) row; 1 = no padding.
 """
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ def fwd_bwd_ms(layer, x: torch.Tensor, reps: int) -> float:
 
 
 def chunk_slots(mom: MixtureOfMemories, x: torch.Tensor) -> float:
-    """Chunk slots per sequence that the MoM's packed `rule.chunk` call lays out (as `_chunk` calls it)."""
+    """Chunk slots per sequence that the MoM's packed `rule.chunk` call lays out (as `_chunk` calls it on CPU)."""
     B, T, _ = x.shape
     with torch.no_grad():
         d = dispatch(mom.slots(mom.router(x))[0], mom.num_states)
@@ -57,7 +57,7 @@ def main():
     ap.add_argument("--threads", type=int, default=1)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    print(f"| rule | T | chunk | single (ms) | MoM (ms) | MoM / single | chunk rows / routed rows |")
+    print(f"| rule | T | chunk | single (ms) | MoM (ms) | MoM / single | chunk slots / routed row |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for name in a.rules:
         for C in a.chunk_sizes:
