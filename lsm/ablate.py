@@ -49,6 +49,7 @@ import os
 import statistics
 import subprocess
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -771,6 +772,8 @@ def plot_state_by_rule(rows: list[dict], lines: list[dict], out: Path, metric: s
     panels = list(axes.flat)
     for ax in panels[len(rules):]:
         fig.delaxes(ax)
+    for ax in panels[max(0, len(rules) - ncols):len(rules)]:
+        ax.xaxis.set_tick_params(labelbottom=True)   # the lowest panel of each column, also above a removed one
     for ax, rule in zip(panels, rules):
         curves: dict[tuple, list[dict]] = {}   # (variant, other swept values) -> its lines, one per width
         for ln in lines:
@@ -825,8 +828,8 @@ def _style(line: dict, i: int, rules: list[str], by_variant: bool = False) -> di
 
 
 def _save(plt, fig, axes, out: Path, name: str):
-    """Grid on every axes, one legend (labels of all axes, once each) right of the top-right axes, then
-    `out/name` written atomically; returns the closed figure."""
+    """Grid on every axes, one legend (labels of all axes, once each; in as many columns as the figure's height
+    needs) right of the top-right axes, then `out/name` written atomically; returns the closed figure."""
     axes = list(axes) if isinstance(axes, (list, tuple)) else [axes]
     handles: dict = {}
     for ax in axes:
@@ -834,10 +837,15 @@ def _save(plt, fig, axes, out: Path, name: str):
         for h, label in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(label, h)
     top_right = max(axes, key=lambda ax: (round(ax.get_position().y1, 3), ax.get_position().x1))
-    top_right.legend(list(handles.values()), list(handles), fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
-    fig.tight_layout()
+    per_column = max(1, int(fig.get_figheight() * 72 / 14))   # 7-point entries, ~14 points apart
+    if handles:
+        top_right.legend(list(handles.values()), list(handles), fontsize=7, loc="upper left",
+                         bbox_to_anchor=(1.02, 1.0), ncol=math.ceil(len(handles) / per_column))
+    with warnings.catch_warnings():   # a legend wider than the figure: the tight bounding box below keeps it whole
+        warnings.filterwarnings("ignore", "Tight layout not applied")
+        fig.tight_layout()
     tmp = out / f".{name}.tmp.png"
-    fig.savefig(tmp, dpi=120)
+    fig.savefig(tmp, dpi=120, bbox_inches="tight")
     os.replace(tmp, out / name)
     plt.close(fig)
     return fig
