@@ -241,6 +241,7 @@ def test_text_sweep_reports_bits_per_byte(tmp_path):
     table = (tmp_path / "sweep" / "results.md").read_text()
     assert "bpb mean ± std" in table and "bits per byte (lower is better)" in table
     assert (tmp_path / "sweep" / "bpb_vs_state.png").exists() and not (tmp_path / "sweep" / "accuracy_vs_pairs.png").exists()
+    assert not (tmp_path / "sweep" / "bpb_vs_state_by_rule.png").exists()   # one rule: no per-rule panels
 
 
 # two rules x four variants x two widths x 3 seeds, one lr: accuracy per seed, and the verdicts they give
