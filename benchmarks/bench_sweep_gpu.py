@@ -41,7 +41,8 @@ def run_row(args, variant: str, graph: str, procs: int, work: Path) -> dict:
                  f"model.hidden_size={args.width}", f"train.batch_size={args.batch}", f"train.steps={steps}",
                  f"train.log_every={args.window}", "train.eval_every=0", "train.target_accuracy=0",
                  "train.warmup_steps=0", "train.threads=1", "train.progress=false", "train.tensorboard=false",
-                 f"train.device={args.device}", f"train.cuda_graph={graph == 'on'}", *(TINY if args.tiny else []), *args.overrides]
+                 f"train.device={args.device}", f"train.cuda_graph={graph == 'on'}", *(TINY if args.tiny else []),
+                 *args.overrides]
     cfg = load_config(args.config, overrides)
     seq_len = max(L for L, _ in cfg.data.mqar.train_cells) if cfg.data.mqar.train_cells else cfg.data.mqar.seq_len
     tokens_per_step = cfg.train.batch_size * seq_len
@@ -70,8 +71,8 @@ def run_row(args, variant: str, graph: str, procs: int, work: Path) -> dict:
         windows = [r["tok_per_s"] for r in records if "tok_per_s" in r][1:]   # the first window is the warm-up
         if windows:
             rates.append(statistics.fmean(windows) / tokens_per_step)
-    row = {"variant": variant, "graph": graph, "rule": args.rule, "width": cfg.model.hidden_size, "procs": procs, "ok": len(rates),
-           "error": errors[0] if errors else ""}
+    row = {"variant": variant, "graph": graph, "rule": args.rule, "width": cfg.model.hidden_size, "procs": procs,
+           "ok": len(rates), "error": errors[0] if errors else ""}
     if rates:
         total = sum(rates) * procs / len(rates)   # a failed process would have shared the GPU too
         row.update(per_proc_mean=statistics.fmean(rates), per_proc_min=min(rates), total=total,
@@ -83,11 +84,12 @@ def table(rows: list[dict], run_steps: int) -> str:
     lines = [f"| rule | variant | CUDA graph | width | processes | steps/s per process (mean, min) | steps/s in all | "
              f"runs/GPU-hour at {run_steps} steps |", "|---|---|---|---:|---:|---:|---:|---:|"]
     for r in rows:
+        head = f"| {r['rule']} | {r['variant']} | {r['graph']} | {r['width']} | {r['procs']} | "
         if "total" in r:
-            lines.append(f"| {r['rule']} | {r['variant']} | {r['graph']} | {r['width']} | {r['procs']} | "
-                         f"{r['per_proc_mean']:.1f}, {r['per_proc_min']:.1f} | {r['total']:.1f} | {r['runs_per_gpu_hour']:.0f} |")
+            lines.append(head + f"{r['per_proc_mean']:.1f}, {r['per_proc_min']:.1f} | {r['total']:.1f} | "
+                                f"{r['runs_per_gpu_hour']:.0f} |")
         else:
-            lines.append(f"| {r['rule']} | {r['variant']} | {r['graph']} | {r['width']} | {r['procs']} | error: {r['error']} | | |")
+            lines.append(head + f"error: {r['error']} | | |")
     return "\n".join(lines) + "\n"
 
 

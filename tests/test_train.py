@@ -152,7 +152,8 @@ def test_cuda_graph_step_trains_like_eager(tmp_path, monkeypatch, mixer):
     real = lt.make_step
     monkeypatch.setattr(lt, "make_step", lambda *a: made.append(real(*a)) or made[-1])
     extra = [f"model.mixer.type={mixer}", "model.mixer.backend=triton", "train.device=cuda", "train.steps=12",
-             "model.mixer.num_memories=4", "model.mixer.topk=2", "data.mqar.seq_len=64"]
+             "model.mixer.num_memories=4", "model.mixer.topk=2", "data.mqar.seq_len=64",
+             "model.hidden_size=64"]  # head_dim 32: the Triton kernels need >= 16
     eager = train(_cfg(tmp_path, "eager", *extra), quiet=True)
     graphed = train(_cfg(tmp_path, "graphed", *extra, "train.cuda_graph=true"), quiet=True)
     assert made[-1].graph is not None and made[-1].calls == 12
