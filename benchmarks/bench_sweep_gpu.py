@@ -32,8 +32,8 @@ TINY = ["model.hidden_size=16", "model.mixer.num_heads=2", "model.mixer.backend=
         "data.mqar.num_val=8", "train.batch_size=4"]
 
 
-def run_row(args, variant: str, procs: int, work: Path) -> dict:
-    """P concurrent `lsm train` runs of one variant; their per-process steps/s."""
+def run_row(args, variant: str, graph: str, procs: int, work: Path) -> dict:
+    """P concurrent `lsm train` runs of one variant, eager or graphed (`train.cuda_graph`); their per-process steps/s."""
     from lsm.config import load_config
 
     steps = args.windows * args.window
@@ -41,14 +41,15 @@ def run_row(args, variant: str, procs: int, work: Path) -> dict:
                  f"model.hidden_size={args.width}", f"train.batch_size={args.batch}", f"train.steps={steps}",
                  f"train.log_every={args.window}", "train.eval_every=0", "train.target_accuracy=0",
                  "train.warmup_steps=0", "train.threads=1", "train.progress=false", "train.tensorboard=false",
-                 f"train.device={args.device}", *(TINY if args.tiny else []), *args.overrides]
+                 f"train.device={args.device}", f"train.cuda_graph={graph == 'on'}", *(TINY if args.tiny else []),
+                 *args.overrides]
     cfg = load_config(args.config, overrides)
     seq_len = max(L for L, _ in cfg.data.mqar.train_cells) if cfg.data.mqar.train_cells else cfg.data.mqar.seq_len
     tokens_per_step = cfg.train.batch_size * seq_len
     runs = []
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     for i in range(procs):
-        out = work / f"{variant}-p{procs}-{i}"
+        out = work / f"{variant}-{graph}-p{procs}-{i}"
         cmd = [sys.executable, "-m", "lsm", "train", args.config, *overrides, f"train.seed={i}", f"data.seed={i}",
                f"train.out_dir={out}"]
         runs.append((out, subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
@@ -70,8 +71,8 @@ def run_row(args, variant: str, procs: int, work: Path) -> dict:
         windows = [r["tok_per_s"] for r in records if "tok_per_s" in r][1:]   # the first window is the warm-up
         if windows:
             rates.append(statistics.fmean(windows) / tokens_per_step)
-    row = {"variant": variant, "rule": args.rule, "width": cfg.model.hidden_size, "procs": procs, "ok": len(rates),
-           "error": errors[0] if errors else ""}
+    row = {"variant": variant, "graph": graph, "rule": args.rule, "width": cfg.model.hidden_size, "procs": procs,
+           "ok": len(rates), "error": errors[0] if errors else ""}
     if rates:
         total = sum(rates) * procs / len(rates)   # a failed process would have shared the GPU too
         row.update(per_proc_mean=statistics.fmean(rates), per_proc_min=min(rates), total=total,
@@ -80,14 +81,15 @@ def run_row(args, variant: str, procs: int, work: Path) -> dict:
 
 
 def table(rows: list[dict], run_steps: int) -> str:
-    lines = [f"| rule | variant | width | processes | steps/s per process (mean, min) | steps/s in all | "
-             f"runs/GPU-hour at {run_steps} steps |", "|---|---|---:|---:|---:|---:|---:|"]
+    lines = [f"| rule | variant | CUDA graph | width | processes | steps/s per process (mean, min) | steps/s in all | "
+             f"runs/GPU-hour at {run_steps} steps |", "|---|---|---|---:|---:|---:|---:|---:|"]
     for r in rows:
+        head = f"| {r['rule']} | {r['variant']} | {r['graph']} | {r['width']} | {r['procs']} | "
         if "total" in r:
-            lines.append(f"| {r['rule']} | {r['variant']} | {r['width']} | {r['procs']} | "
-                         f"{r['per_proc_mean']:.1f}, {r['per_proc_min']:.1f} | {r['total']:.1f} | {r['runs_per_gpu_hour']:.0f} |")
+            lines.append(head + f"{r['per_proc_mean']:.1f}, {r['per_proc_min']:.1f} | {r['total']:.1f} | "
+                                f"{r['runs_per_gpu_hour']:.0f} |")
         else:
-            lines.append(f"| {r['rule']} | {r['variant']} | {r['width']} | {r['procs']} | error: {r['error']} | | |")
+            lines.append(head + f"error: {r['error']} | | |")
     return "\n".join(lines) + "\n"
 
 
@@ -99,10 +101,10 @@ def plot(rows: list[dict], path: Path) -> None:
     except ImportError:
         return
     fig, ax = plt.subplots(figsize=(6, 4))
-    for variant in dict.fromkeys(r["variant"] for r in rows):
-        pts = [(r["procs"], r["total"]) for r in rows if r["variant"] == variant and "total" in r]
+    for variant, graph in dict.fromkeys((r["variant"], r["graph"]) for r in rows):
+        pts = [(r["procs"], r["total"]) for r in rows if (r["variant"], r["graph"]) == (variant, graph) and "total" in r]
         if pts:
-            ax.plot(*zip(*pts), marker="o", label=variant)
+            ax.plot(*zip(*pts), marker="o", label=f"{variant}, CUDA graph {graph}")
     ax.set(xlabel="processes sharing the GPU", ylabel="training steps/s in all", title="sweep throughput, one GPU")
     ax.grid(alpha=0.3)
     ax.legend()
@@ -118,6 +120,8 @@ def main() -> None:
     ap.add_argument("--config", default=str(ROOT / "configs" / "zoology_mqar.yaml"))
     ap.add_argument("--rule", default="gated_deltanet")
     ap.add_argument("--variants", nargs="+", default=["single", "mom"], choices=["single", "mom"])
+    ap.add_argument("--graph", nargs="+", default=["off", "on"], choices=["off", "on"],
+                    help="train.cuda_graph off (eager steps) and/or on (the step replayed as one CUDA graph)")
     ap.add_argument("--width", type=int, default=128)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--procs", type=int, nargs="+", default=[1, 4, 8])
@@ -141,8 +145,9 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench_sweep_") as work:
         for variant in args.variants:
-            for procs in args.procs:
-                rows.append(run_row(args, variant, procs, Path(work)))
+            for graph in args.graph:
+                for procs in args.procs:
+                    rows.append(run_row(args, variant, graph, procs, Path(work)))
                 print(table(rows[-1:], run_steps).splitlines()[-1], flush=True)
     text = table(rows, run_steps)
     print("\n" + text, end="")

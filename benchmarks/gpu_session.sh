@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One GPU session on the lent H100/H200 (see benchmarks/README.md): install the carried wheels
 # (fla 0.6.0, triton 3.7.1 reassembled from /tmp/tw), then run the steps named on the command line.
-# Logs go to $OUT.   Usage: bash benchmarks/gpu_session.sh [warm|check|mom|kernels|kernels2048|kernels8192|tests|sweep|zoo]...
-# (TEST_JOBS, TESTS, TESTS_S: pytest workers, paths and time limit of `tests`; RACE_RULES, RACE_S: the race's rules and limit)
+# Logs go to $OUT.   Usage: bash benchmarks/gpu_session.sh [warm|console|check|mom|kernels|kernels2048|kernels8192|tests|sweep|zoo]...
+# (TEST_JOBS, TESTS, TESTS_S, TEST_K, TEST_TIMEOUT, TEST_TAG: pytest workers, paths, time limit, -k expression,
+#  per-test limit and log-name suffix of `tests`; RACE_RULES, RACE_S: the race's rules and limit)
 #
 #   warm     compile every kernel variant the timed steps need, in parallel processes sharing the disk
 #            cache (benchmarks/_gpu.py: LSM_WARM_SHARD splits each autotuner's configs), while the GPU
@@ -18,13 +19,21 @@
 # Timed steps autotune alone on the GPU, with LSM_TUNE_MS=5,25 for ours and fla's kernels alike.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-if [ ! -d /tmp/site/fla ]; then
-  cat /tmp/tw/part.* > /tmp/triton-3.7.1-cp312-cp312-manylinux_2_27_x86_64.manylinux_2_28_x86_64.whl
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site \
-    /tmp/triton-3.7.1-*.whl .whl/*.whl || exit 1
+# Until the last part of the triton wheel (/tmp/tw/part.ad) has arrived, the carried pure-Python wheels run on
+# the image's triton (our kernels compile on 3.6; fla's gated backward refuses it on Hopper): /tmp/site_light.
+if [ -f /tmp/tw/part.ad ]; then
+  SITE=/tmp/site
+  if [ ! -d $SITE/fla ]; then
+    cat /tmp/tw/part.* > /tmp/triton-3.7.1-cp312-cp312-manylinux_2_27_x86_64.manylinux_2_28_x86_64.whl
+    python3 -m pip install -q --no-index --no-deps --no-compile --target $SITE \
+      /tmp/triton-3.7.1-*.whl .whl/*.whl || exit 1
+  fi
+else
+  SITE=/tmp/site_light
+  [ -d $SITE/fla ] || python3 -m pip install -q --no-index --no-deps --no-compile --target $SITE .whl/*.whl || exit 1
 fi
-ln -sfn "$PWD/kernels" /tmp/site/lsm_kernels   # every call runs in a fresh copy of the tree
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TRITON_CACHE_DIR=/tmp/triton-cache
+ln -sfn "$PWD/kernels" $SITE/lsm_kernels   # every call runs in a fresh copy of the tree
+export PYTHONPATH=$SITE:$PWD PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TRITON_CACHE_DIR=/tmp/triton-cache
 export LSM_TUNE_MS=${LSM_TUNE_MS:-5,25}
 python3 -c "import torch, triton, fla; print('torch', torch.__version__, 'triton', triton.__version__, 'fla', fla.__version__, torch.cuda.get_device_name())"
 RULES="linear_attention retnet lightning gla hgrn2 mamba2 deltanet gated_deltanet ttt"
@@ -51,11 +60,17 @@ for what in "$@"; do
       cat "$OUT/gpu_check_ttt.log"
       for f in $W/*.log; do echo "$f: $(grep -c '^rule' $f) tables, $(grep -c 'Error' $f) errors"; done
       grep -h "Error" $W/*.log | sort | uniq -c | head -20 ;;
+    console) # a training console on the GPU (issue 16), the run exported and read back through transformers
+      timeout 240 python3 -m lsm train configs/mqar_gdn_mom.yaml model.mixer.type=mom model.mixer.backend=triton \
+        train.steps=400 train.log_every=100 train.progress=false train.out_dir=/tmp/gpu_mom 2>&1 | tee "$OUT/console.log" | tail -14
+      python3 -m lsm export /tmp/gpu_mom /tmp/gpu_mom_hf 2>&1 | tee -a "$OUT/console.log" | tail -3
+      timeout 120 python3 scripts/hf_generate.py /tmp/gpu_mom_hf --device cuda 2>&1 | tee "$OUT/hf_generate.log" | tail -12 ;;
     check)   timeout 500 python3 benchmarks/gpu_check.py 2>&1 | tee "$OUT/gpu_check.log" | tail -40 ;;
     # every gpu-marked test (the GPU matrix included); tiny shapes leave the GPU launch-bound, so
     # TEST_JOBS pytest workers share it
-    tests)   timeout ${TESTS_S:-420} python3 -m pytest -n ${TEST_JOBS:-0} -m gpu -p no:cacheprovider -q -rf ${TESTS:-tests} 2>&1 \
-               | tee "$OUT/gpu_tests.log" | tail -40 ;;
+    tests)   timeout ${TESTS_S:-420} python3 -m pytest -n ${TEST_JOBS:-0} -m gpu -p no:cacheprovider -o addopts= -q -rf \
+               --timeout ${TEST_TIMEOUT:-300} -k "${TEST_K:-not nothing}" ${TESTS:-tests} 2>&1 \
+               | tee "$OUT/gpu_tests${TEST_TAG:-}.log" | tail -${TEST_TAIL:-40} ;;
     mom)     timeout 560 python3 benchmarks/bench_mom.py --out "$OUT/bench_mom.md" 2>&1 | tee "$OUT/bench_mom.log" | tail -40 ;;
     kernels) timeout 580 python3 benchmarks/bench_kernels.py --out "$OUT/bench_kernels.json" --plot "$OUT/bench_kernels.png" 2>&1 | tee "$OUT/bench_kernels.log" | tail -40 ;;
     kernels2048|kernels8192)

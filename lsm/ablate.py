@@ -27,10 +27,13 @@ Output in `ablate.out_dir`:
   results.md, results.csv   per (rule, variant, grid values): selected lr, mean ± std, min–max over seeds,
                             paired per-seed difference vs the single variant (mean, SE, wins) and its verdict;
                             MoM's paired differences vs single_active_state and single_same_state (a second table);
-                            MoM's routing diagnostics (route/<layer>/..., lsm.mixture.diagnostics) averaged over seeds
+                            MoM's routing diagnostics (route/<layer>/..., lsm.mixture.diagnostics) averaged over seeds;
+                            the per-rule answer (`mom_answer`): MoM beats / ties / loses vs each state-matched baseline
   accuracy_vs_pairs.png     MQAR: accuracy vs number of pairs, band = min–max over seeds
   <metric>_vs_state.png     accuracy (or bits per byte) vs decode-state floats, log x
   loss_curves.png           training loss, band = min–max over seeds
+  <metric>_vs_state_by_rule.png  several rules: a panel per rule, a line per variant through the widths, x = state
+                            bytes as Zoology counts them, Zoology's published points overlaid (`plot_state_by_rule`)
   cells/<name>/             each cell's run folder (config, metrics.jsonl, checkpoint)
   shards/<i>of<n>/runs.csv  the rows of `--shard i/n`
 """
@@ -46,6 +49,7 @@ import os
 import statistics
 import subprocess
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -569,7 +573,7 @@ def markdown_table(lines: list[dict], cfg: Config, metric: str = "accuracy") -> 
                  _num(ln["val_mean"]), f"{ln.get('state_floats', 0):,}",
                  f"{ln.get('params_total', 0) / 1e3:.0f}k", _num(ln["steps_mean"], ".0f"), vs, ln.get("verdict", "")]
         out.append("| " + " | ".join(cells) + " |")
-    return head + "\n".join(out) + "\n" + _state_matched_table(lines, swept)
+    return head + "\n".join(out) + "\n" + _state_matched_table(lines, swept) + mom_answer(lines)
 
 
 def _state_matched_table(lines: list[dict], swept: list[str]) -> str:
@@ -590,6 +594,45 @@ def _state_matched_table(lines: list[dict], swept: list[str]) -> str:
     return "\n".join(out) + "\n"
 
 
+_VERDICT_VERBS = {"win": "beats", "tie": "ties", "loss": "loses"}
+_BASELINE_NAMES = {"single_active_state": "the same active state", "single_same_state": "the same total state"}
+
+
+def mom_answer(lines: list[dict]) -> str:
+    """The per-rule answer to "does MoM beat one memory of the same active / total state?", worded from the paired
+    verdicts of `summarize` (the numbers of `_state_matched_table`): per rule, each grid point's verdict with the
+    seeds MoM is ahead on out of the seeds paired, then the totals. Empty when no state-matched baseline ran."""
+    have = [b for b in STATE_MATCHED if any(f"vs_{b}_verdict" in ln for ln in lines)]
+    if not have:
+        return ""
+    swept = [k for k in _columns(lines) if "." in k]
+    out = ["", "**Does MoM beat one memory of the same state?** Per rule and grid point, from the paired verdicts above "
+           "(seeds MoM is ahead on / seeds paired):", ""]
+    tally = {b: {"win": 0, "tie": 0, "loss": 0} for b in have}
+    by_rule: dict[str, list[dict]] = {}
+    for ln in lines:
+        if ln["variant"] == "mom":
+            by_rule.setdefault(ln["rule"], []).append(ln)
+    for rule, moms in by_rule.items():
+        parts = []
+        for b in have:
+            said = []
+            for ln in moms:
+                at = "".join(f" at {k.split('.')[-1]} {_fmt(ln.get(k))}" for k in swept)
+                if f"vs_{b}_verdict" not in ln:
+                    said.append(f"not compared{at} (no paired seeds)")
+                    continue
+                v = ln[f"vs_{b}_verdict"]
+                tally[b][v] += 1
+                said.append(f"{_VERDICT_VERBS[v]}{at} ({ln[f'vs_{b}_wins']}/{ln[f'vs_{b}_paired']} seeds)")
+            parts.append(f"vs {_BASELINE_NAMES[b]}: " + ", ".join(said))
+        out.append(f"- **{rule}**: " + "; ".join(parts) + ".")
+    totals = [f"vs {_BASELINE_NAMES[b]} MoM beats in {t['win']}, ties in {t['tie']}, loses in {t['loss']} of "
+              f"{sum(t.values())}" for b, t in tally.items()]
+    out += ["", "In all (rule x grid point): " + "; ".join(totals) + "."]
+    return "\n".join(out) + "\n"
+
+
 def write_results(rows: list[dict], cfg: Config) -> list[dict]:
     """results.md, results.csv and the plots from a sweep's rows; returns the summary lines."""
     out = Path(cfg.ablate.out_dir)
@@ -597,8 +640,9 @@ def write_results(rows: list[dict], cfg: Config) -> list[dict]:
         write_atomic(out / "results.md", "no finished runs\n")
         return []
     a = cfg.ablate
-    order = lambda ln: (a.rules.index(ln["rule"]) if ln["rule"] in a.rules else len(a.rules),
-                        a.variants.index(ln["variant"]) if ln["variant"] in a.variants else len(a.variants))
+    position = lambda values, v: values.index(v) if v in values else len(values)
+    order = lambda ln: (position(a.rules, ln["rule"]), position(a.variants, ln["variant"]),
+                        *(position(list(values), ln.get(k)) for k, values in a.grid.items()))
     lines = sorted(summarize(rows, a.selection, list(a.seeds)), key=order)  # the config's order, not the finishing order
     metric = _metric(rows)
     write_atomic(out / "results.md", markdown_table(lines, cfg, metric))
@@ -620,28 +664,12 @@ def _label(line: dict) -> str:
 
 
 def plot_all(rows: list[dict], lines: list[dict], out: Path, metric: str) -> None:
-    """accuracy_vs_pairs.png (MQAR), <metric>_vs_state.png and loss_curves.png; bands span min–max over seeds."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    colours = plt.get_cmap("tab10")
+    """accuracy_vs_pairs.png (MQAR), <metric>_vs_state.png, loss_curves.png and, when the rows hold more than one
+    rule, <metric>_vs_state_by_rule.png (`plot_state_by_rule`); bands span min–max over seeds."""
+    plt = _pyplot()
     rules = list(dict.fromkeys(ln["rule"] for ln in lines))
-    styles = {"single": ("-", "o"), "mom": ("--", "s"), "single_same_state": (":", "^"),
-              "single_active_state": ("-.", "v")}
-
-    def style(line, i):
-        ls, marker = styles[line["variant"]]
-        return dict(ls=ls, marker=marker, color=colours((rules.index(line["rule"]) if len(rules) > 1 else i) % 10))
-
-    def save(fig, ax, name):
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
-        fig.tight_layout()
-        tmp = out / f".{name}.tmp.png"
-        fig.savefig(tmp, dpi=120)
-        os.replace(tmp, out / name)
-        plt.close(fig)
+    style = lambda line, i: _style(line, i, rules)
+    save = lambda fig, ax, name: _save(plt, fig, ax, out, name)
 
     # acc@<pairs> or acc@<pairs>/T<len> (test cells of several lengths), ordered by pairs then length
     pair_keys = sorted({k for r in rows for k in r if k.startswith("acc@")},
@@ -695,3 +723,129 @@ def plot_all(rows: list[dict], lines: list[dict], out: Path, metric: str) -> Non
     ax.set_yscale("log")
     ax.set(xlabel="step", ylabel="training loss (mean, band min–max over seeds)", title="training loss")
     save(fig, ax, "loss_curves.png")
+
+    if len(rules) > 1:
+        plot_state_by_rule(rows, lines, out, metric)
+
+
+ZOOLOGY_PUBLISHED = Path(__file__).with_name("zoology_published.csv")
+WIDTH_KEY = "model.hidden_size"   # the grid key the per-rule plot draws as points along a line
+
+
+def zoology_state_bytes(line: dict) -> float:
+    """State per sequence in bytes as Zoology counts it: float32 matrix memories of every layer (lsm.accounting's
+    `memory_floats`, all memories of a MoM layer included).
+
+    Zoology (HazyResearch/zoology, `LanguageModel.state_size`) sums each layer's mixer `state_size()` and multiplies
+    by 4 bytes: DeltaNet and Gated DeltaNet count heads x key dim x value dim, GLA key dim x head value dim, Mamba-2
+    2 x d_model x d_state (its SSM state), none of them their short-conv tails; its hybrids' BaseConv layer adds
+    d_model x kernel (3), at most 9% of a published point. Our short-conv tails are left out the same way, and so is
+    ttt's mini-batch starting memory (both are in `state_floats`, the decode cache)."""
+    from lsm.accounting import STATE_FLOAT_BYTES
+
+    return STATE_FLOAT_BYTES * line["memory_floats"]
+
+
+def published_points(path: Path = ZOOLOGY_PUBLISHED) -> dict[str, list[tuple[float, float]]]:
+    """Zoology's published (state bytes, accuracy) points per rule, from `path` (rule, accuracy, state_bytes, source)."""
+    points: dict[str, list[tuple[float, float]]] = {}
+    with Path(path).open(newline="") as f:
+        for r in csv.DictReader(f):
+            points.setdefault(r["rule"], []).append((float(r["state_bytes"]), float(r["accuracy"])))
+    return {rule: sorted(p) for rule, p in points.items()}
+
+
+def plot_state_by_rule(rows: list[dict], lines: list[dict], out: Path, metric: str,
+                       published: dict[str, list[tuple[float, float]]] | None = None):
+    """<metric>_vs_state_by_rule.png: one panel per rule. x: state per sequence in bytes (`zoology_state_bytes`, log);
+    y: the test metric at each group's selected LR, mean with min–max bars over seeds, each seed a faint dot; one line
+    per variant (and other swept values) through its widths (`WIDTH_KEY`). For accuracy, Zoology's published points
+    (`published_points`; best LR, its own test cells) are overlaid in black stars. Returns the figure (closed)."""
+    plt = _pyplot()
+    if published is None:
+        published = published_points() if metric == "accuracy" else {}
+    rules = list(dict.fromkeys(ln["rule"] for ln in lines))
+    ncols = min(4, len(rules))
+    nrows = math.ceil(len(rules) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.3 * ncols + 2.6, 2.9 * nrows + 0.9), sharex=True, sharey=True,
+                             squeeze=False)
+    panels = list(axes.flat)
+    for ax in panels[len(rules):]:
+        fig.delaxes(ax)
+    for ax in panels[max(0, len(rules) - ncols):len(rules)]:
+        ax.xaxis.set_tick_params(labelbottom=True)   # the lowest panel of each column, also above a removed one
+    for ax, rule in zip(panels, rules):
+        curves: dict[tuple, list[dict]] = {}   # (variant, other swept values) -> its lines, one per width
+        for ln in lines:
+            if ln["rule"] == rule and ln.get("memory_floats") and ln["n_seeds"]:
+                other = tuple((k, v) for k, v in ln.items() if "." in k and k != WIDTH_KEY)
+                curves.setdefault((ln["variant"], other), []).append(ln)
+        for i, ((variant, other), members) in enumerate(curves.items()):
+            members.sort(key=lambda ln: ln["memory_floats"])
+            st = _style(members[0], i, rules, by_variant=True)
+            xs = [zoology_state_bytes(ln) for ln in members]
+            for x, ln in zip(xs, members):
+                seeds = [r[metric] for r in _selected(rows, ln)]
+                ax.plot([x] * len(seeds), seeds, ls="none", marker=st["marker"], color=st["color"], alpha=0.25, ms=3)
+            ax.errorbar(xs, [ln["mean"] for ln in members],
+                        yerr=[[ln["mean"] - ln["min"] for ln in members], [ln["max"] - ln["mean"] for ln in members]],
+                        capsize=2, ms=5, label=VARIANT_LABELS[variant] + "".join(
+                            f" · {k.split('.')[-1]}={_fmt(v)}" for k, v in other), **st)
+        if rule in published:
+            px, py = zip(*published[rule])
+            # an errorbar container (no bars), so that the legend lists it after the variants
+            ax.errorbar(px, py, ls=":", marker="*", ms=10, color="black", label="Zoology (published)")
+        ax.set_xscale("log")
+        ax.set_title(rule, fontsize=10)
+    if metric == "accuracy":
+        panels[0].set_ylim(-0.02, 1.02)
+    fig.supxlabel("state per sequence, bytes: float32 matrix memories of all layers, as Zoology counts (log)", fontsize=9)
+    fig.supylabel(f"test {metric} at the selected LR\n(mean, bars min–max, dots: seeds)", fontsize=9)
+    fig.suptitle(f"{metric} vs state, per rule; points along a line: " + WIDTH_KEY.split(".")[-1]
+                 + (" · Zoology (published): its README MQAR figure, best LR, its test cells" if published else ""),
+                 fontsize=9)
+    return _save(plt, fig, panels[:len(rules)], out, f"{metric}_vs_state_by_rule.png")
+
+
+# (line style, marker) per variant
+_VARIANT_STYLES = {"single": ("-", "o"), "mom": ("--", "s"), "single_same_state": (":", "^"),
+                   "single_active_state": ("-.", "v")}
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _style(line: dict, i: int, rules: list[str], by_variant: bool = False) -> dict:
+    """Line style and marker by variant; colour by variant (`by_variant`), else by rule when there are several,
+    else by line index `i`."""
+    ls, marker = _VARIANT_STYLES[line["variant"]]
+    k = list(_VARIANT_STYLES).index(line["variant"]) if by_variant else rules.index(line["rule"]) if len(rules) > 1 else i
+    return dict(ls=ls, marker=marker, color=_pyplot().get_cmap("tab10")(k % 10))
+
+
+def _save(plt, fig, axes, out: Path, name: str):
+    """Grid on every axes, one legend (labels of all axes, once each; in as many columns as the figure's height
+    needs) right of the top-right axes, then `out/name` written atomically; returns the closed figure."""
+    axes = list(axes) if isinstance(axes, (list, tuple)) else [axes]
+    handles: dict = {}
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        for h, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, h)
+    top_right = max(axes, key=lambda ax: (round(ax.get_position().y1, 3), ax.get_position().x1))
+    per_column = max(1, int(fig.get_figheight() * 72 / 14))   # 7-point entries, ~14 points apart
+    if handles:
+        top_right.legend(list(handles.values()), list(handles), fontsize=7, loc="upper left",
+                         bbox_to_anchor=(1.02, 1.0), ncol=math.ceil(len(handles) / per_column))
+    with warnings.catch_warnings():   # a legend wider than the figure: the tight bounding box below keeps it whole
+        warnings.filterwarnings("ignore", "Tight layout not applied")
+        fig.tight_layout()
+    tmp = out / f".{name}.tmp.png"
+    fig.savefig(tmp, dpi=120, bbox_inches="tight")
+    os.replace(tmp, out / name)
+    plt.close(fig)
+    return fig

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 DELTA_RULES = frozenset({"deltanet", "gated_deltanet"})
+STATE_FLOAT_BYTES = 4   # decode states (memories, conv tails) are kept in float32
 TTT_RULES = frozenset({"ttt"})
 
 
@@ -50,7 +51,7 @@ class Account:
     @property
     def state_bytes(self) -> int:
         """Decode-cache bytes per sequence (states are float32)."""
-        return 4 * self.state_floats
+        return STATE_FLOAT_BYTES * self.state_floats
 
     @property
     def train_flops_per_token(self) -> int:

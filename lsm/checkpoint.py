@@ -47,6 +47,7 @@ from torch import nn
 from lsm.config import Config, ConfigError, first_line, from_dict, load_config, parse_overrides, to_yaml
 from lsm.distributed import DistContext, barrier, unwrap
 from lsm.model import LanguageModel, build_model
+from lsm.step import plain_lr
 
 CHECKPOINT_FILES = ("model.safetensors", "config.yaml", "trainer_state.pt")
 # A Hugging Face folder written by `lsm export` (lsm.export writes it, lsm.hf loads it in transformers):
@@ -380,6 +381,7 @@ def load_training_state(ckpt: Path, cfg: Config, ctx: DistContext, model: nn.Mod
     else:
         _load_safetensors(unwrap(model), ckpt, device)
         optimizer.load_state_dict(state["optimizer"])
+    plain_lr(optimizer)   # a graphed run saved its learning rates as device tensors
     scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"])
     return state["step"]

@@ -140,6 +140,8 @@ class TrainConfig:
     progress: bool = True              # tqdm progress bar
     tensorboard: bool = True           # also log to TensorBoard when it is installed
     peak_tflops: float = 0.0           # device peak TFLOP/s for MFU; 0 = from lsm.console's table by GPU name
+    cuda_graph: bool = False           # CUDA: replay the whole training step as one CUDA graph (lsm.step; one process,
+                                       # grad_accum 1, one batch shape); ignored on CPU
 
 
 @dataclass
@@ -439,6 +441,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.betas: must be two numbers in [0, 1), got {list(t.betas)}")
     _choice("train.precision", t.precision, PRECISIONS)
     _choice("train.parallel", t.parallel, PARALLEL)
+    if t.cuda_graph and (t.grad_accum != 1 or t.parallel != "none"):
+        raise ConfigError("train.cuda_graph: needs train.grad_accum: 1 and train.parallel: none (one graph replays one "
+                          "micro-batch in one process); set train.cuda_graph: false to accumulate or run DDP/FSDP")
     if not (t.device in ("auto", "cpu", "cuda", "mps") or t.device.startswith("cuda:")):
         raise ConfigError(f"train.device: unknown device {t.device!r}; use auto, cpu, cuda or cuda:N")
     _positive("eval.batch_size", cfg.eval.batch_size)

@@ -24,10 +24,10 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def autocast_context(precision: str, device: torch.device):
-    """bf16 autocast on GPU (or when asked for), plain float32 otherwise."""
+def autocast_context(precision: str, device: torch.device, cache_enabled: bool = True):
+    """bf16 autocast on GPU (or when asked for), plain float32 otherwise (`cache_enabled=False` inside CUDA graphs)."""
     if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
-        return torch.autocast(device.type, dtype=torch.bfloat16)
+        return torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=cache_enabled)
     return nullcontext()
 
 

@@ -40,10 +40,11 @@ from lsm import checkpoint, distributed
 from lsm.accounting import account, config_seq_len
 from lsm.config import Config, TrainConfig, to_yaml
 from lsm.console import StepMeter, StepRow, device_peak_tflops, format_line, info_lines
-from lsm.data import Batch, build_data
+from lsm.data import build_data
 from lsm.evaluate import evaluate, summary
 from lsm.model import build_model
-from lsm.runtime import autocast_context, resolve_device, seed_everything
+from lsm.runtime import resolve_device, seed_everything
+from lsm.step import make_step
 
 
 class TrainingDiverged(RuntimeError):
@@ -184,6 +185,7 @@ def _train(cfg: Config, ctx: distributed.DistContext, resume: bool, max_steps: i
             lambda plain: build_optimizer(plain, t))
 
     data = distributed.on_all_ranks(ctx, lambda: build_data(cfg))
+    train_step = make_step(model, optimizer, data, cfg, ctx)
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
         checkpoint.write_atomic(out_dir / "config.yaml", to_yaml(cfg))
@@ -205,25 +207,8 @@ def _train(cfg: Config, ctx: distributed.DistContext, resume: bool, max_steps: i
     try:
         model.train()
         for step in range(start, end):
-            lm_sum = torch.zeros((), device=device)       # this step's losses, kept on the device
-            aux_sum = torch.zeros((), device=device)
-            tokens = 0
-            for micro in range(t.grad_accum):
-                batch: Batch = distributed.train_shard(data, step, t.batch_size, micro, ctx).to(device)
-                with distributed.grad_sync(model, micro == t.grad_accum - 1):  # reduce once per step
-                    with autocast_context(t.precision, device):
-                        out = model(batch.input_ids)
-                        # mean over the global micro-batch's labelled tokens
-                        lm_loss, lm_value = distributed.token_mean_loss(out.logits, batch.labels, ctx)
-                        loss = lm_loss + out.aux_loss
-                    (loss / t.grad_accum).backward()
-                lm_sum += lm_value.detach().float() / t.grad_accum
-                aux_sum += out.aux_loss.detach().float() / t.grad_accum
-                tokens += batch.input_ids.numel() * ctx.world_size
-            grad_norm = distributed.clip_grad_norm(model.parameters(), t.grad_clip if t.grad_clip > 0 else float("inf"))
-            optimizer.step()
+            lm_sum, aux_sum, grad_norm, tokens = train_step(step)
             scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
             meter.add(step + 1, lm_sum, aux_sum, grad_norm, tokens)
             result.step = step + 1
             bar.update(1)
@@ -236,7 +221,7 @@ def _train(cfg: Config, ctx: distributed.DistContext, resume: bool, max_steps: i
                 _check_finite(rows)
                 result.losses += [r.loss for r in rows]
             if main and log:
-                rec = meter.record(scheduler.get_last_lr()[0], end)
+                rec = meter.record(float(scheduler.get_last_lr()[0]), end)  # a device tensor under train.cuda_graph
                 logger.log(rec)
                 if not quiet:
                     bar.write(format_line(rec, t.steps))

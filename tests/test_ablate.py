@@ -241,3 +241,80 @@ def test_text_sweep_reports_bits_per_byte(tmp_path):
     table = (tmp_path / "sweep" / "results.md").read_text()
     assert "bpb mean ± std" in table and "bits per byte (lower is better)" in table
     assert (tmp_path / "sweep" / "bpb_vs_state.png").exists() and not (tmp_path / "sweep" / "accuracy_vs_pairs.png").exists()
+    assert not (tmp_path / "sweep" / "bpb_vs_state_by_rule.png").exists()   # one rule: no per-rule panels
+
+
+# two rules x four variants x two widths x 3 seeds, one lr: accuracy per seed, and the verdicts they give
+_STUDY = {  # (rule, width): {variant: accuracies at seeds 0, 1, 2}
+    ("deltanet", 16): {"single_active_state": [0.5, 0.6, 0.7], "mom": [0.7, 0.8, 0.9], "single_same_state": [0.8, 0.9, 0.95]},
+    ("deltanet", 32): {"single_active_state": [0.6, 0.6, 0.6], "mom": [0.7, 0.5, 0.65], "single_same_state": [0.7, 0.5, 0.6]},
+    ("gla", 16): {"single_active_state": [0.2, 0.3, 0.4], "mom": [0.1, 0.2, 0.3], "single_same_state": [0.1, 0.2, 0.3]},
+    ("gla", 32): {"single_active_state": [0.3, 0.3, 0.3], "mom": [0.4, 0.5, 0.6], "single_same_state": [0.3, 0.4, 0.5]},
+}
+_MEMORIES = {"single": 1, "single_active_state": 3, "mom": 5, "single_same_state": 5}
+
+
+def _study_rows():
+    rows = []
+    for (rule, width), accs in _STUDY.items():
+        for variant, memories in _MEMORIES.items():
+            for seed, acc in enumerate(accs.get(variant, [0.1, 0.2, 0.3])):
+                rows.append({"cell": f"c{rule}{variant}{width}{seed}", "rule": rule, "variant": variant,
+                             "model.hidden_size": width, "lr": 1e-3, "seed": seed, "accuracy": acc, "val_accuracy": acc,
+                             "steps": 10, "train_s": 1.0, "status": "ok", "memory_floats": memories * width ** 2,
+                             "state_floats": memories * width ** 2 + 3 * width, "params_total": 1000})
+    return rows
+
+
+def test_recall_study_report_per_rule_figure_and_answer(tmp_path):
+    """A merged sweep of the recall study's shape gives the per-rule accuracy-vs-state figure (one panel per rule, a
+    line per variant through the widths at Zoology's byte count, Zoology's published points overlaid) and the
+    generated per-rule answer with the verdicts and seed counts of the paired differences."""
+    ablate.write_runs(_study_rows(), tmp_path / "runs.csv")
+    rows = ablate.read_runs(tmp_path / "runs.csv")
+    cfg = load_config(None, ["ablate.rules=[deltanet,gla]", "ablate.seeds=[0,1,2]", f"ablate.out_dir={tmp_path}",
+                             "ablate.variants=[single,mom,single_active_state,single_same_state]",
+                             "ablate.grid={model.hidden_size: [16,32]}"])
+    lines = ablate.write_results(rows, cfg)
+    assert (tmp_path / "accuracy_vs_state_by_rule.png").stat().st_size > 0
+    md = (tmp_path / "results.md").read_text()
+    answer = md[md.index("**Does MoM beat one memory of the same state?**"):]
+    assert ("- **deltanet**: vs the same active state: beats at hidden_size 16 (3/3 seeds), ties at hidden_size 32 "
+            "(2/3 seeds); vs the same total state: loses at hidden_size 16 (0/3 seeds), ties at hidden_size 32 "
+            "(1/3 seeds).") in answer
+    assert ("- **gla**: vs the same active state: loses at hidden_size 16 (0/3 seeds), beats at hidden_size 32 "
+            "(3/3 seeds); vs the same total state: ties at hidden_size 16 (0/3 seeds), beats at hidden_size 32 "
+            "(3/3 seeds).") in answer
+    assert ("vs the same active state MoM beats in 2, ties in 1, loses in 1 of 4; "
+            "vs the same total state MoM beats in 1, ties in 2, loses in 1 of 4.") in answer
+
+    fig = ablate.plot_state_by_rule(rows, lines, tmp_path, "accuracy")
+    assert [ax.get_title() for ax in fig.axes] == ["deltanet", "gla"]
+    published = ablate.published_points()
+    for ax, rule in zip(fig.axes, ("deltanet", "gla")):
+        curves = {c.get_label(): c for c in ax.containers}
+        assert set(curves) == {"single", "MoM", "single, MoM-active state", "single, MoM-size state",
+                               "Zoology (published)"}
+        for variant, memories in _MEMORIES.items():
+            line = curves[ablate.VARIANT_LABELS[variant]].lines[0]
+            assert list(line.get_xdata()) == [4 * memories * w ** 2 for w in (16, 32)]   # bytes, widths in order
+            means = [sum(_STUDY[(rule, w)].get(variant, [0.1, 0.2, 0.3])) / 3 for w in (16, 32)]
+            assert list(line.get_ydata()) == pytest.approx(means)
+        stars = curves["Zoology (published)"].lines[0]
+        assert list(zip(stars.get_xdata(), stars.get_ydata())) == published[rule]
+    legend = [t.get_text() for ax in fig.axes if ax.get_legend() for t in ax.get_legend().get_texts()]
+    assert legend.count("Zoology (published)") == 1 and legend[-1] == "Zoology (published)"
+
+
+def test_zoology_points_sit_where_zoology_counts_state():
+    """The published points' bytes agree (within the figure's reading, 5%) with Zoology's state_size() count of the
+    configuration they come from, and every point names its source."""
+    import csv
+
+    with ablate.ZOOLOGY_PUBLISHED.open(newline="") as f:
+        table = list(csv.DictReader(f))
+    assert {r["rule"] for r in table} == {"deltanet", "gated_deltanet", "gla", "mamba2"}
+    for r in table:
+        assert float(r["state_bytes"]) == pytest.approx(float(r["state_size_bytes"]), rel=0.05) and r["source"]
+        assert 0 < float(r["accuracy"]) <= 1
+    assert ablate.zoology_state_bytes({"memory_floats": 4096}) == 16384

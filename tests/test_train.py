@@ -1,6 +1,7 @@
 """Tiny end-to-end runs on CPU: train, evaluate, resume exactly, stop on NaN, ablate, CLI."""
 import json
 
+import pytest
 import torch
 
 from lsm.checkpoint import find_checkpoint, load_trained
@@ -93,3 +94,68 @@ def test_ablate_writes_table_csv_and_plot(tmp_path, capsys):
     assert 0 <= routed["mom"] <= 1 and routed["single"] is None
     assert memory["mom"] == memory["single_same_state"] == 3 * memory["single"]  # same-state baseline matches MoM
     assert memory["single_active_state"] == 2 * memory["single"]                  # top-1 + shared: 2 memories active
+
+
+# --------------------------------------------------------------------------- train.cuda_graph (lsm.step)
+def _fused(monkeypatch):
+    """Both runs use the fused AdamW a graphed step needs (on CPU the trainer builds the foreach one)."""
+    import lsm.train as lt
+    from lsm.train import build_optimizer
+    monkeypatch.setattr(lt, "build_optimizer", lambda model, t, fused=None: build_optimizer(model, t, fused=True))
+
+
+def test_static_buffer_step_matches_eager_and_resumes_eagerly(tmp_path, monkeypatch):
+    """The graphed step without the capture (static input, pinned double buffer, learning rate as a tensor the
+    scheduler fills, capturable AdamW, gradients overwritten) trains like the eager step, and its checkpoint
+    resumes in an eager run (learning rates back to floats)."""
+    import lsm.train as lt
+    from lsm.step import GraphedStep
+
+    _fused(monkeypatch)
+    extra = ["model.mixer.type=mom", "model.mixer.num_memories=2", "model.mixer.topk=1", "train.steps=8",
+             "train.ckpt_every=4", "train.grad_clip=0.5"]
+    eager = train(_cfg(tmp_path, "eager", *extra), quiet=True)
+    monkeypatch.setattr(lt, "make_step", lambda *a: GraphedStep(*a, warmup=2, graph=False))
+    first = train(_cfg(tmp_path, "graphed", *extra), max_steps=5, quiet=True)
+    monkeypatch.undo()
+    _fused(monkeypatch)
+    rest = train(_cfg(tmp_path, "graphed", *extra), resume=True, quiet=True)
+    assert len(first.losses) == 5 and len(rest.losses) == 3
+    # a float32 learning-rate tensor against a Python float: equal to rounding
+    torch.testing.assert_close(torch.tensor(first.losses + rest.losses), torch.tensor(eager.losses), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(rest.eval["accuracy"], eager.eval["accuracy"], rtol=0, atol=1 / 16)
+
+
+def test_cuda_graph_config_errors_and_cpu_fallback(tmp_path):
+    from lsm.config import ConfigError
+    from lsm.distributed import DistContext
+    from lsm.step import EagerStep, GraphedStep, make_step
+
+    with pytest.raises(ConfigError, match=r"train.cuda_graph: needs train.grad_accum: 1"):
+        _cfg(tmp_path, "x", "train.cuda_graph=true", "train.grad_accum=2")
+    cfg = _cfg(tmp_path, "x", "train.cuda_graph=true")
+    ctx = DistContext(device=torch.device("cpu"))
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.AdamW(model.parameters())
+    assert isinstance(make_step(model, opt, None, cfg, ctx), EagerStep)   # CPU: the option is ignored
+    with pytest.raises(ValueError, match="fused=True"):
+        GraphedStep(model, opt, None, cfg, ctx, graph=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mixer", ["rule", "mom"])
+def test_cuda_graph_step_trains_like_eager(tmp_path, monkeypatch, mixer):
+    """On a GPU (triton backend, bf16 autocast): the replayed graph gives the eager run's losses and scores."""
+    import lsm.train as lt
+
+    made = []
+    real = lt.make_step
+    monkeypatch.setattr(lt, "make_step", lambda *a: made.append(real(*a)) or made[-1])
+    extra = [f"model.mixer.type={mixer}", "model.mixer.backend=triton", "train.device=cuda", "train.steps=12",
+             "model.mixer.num_memories=4", "model.mixer.topk=2", "data.mqar.seq_len=64",
+             "model.hidden_size=64"]  # head_dim 32: the Triton kernels need >= 16
+    eager = train(_cfg(tmp_path, "eager", *extra), quiet=True)
+    graphed = train(_cfg(tmp_path, "graphed", *extra, "train.cuda_graph=true"), quiet=True)
+    assert made[-1].graph is not None and made[-1].calls == 12
+    torch.testing.assert_close(torch.tensor(graphed.losses), torch.tensor(eager.losses), rtol=2e-2, atol=1e-3)
+    assert abs(graphed.eval["accuracy"] - eager.eval["accuracy"]) <= 0.1
