@@ -24,6 +24,7 @@ from lsm.layers import RuleCache
 from lsm.mixture import MixtureOfMemories, MoMCache, load_balancing_loss
 from lsm.mixture.reference import mom_reference
 from lsm.mixture.routing import Routing
+from lsm.rules._chunking import ChunkLayout
 from lsm.rules.base import UpdateRule
 
 RULES = R.names()
@@ -131,6 +132,48 @@ def test_causality(name, T, cut, seed):
     y1, y2 = layer(x).output, layer(x2).output
     close(y2[:, :t0], y1[:, :t0], name, "outputs before t0", "output")
     assert not torch.allclose(y2[:, t0:], y1[:, t0:]), "the changed tokens should change their outputs"
+
+
+@pytest.mark.parametrize("name", RULES)
+@settings(max_examples=3)
+@given(lens=st.lists(st.integers(1, 14), min_size=1, max_size=3), packed=st.booleans(), with_state=st.booleans(),
+       seed=st.integers(0, 2**16))
+def test_cpu_layout_equals_static_layout(name, lens, packed, with_state, seed):
+    """The torch path's CPU layout (a sequence's memory segments one after another in one row, exact length)
+    and the static one an accelerator builds (a row per segment, `max_seqlen = T`; one row when packed) give
+    the same outputs, final states and gradients (input and every parameter), on random routings."""
+    import lsm.rules.base as base
+    layer = make_layer(name, seed)
+    B, T = (1, sum(lens)) if packed else (len(lens), max(lens))
+    cu = torch.tensor([0] + lens).cumsum(0) if packed else None
+    gen = torch.Generator().manual_seed(seed + 1)
+    runs = []
+    for exact in (True, False):
+        built = []
+
+        def layout(*args, exact=exact, **kw):
+            built.append(exact)
+            return ChunkLayout(*args, **kw, exact=exact)
+        x = rand_x(B, T, seed).requires_grad_()
+        cache = random_cache(layer, B, seed) if with_state and not packed else None
+        layer.zero_grad()
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(base, "ChunkLayout", layout)
+            y = layer(x, cache=cache, cu_seqlens=cu).output
+        assert built, "the torch path built no chunk layout"
+        final = memory(layer, cache.state) if cache is not None else None
+        loss = (y * torch.randn(y.shape, generator=gen.manual_seed(seed), dtype=y.dtype)).sum()
+        loss = loss + (final.square().sum() if final is not None else 0)
+        loss.backward()
+        runs.append((y.detach(), final, x.grad, [p.grad for p in layer.parameters()]))
+    (y1, S1, gx1, gp1), (y2, S2, gx2, gp2) = runs
+    close(y1, y2, name, "outputs", "output")
+    if S1 is not None:
+        close(S1.detach(), S2.detach(), name, "final states", "state")
+    close(gx1, gx2, name, "input gradient", "output")
+    for n, (a, b) in enumerate(zip(gp1, gp2)):
+        if a is not None or b is not None:
+            close(a, b, name, f"gradient of parameter {n}", "output")
 
 
 @pytest.mark.parametrize("name", RULES)
