@@ -57,7 +57,7 @@ def main():
     ap.add_argument("--threads", type=int, default=1)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    print(f"| rule | T | chunk | single (ms) | MoM (ms) | MoM / single | chunk slots / routed row |")
+    print("| rule | T | chunk | single (ms) | MoM (ms) | MoM / single | chunk slots / routed row |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for name in a.rules:
         for C in a.chunk_sizes:
