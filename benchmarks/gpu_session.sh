@@ -68,7 +68,7 @@ for what in "$@"; do
     check)   timeout 500 python3 benchmarks/gpu_check.py 2>&1 | tee "$OUT/gpu_check.log" | tail -40 ;;
     # every gpu-marked test (the GPU matrix included); tiny shapes leave the GPU launch-bound, so
     # TEST_JOBS pytest workers share it
-    tests)   timeout ${TESTS_S:-420} python3 -m pytest -n ${TEST_JOBS:-0} -m gpu -p no:cacheprovider -o addopts= -q -rf \
+    tests)   LSM_FAILURE_LOG="$OUT/gpu_failures${TEST_TAG:-}.log" timeout ${TESTS_S:-420} python3 -m pytest -n ${TEST_JOBS:-0} -m gpu -p no:cacheprovider -o addopts= -q -rf \
                --timeout ${TEST_TIMEOUT:-300} -k "${TEST_K:-not nothing}" ${TESTS:-tests} 2>&1 \
                | tee "$OUT/gpu_tests${TEST_TAG:-}.log" | tail -${TEST_TAIL:-40} ;;
     mom)     timeout 560 python3 benchmarks/bench_mom.py --out "$OUT/bench_mom.md" 2>&1 | tee "$OUT/bench_mom.log" | tail -40 ;;

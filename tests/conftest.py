@@ -29,3 +29,14 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def pytest_runtest_logreport(report):
+    """LSM_FAILURE_LOG=path appends each failure (test id, phase, first error line) the moment it happens: a GPU
+    call cut short by its time limit keeps what failed and why (pytest prints its summary only at the end)."""
+    path = os.environ.get("LSM_FAILURE_LOG")
+    if not path or not report.failed or os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    errors = [ln for ln in str(report.longrepr).splitlines() if ln.startswith("E ")]
+    with open(path, "a") as f:
+        f.write(f"{report.nodeid} [{report.when}]: {errors[0][1:].strip() if errors else str(report.longrepr)[-300:]}\n")

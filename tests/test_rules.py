@@ -422,3 +422,34 @@ def test_fla_deltanet_refuses_float32_with_a_clear_message():
     assert msg is not None and "bf16" in msg and "backend='triton'" in msg
     assert rule.kernel_refusal("chunk", "fla", q32.bfloat16(), q32.bfloat16(), q32.bfloat16(), {}) is None
     assert R.get("gated_deltanet").kernel_refusal("chunk", "fla", q32, q32, q32, {}) is None
+
+
+def test_auto_passes_over_fla_where_fla_refuses_the_gated_backward(monkeypatch):
+    """fla 0.6 refuses the backward of its gated kernels (per-token decay g) on Hopper under Triton < 3.7.1 (found
+    by the GPU matrix on the image's Triton 3.6.0): "auto" then trains on ours, backend="fla" raises one line
+    before the forward; inference, older/newer Triton, other GPUs and rules without g keep fla."""
+    import types
+
+    import lsm.rules.backends as backends
+
+    def cuda(requires_grad):
+        return types.SimpleNamespace(is_cuda=True, device="cuda:0", requires_grad=requires_grad, dtype=torch.bfloat16)
+
+    g = types.SimpleNamespace(requires_grad=True)
+    monkeypatch.setattr(backends, "capability", lambda device: (9, 0))
+    monkeypatch.setattr(backends, "has_fla", lambda: True)
+    monkeypatch.setattr(backends, "triton_version", lambda: (3, 6, 0))
+    monkeypatch.setattr(backends, "TRITON_FIRST", {})
+    gdn = R.get("gated_deltanet")
+    assert backends.resolve_chunk(gdn, "auto", cuda(True), cuda(True), cuda(True), {"g": g, "beta": g}) == "triton"
+    with pytest.raises(ValueError, match=r"gated_deltanet: flash-linear-attention refuses .* Triton 3\.6\.0"):
+        backends.resolve_chunk(gdn, "fla", cuda(True), cuda(True), cuda(True), {"g": g, "beta": g})
+    with torch.no_grad():   # the forward alone is fine
+        assert backends.resolve_chunk(gdn, "auto", cuda(True), cuda(True), cuda(True), {"g": g, "beta": g}) == "fla"
+    assert backends.resolve_chunk(R.get("deltanet"), "auto", cuda(True), cuda(True), cuda(True), {"beta": g}) == "fla"
+    assert backends.resolve_chunk(R.get("gla"), "auto", cuda(True), cuda(True), cuda(True), {"g": g}) == "fla"
+    assert backends.resolve_chunk(R.get("mamba2"), "auto", cuda(True), cuda(True), cuda(True), {"g": g}) == "triton"
+    for version, cap in (((3, 7, 1), (9, 0)), ((3, 3, 0), (9, 0)), ((3, 6, 0), (8, 0))):
+        monkeypatch.setattr(backends, "triton_version", lambda v=version: v)
+        monkeypatch.setattr(backends, "capability", lambda device, c=cap: c)
+        assert backends.resolve_chunk(gdn, "auto", cuda(True), cuda(True), cuda(True), {"g": g, "beta": g}) == "fla"

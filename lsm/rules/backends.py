@@ -10,12 +10,16 @@ forward + backward, used when an input requires grad, and for inference = forwar
 kernel where fla has the rule, else ours, else the torch form; `step` takes the fused Triton
 decode step where the rule has one. A rule vetoes a kernel for one call through its hook
 `UpdateRule.kernel_refusal` (a shape, dtype or option the kernel cannot take): "auto" then falls
-back to the torch form, an explicit backend raises the hook's message as a `ValueError`.
+back to the torch form, an explicit backend raises the hook's message as a `ValueError`. fla's own
+refusal of an environment (`fla_refusal`: the backward of its gated kernels on Hopper under Triton
+< 3.7.1) is treated the same way: "auto" passes over fla, backend="fla" raises before the forward.
 The decision reads shapes, dtypes and flags only: no host synchronisation.
 """
 from __future__ import annotations
 
 import functools
+import importlib.util
+import re
 from dataclasses import dataclass
 from typing import Literal
 
@@ -57,6 +61,32 @@ def has_fla() -> bool:
     return True
 
 
+@functools.lru_cache(maxsize=None)
+def triton_version() -> tuple[int, ...]:
+    import triton
+    return tuple(int(x) for x in re.findall(r"\d+", triton.__version__)[:3])
+
+
+#: fla ops whose backward runs fla's common `chunk_bwd_dqkwg`: fla 0.6 refuses it for a per-token decay `g` on
+#: Hopper with Triton >= 3.4.0 and < 3.7.1 (wrong results there, fla issue 640) unless tilelang is installed
+FLA_COMMON_BACKWARD = frozenset({"simple_gla", "delta_rule", "gated_delta_rule"})
+
+
+def fla_refusal(rule, q: Tensor, k: Tensor | None, v: Tensor | None, gates: dict) -> str | None:
+    """Why fla would refuse this call in this environment (raised by fla in the backward, after the forward ran),
+    or None. Reads flags, the device's capability and the Triton version only."""
+    if not (getattr(rule, "fla_op", None) in FLA_COMMON_BACKWARD and gates.get("g") is not None
+            and requires_grad(q, k, v, *gates.values())):
+        return None
+    if capability(q.device)[0] != 9 or not (3, 4, 0) <= triton_version() < (3, 7, 1):
+        return None
+    if importlib.util.find_spec("tilelang") is not None:
+        return None
+    return (f"{rule.name}: flash-linear-attention refuses the backward of its gated kernel on Hopper GPUs under "
+            f"Triton {'.'.join(map(str, triton_version()))} (it needs >= 3.7.1 there); pip install "
+            f"'triton>=3.7.1,<3.9', or use backend='triton' (ours) or 'auto'")
+
+
 def _check_name(rule, backend: str) -> None:
     if backend not in BACKENDS:
         raise ValueError(f"{rule.name}: unknown backend {backend!r}; choose one of {BACKENDS}")
@@ -81,7 +111,8 @@ def resolve_chunk(rule, backend: str, q: Tensor, k: Tensor | None = None, v: Ten
             table = TRITON_FIRST.get(capability(q.device))
             if table is not None and rule.name in getattr(table, mode):
                 return "triton"
-        if rule.has_fla and has_fla() and rule.kernel_refusal("chunk", "fla", q, k, v, gates, auto=True) is None:
+        if (rule.has_fla and has_fla() and rule.kernel_refusal("chunk", "fla", q, k, v, gates, auto=True) is None
+                and fla_refusal(rule, q, k, v, gates) is None):
             return "fla"
         return "triton" if ours else "torch"
     if backend == "fla":
@@ -91,7 +122,8 @@ def resolve_chunk(rule, backend: str, q: Tensor, k: Tensor | None = None, v: Ten
             raise ValueError(f"{rule.name}: backend='fla' runs Triton kernels on a GPU; q is on {q.device}. "
                              f"Use backend='torch' on CPU")
     if backend in ("fla", "triton"):
-        why = rule.kernel_refusal("chunk", backend, q, k, v, gates)
+        why = rule.kernel_refusal("chunk", backend, q, k, v, gates) or (
+            fla_refusal(rule, q, k, v, gates) if backend == "fla" else None)
         if why is not None:
             raise ValueError(why)
     return backend
