@@ -148,7 +148,7 @@ def main() -> None:
             for graph in args.graph:
                 for procs in args.procs:
                     rows.append(run_row(args, variant, graph, procs, Path(work)))
-                print(table(rows[-1:], run_steps).splitlines()[-1], flush=True)
+                    print(table(rows[-1:], run_steps).splitlines()[-1], flush=True)
     text = table(rows, run_steps)
     print("\n" + text, end="")
     (out / "bench_sweep_gpu.md").write_text(text)

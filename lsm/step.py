@@ -3,7 +3,7 @@
     step = make_step(model, optimizer, data, cfg, ctx)      # train.cuda_graph picks the kind
     lm_loss, aux_loss, grad_norm, tokens = step(step_index)  # device tensors; nothing is read back
 
-`EagerStep` is the general one (any device, gradient accumulation, DDP/FSDP). `GraphedStep` is for the
+`EagerStep` is the general one (any device, gradient accumulation, DDP/FSDP). `GraphedTrainStep` is for the
 tiny, launch-bound models of recall sweeps on one GPU: the whole step — forward under autocast, backward,
 gradient clipping and the fused AdamW update — is captured once as a CUDA graph after `warmup` eager steps
 (Triton compilation and autotuning, optimizer state, library workspaces happen there), then replayed: one
@@ -19,11 +19,13 @@ static-buffer step without capture (CPU tests of everything but the capture).
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 from torch import Tensor, nn
 
 from lsm import distributed
-from lsm.config import Config, ConfigError
+from lsm.config import Config, ConfigError, first_line
 from lsm.runtime import autocast_context
 
 StepValues = tuple[Tensor, Tensor, Tensor, int]   # lm loss, aux loss, grad norm (device tensors), tokens
@@ -70,17 +72,19 @@ def clip(model: nn.Module, max_norm: float) -> Tensor:
     return distributed.clip_grad_norm(model.parameters(), max_norm if max_norm > 0 else float("inf"))
 
 
-class GraphedStep:
+class GraphedTrainStep:
     """The step as one CUDA graph (see the module docstring); `graph=False` runs it without capture."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, data, cfg: Config,
                  ctx: distributed.DistContext, warmup: int = 3, graph: bool = True):
-        t = cfg.train
-        if t.grad_accum != 1 or ctx.world_size != 1:
-            raise ConfigError("train.cuda_graph: needs train.grad_accum: 1 and one process (train.parallel: none); "
-                              "set train.cuda_graph: false for accumulation or DDP/FSDP")
+        t = cfg.train   # grad_accum 1 and parallel none: checked with the config (lsm.config)
+        if ctx.world_size != 1 or t.grad_accum != 1:
+            raise ValueError("GraphedTrainStep: one process and one micro-batch per step (train.cuda_graph's conditions)")
         if not all(g.get("fused") for g in optimizer.param_groups):
-            raise ValueError("GraphedStep: build the optimizer with fused=True (a graph replays the fused update)")
+            raise ValueError("GraphedTrainStep: build the optimizer with fused=True (a graph replays the fused update)")
+        if warmup < 1:
+            raise ValueError(f"GraphedTrainStep: warmup must be >= 1 (optimizer state, compilation and autotuning happen "
+                             f"in eager steps, not in the capture), got {warmup}")
         self.eager = EagerStep(model, optimizer, data, cfg, ctx)
         self.model, self.optimizer, self.data, self.cfg, self.ctx = model, optimizer, data, cfg, ctx
         self.warmup, self.use_graph = warmup, graph
@@ -95,22 +99,26 @@ class GraphedStep:
                        for _ in range(2)]
         self.copied = [torch.cuda.Event() if pin else None for _ in range(2)]
         self.values: tuple[Tensor, Tensor, Tensor] | None = None
+        self.lrs: list[Tensor] = []   # the learning-rate tensors the graph reads (the scheduler fills them in place)
+        # capture, copies and events on the run's device, not the current one (train.device=cuda:N, one process)
+        self.on_device = torch.cuda.device(device) if pin else nullcontext()
 
     def __call__(self, step: int) -> StepValues:
         self.calls += 1
         if self.calls <= self.warmup:
             return self.eager(step)
-        if self.values is None:
-            self._setup()
         batch = self.data.train_batch(step, self.cfg.train.batch_size)
         if batch.input_ids.shape != self.ids.shape:
             raise ConfigError(f"train.cuda_graph: batch {step} has shape {tuple(batch.input_ids.shape)}, the graph "
                               f"{tuple(self.ids.shape)}; graphs need one batch shape (set train.cuda_graph: false)")
-        self._load(batch)
-        if self.graph is not None:
-            self.graph.replay()
-        else:
-            self.values = self._record()
+        with self.on_device:
+            if self.values is None:
+                self._setup()
+            self._load(batch)
+            if self.graph is not None:
+                self.graph.replay()
+            else:
+                self.values = self._record()
         lm, aux, norm = self.values
         return lm, aux, norm, self.ids.numel()
 
@@ -132,13 +140,18 @@ class GraphedStep:
         for g in self.optimizer.param_groups:
             g["lr"] = torch.tensor(float(g["lr"]), device=self.ctx.device)
             g["capturable"] = True
+        self.lrs = [g["lr"] for g in self.optimizer.param_groups]
         self.optimizer.zero_grad(set_to_none=True)    # the graph allocates the gradients it overwrites
         if not self.use_graph:
             self.values = ()
             return
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.values = self._record()
+        try:
+            with torch.cuda.graph(self.graph):
+                self.values = self._record()
+        except RuntimeError as e:
+            raise ConfigError(f"train.cuda_graph: the training step could not be captured as a CUDA graph "
+                              f"({first_line(e)}); set train.cuda_graph: false") from e
 
     def _record(self) -> tuple[Tensor, Tensor, Tensor]:
         t = self.cfg.train
@@ -154,9 +167,9 @@ class GraphedStep:
 
 
 def make_step(model: nn.Module, optimizer: torch.optim.Optimizer, data, cfg: Config, ctx: distributed.DistContext):
-    """`GraphedStep` when `train.cuda_graph` is set and the run is on a CUDA device, else `EagerStep`."""
+    """`GraphedTrainStep` when `train.cuda_graph` is set and the run is on a CUDA device, else `EagerStep`."""
     if cfg.train.cuda_graph and ctx.device.type == "cuda":
-        return GraphedStep(model, optimizer, data, cfg, ctx)
+        return GraphedTrainStep(model, optimizer, data, cfg, ctx)
     return EagerStep(model, optimizer, data, cfg, ctx)
 
 

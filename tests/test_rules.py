@@ -425,31 +425,39 @@ def test_fla_deltanet_refuses_float32_with_a_clear_message():
 
 
 def test_auto_passes_over_fla_where_fla_refuses_the_gated_backward(monkeypatch):
-    """fla 0.6 refuses the backward of its gated kernels (per-token decay g) on Hopper under Triton < 3.7.1 (found
-    by the GPU matrix on the image's Triton 3.6.0): "auto" then trains on ours, backend="fla" raises one line
-    before the forward; inference, older/newer Triton, other GPUs and rules without g keep fla."""
+    """fla 0.6 refuses the backward of its gated kernels (per-token decay g) on Hopper under Triton >= 3.4, < 3.7.1
+    (found by the GPU matrix on the image's Triton 3.6.0): "auto" then trains on ours, backend="fla" raises one line
+    before the forward (unless tilelang, which fla may hand that backward to, is installed); inference, unaffected
+    Triton versions, other GPUs and rules without g keep fla."""
     import types
 
     import lsm.rules.backends as backends
 
-    def cuda(requires_grad):
-        return types.SimpleNamespace(is_cuda=True, device="cuda:0", requires_grad=requires_grad, dtype=torch.bfloat16)
+    def cuda():
+        return types.SimpleNamespace(is_cuda=True, device="cuda:0", requires_grad=True, dtype=torch.bfloat16)
 
     g = types.SimpleNamespace(requires_grad=True)
     monkeypatch.setattr(backends, "capability", lambda device: (9, 0))
     monkeypatch.setattr(backends, "has_fla", lambda: True)
-    monkeypatch.setattr(backends, "triton_version", lambda: (3, 6, 0))
+    monkeypatch.setattr(backends, "fla_gated_backward_broken", lambda: True)
+    monkeypatch.setattr(backends, "has_tilelang", lambda: False)
     monkeypatch.setattr(backends, "TRITON_FIRST", {})
     gdn = R.get("gated_deltanet")
-    assert backends.resolve_chunk(gdn, "auto", cuda(True), cuda(True), cuda(True), {"g": g, "beta": g}) == "triton"
-    with pytest.raises(ValueError, match=r"gated_deltanet: flash-linear-attention refuses .* Triton 3\.6\.0"):
-        backends.resolve_chunk(gdn, "fla", cuda(True), cuda(True), cuda(True), {"g": g, "beta": g})
+    resolve = lambda rule, backend, **gates: backends.resolve_chunk(rule, backend, cuda(), cuda(), cuda(), gates)
+    assert resolve(gdn, "auto", g=g, beta=g) == "triton"
+    with pytest.raises(ValueError, match=r"gated_deltanet: flash-linear-attention refuses .*needs >= 3\.7\.1"):
+        resolve(gdn, "fla", g=g, beta=g)
     with torch.no_grad():   # the forward alone is fine
-        assert backends.resolve_chunk(gdn, "auto", cuda(True), cuda(True), cuda(True), {"g": g, "beta": g}) == "fla"
-    assert backends.resolve_chunk(R.get("deltanet"), "auto", cuda(True), cuda(True), cuda(True), {"beta": g}) == "fla"
-    assert backends.resolve_chunk(R.get("gla"), "auto", cuda(True), cuda(True), cuda(True), {"g": g}) == "fla"
-    assert backends.resolve_chunk(R.get("mamba2"), "auto", cuda(True), cuda(True), cuda(True), {"g": g}) == "triton"
-    for version, cap in (((3, 7, 1), (9, 0)), ((3, 3, 0), (9, 0)), ((3, 6, 0), (8, 0))):
-        monkeypatch.setattr(backends, "triton_version", lambda v=version: v)
-        monkeypatch.setattr(backends, "capability", lambda device, c=cap: c)
-        assert backends.resolve_chunk(gdn, "auto", cuda(True), cuda(True), cuda(True), {"g": g, "beta": g}) == "fla"
+        assert resolve(gdn, "auto", g=g, beta=g) == "fla"
+    assert resolve(R.get("deltanet"), "auto", beta=g) == "fla"        # no g: fla's backward is not affected
+    assert resolve(R.get("gla"), "auto", g=g) == "fla"                # fla's gla backward is its own kernel
+    assert resolve(R.get("mamba2"), "auto", g=g) == "triton"
+    monkeypatch.setattr(backends, "has_tilelang", lambda: True)
+    assert resolve(gdn, "fla", g=g, beta=g) == "fla"                 # fla may run that backward through tilelang
+    assert resolve(gdn, "auto", g=g, beta=g) == "triton"             # auto does not count on it
+    monkeypatch.setattr(backends, "has_tilelang", lambda: False)
+    monkeypatch.setattr(backends, "fla_gated_backward_broken", lambda: False)
+    assert resolve(gdn, "auto", g=g, beta=g) == "fla"
+    monkeypatch.setattr(backends, "fla_gated_backward_broken", lambda: True)
+    monkeypatch.setattr(backends, "capability", lambda device: (8, 0))
+    assert resolve(gdn, "auto", g=g, beta=g) == "fla"

@@ -105,18 +105,20 @@ def _fused(monkeypatch):
 
 
 def test_static_buffer_step_matches_eager_and_resumes_eagerly(tmp_path, monkeypatch):
-    """The graphed step without the capture (static input, pinned double buffer, learning rate as a tensor the
-    scheduler fills, capturable AdamW, gradients overwritten) trains like the eager step, and its checkpoint
-    resumes in an eager run (learning rates back to floats)."""
+    """The graphed step without the capture (static input buffers, the learning rate as a tensor the scheduler
+    fills in place, capturable fused AdamW) trains like the eager step, and its checkpoint resumes in an eager
+    run (learning rates back to floats). The capture itself, pinned copies and events: the GPU test below."""
     import lsm.train as lt
-    from lsm.step import GraphedStep
+    from lsm.step import GraphedTrainStep
 
     _fused(monkeypatch)
     extra = ["model.mixer.type=mom", "model.mixer.num_memories=2", "model.mixer.topk=1", "train.steps=8",
              "train.ckpt_every=4", "train.grad_clip=0.5"]
     eager = train(_cfg(tmp_path, "eager", *extra), quiet=True)
-    monkeypatch.setattr(lt, "make_step", lambda *a: GraphedStep(*a, warmup=2, graph=False))
+    made = []
+    monkeypatch.setattr(lt, "make_step", lambda *a: made.append(GraphedTrainStep(*a, warmup=2, graph=False)) or made[-1])
     first = train(_cfg(tmp_path, "graphed", *extra), max_steps=5, quiet=True)
+    _lr_filled_in_place(made[-1], steps=5, cfg=_cfg(tmp_path, "graphed", *extra))
     monkeypatch.undo()
     _fused(monkeypatch)
     rest = train(_cfg(tmp_path, "graphed", *extra), resume=True, quiet=True)
@@ -126,10 +128,21 @@ def test_static_buffer_step_matches_eager_and_resumes_eagerly(tmp_path, monkeypa
     torch.testing.assert_close(rest.eval["accuracy"], eager.eval["accuracy"], rtol=0, atol=1 / 16)
 
 
+def _lr_filled_in_place(step, steps: int, cfg) -> None:
+    """The graph reads the learning-rate tensors it was captured with: the scheduler must have filled those very
+    tensors (not replaced them by floats) with the schedule's value after `steps` steps."""
+    from lsm.train import lr_factor
+
+    t = cfg.train
+    assert step.lrs and all(g["lr"] is lr for g, lr in zip(step.optimizer.param_groups, step.lrs))
+    want = t.lr * lr_factor(steps, t.warmup_steps, t.steps, t.min_lr_ratio)
+    torch.testing.assert_close(torch.stack(step.lrs).cpu(), torch.full((len(step.lrs),), want), rtol=1e-6, atol=0)
+
+
 def test_cuda_graph_config_errors_and_cpu_fallback(tmp_path):
     from lsm.config import ConfigError
     from lsm.distributed import DistContext
-    from lsm.step import EagerStep, GraphedStep, make_step
+    from lsm.step import EagerStep, GraphedTrainStep, make_step
 
     with pytest.raises(ConfigError, match=r"train.cuda_graph: needs train.grad_accum: 1"):
         _cfg(tmp_path, "x", "train.cuda_graph=true", "train.grad_accum=2")
@@ -139,23 +152,30 @@ def test_cuda_graph_config_errors_and_cpu_fallback(tmp_path):
     opt = torch.optim.AdamW(model.parameters())
     assert isinstance(make_step(model, opt, None, cfg, ctx), EagerStep)   # CPU: the option is ignored
     with pytest.raises(ValueError, match="fused=True"):
-        GraphedStep(model, opt, None, cfg, ctx, graph=False)
+        GraphedTrainStep(model, opt, None, cfg, ctx, graph=False)
+    with pytest.raises(ValueError, match="warmup must be >= 1"):
+        GraphedTrainStep(model, torch.optim.AdamW(model.parameters(), fused=True), None, cfg, ctx, warmup=0, graph=False)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("mixer", ["rule", "mom"])
-def test_cuda_graph_step_trains_like_eager(tmp_path, monkeypatch, mixer):
-    """On a GPU (triton backend, bf16 autocast): the replayed graph gives the eager run's losses and scores."""
+@pytest.mark.parametrize("mixer,rule", [("rule", "gated_deltanet")] + [
+    ("mom", r) for r in ("linear_attention", "retnet", "gla", "mamba2", "deltanet", "gated_deltanet", "ttt")])
+def test_cuda_graph_step_trains_like_eager(tmp_path, monkeypatch, mixer, rule):
+    """On a GPU (triton backend, bf16 autocast), every rule of the recall study: the replayed graph gives the eager
+    run's losses and scores, with validation and checkpoints between replays, and the graph's learning rate follows
+    the schedule."""
     import lsm.train as lt
 
     made = []
     real = lt.make_step
     monkeypatch.setattr(lt, "make_step", lambda *a: made.append(real(*a)) or made[-1])
-    extra = [f"model.mixer.type={mixer}", "model.mixer.backend=triton", "train.device=cuda", "train.steps=12",
-             "model.mixer.num_memories=4", "model.mixer.topk=2", "data.mqar.seq_len=64",
+    extra = [f"model.mixer.type={mixer}", f"model.mixer.rule={rule}", "model.mixer.backend=triton", "train.device=cuda",
+             "train.steps=12", "train.eval_every=4", "train.ckpt_every=6", "model.mixer.num_memories=4",
+             "model.mixer.topk=2", "data.mqar.seq_len=64",
              "model.hidden_size=64"]  # head_dim 32: the Triton kernels need >= 16
     eager = train(_cfg(tmp_path, "eager", *extra), quiet=True)
     graphed = train(_cfg(tmp_path, "graphed", *extra, "train.cuda_graph=true"), quiet=True)
     assert made[-1].graph is not None and made[-1].calls == 12
+    _lr_filled_in_place(made[-1], steps=12, cfg=_cfg(tmp_path, "graphed", *extra))
     torch.testing.assert_close(torch.tensor(graphed.losses), torch.tensor(eager.losses), rtol=2e-2, atol=1e-3)
     assert abs(graphed.eval["accuracy"] - eager.eval["accuracy"]) <= 0.1

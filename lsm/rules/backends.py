@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import re
 from dataclasses import dataclass
 from typing import Literal
 
@@ -61,30 +60,38 @@ def has_fla() -> bool:
     return True
 
 
-@functools.lru_cache(maxsize=None)
-def triton_version() -> tuple[int, ...]:
-    import triton
-    return tuple(int(x) for x in re.findall(r"\d+", triton.__version__)[:3])
-
-
 #: fla ops whose backward runs fla's common `chunk_bwd_dqkwg`: fla 0.6 refuses it for a per-token decay `g` on
-#: Hopper with Triton >= 3.4.0 and < 3.7.1 (wrong results there, fla issue 640) unless tilelang is installed
+#: Hopper with Triton >= 3.4.0 and < 3.7.1 (wrong results there, fla issue 640) unless its tilelang backend takes over
 FLA_COMMON_BACKWARD = frozenset({"simple_gla", "delta_rule", "gated_delta_rule"})
 
 
-def fla_refusal(rule, q: Tensor, k: Tensor | None, v: Tensor | None, gates: dict) -> str | None:
-    """Why fla would refuse this call in this environment (raised by fla in the backward, after the forward ran),
-    or None. Reads flags, the device's capability and the Triton version only."""
+@functools.lru_cache(maxsize=None)
+def fla_gated_backward_broken() -> bool:
+    """fla's own Triton-version test of that refusal (fla.utils), read once."""
+    from fla.utils import TRITON_ABOVE_3_4_0, TRITON_ABOVE_3_7_1
+    return TRITON_ABOVE_3_4_0 and not TRITON_ABOVE_3_7_1
+
+
+@functools.lru_cache(maxsize=None)
+def has_tilelang() -> bool:
+    return importlib.util.find_spec("tilelang") is not None
+
+
+def fla_refusal(rule, q: Tensor, k: Tensor | None, v: Tensor | None, gates: dict, auto: bool = False) -> str | None:
+    """Why fla would refuse this call here (fla raises it in the backward, after the forward ran), or None.
+
+    `auto` is conservative: it passes over fla wherever the Triton version is affected, tilelang or not (ours
+    computes the same function). An explicit backend="fla" is refused only without tilelang, which fla may
+    dispatch that backward to. Reads flags, the device's capability and fla's version test only."""
     if not (getattr(rule, "fla_op", None) in FLA_COMMON_BACKWARD and gates.get("g") is not None
             and requires_grad(q, k, v, *gates.values())):
         return None
-    if capability(q.device)[0] != 9 or not (3, 4, 0) <= triton_version() < (3, 7, 1):
+    if capability(q.device)[0] != 9 or not fla_gated_backward_broken() or (not auto and has_tilelang()):
         return None
-    if importlib.util.find_spec("tilelang") is not None:
-        return None
+    import triton
     return (f"{rule.name}: flash-linear-attention refuses the backward of its gated kernel on Hopper GPUs under "
-            f"Triton {'.'.join(map(str, triton_version()))} (it needs >= 3.7.1 there); pip install "
-            f"'triton>=3.7.1,<3.9', or use backend='triton' (ours) or 'auto'")
+            f"Triton {triton.__version__} (it needs >= 3.7.1 there, or tilelang); pip install 'triton>=3.7.1,<3.9', "
+            f"or use backend='triton' (ours) or 'auto'")
 
 
 def _check_name(rule, backend: str) -> None:
@@ -112,7 +119,7 @@ def resolve_chunk(rule, backend: str, q: Tensor, k: Tensor | None = None, v: Ten
             if table is not None and rule.name in getattr(table, mode):
                 return "triton"
         if (rule.has_fla and has_fla() and rule.kernel_refusal("chunk", "fla", q, k, v, gates, auto=True) is None
-                and fla_refusal(rule, q, k, v, gates) is None):
+                and fla_refusal(rule, q, k, v, gates, auto=True) is None):
             return "fla"
         return "triton" if ours else "torch"
     if backend == "fla":
