@@ -15,7 +15,8 @@
 #            sees the finished runs and plans the second stage from them): ZOO_RULES ("[deltanet,gla]"),
 #            ZOO_WIDTHS ("[64]"), ZOO_SHARD ("1/1"), ZOO_JOBS, ZOO_EXTRA (more overrides), ZOO_S (time limit; a cut sweep keeps its finished
 #            rows). Its rows (shards/<rules_widths_shard>/runs.csv) and each cell's metrics.jsonl come back
-#            under $OUT/zoology_mqar: copy them into runs/zoology_mqar here, then `lsm ablate configs/zoology_mqar.yaml --merge`.
+#            under $OUT/zoology_mqar: copy them into runs/zoology_mqar here, then `lsm ablate configs/zoology_mqar.yaml --merge`
+#            (with ZOO_EXTRA's overrides, if any: cells are hashed from their resolved config, ablate.* aside).
 # Timed steps autotune alone on the GPU, with LSM_TUNE_MS=5,25 for ours and fla's kernels alike.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"

@@ -385,7 +385,11 @@ def merge(cfg: Config, quiet: bool = False) -> list[dict]:
     mine = [r for r in rows if r["cell"] in ids]
     write_results(mine, cfg)
     if not quiet:
-        print(f"merged {len(rows)} rows from {len([p for p in sources if p.exists()])} files into {out / 'runs.csv'}")
+        print(f"merged {len(rows)} rows from {len([p for p in sources if p.exists()])} files into {out / 'runs.csv'}; "
+              f"{len(mine)} of them are cells of this config")
+        if rows and not mine:
+            print("none of the merged rows is a cell of this config (cells are hashed from their resolved config): "
+                  "merge with the overrides the shards ran with (ablate.rules, ablate.grid, and any others)")
     return mine
 
 

@@ -201,7 +201,13 @@ def main(argv: list[str] | None = None) -> int:
     from lsm.config import ConfigError
     from lsm.train import TrainingDiverged
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # overrides may also follow a flag (`lsm ablate CONFIG --merge key=value`)
+    if extra and hasattr(args, "overrides") and all("=" in a and not a.startswith("-") for a in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args)
     except (ConfigError, FileNotFoundError) as e:

@@ -123,6 +123,22 @@ def test_shards_cover_the_sweep_and_merge(tmp_path):
     assert (tmp_path / "sweep" / "results.md").exists() and (tmp_path / "sweep" / "loss_curves.png").exists()
 
 
+def test_merge_from_the_cli_names_a_config_mismatch(tmp_path, capsys):
+    """`lsm ablate CONFIG --merge key=value ...` takes overrides after the flag; merging under other overrides than
+    the shards ran with finds none of their cells and says what to do."""
+    from lsm.config import to_yaml
+
+    cfg = tiny(tmp_path, "ablate.variants=[single]", "ablate.seeds=[0]")
+    ablate.run_sweep(cfg, shard=(1, 1), quiet=True)
+    cfg_file = tmp_path / "sweep.yaml"
+    cfg_file.write_text(to_yaml(cfg))
+    assert main(["ablate", str(cfg_file), "--merge", "ablate.seeds=[0]"]) == 0
+    assert "1 of them are cells of this config" in capsys.readouterr().out
+    assert main(["ablate", str(cfg_file), "--merge", "train.steps=4"]) == 0
+    said = capsys.readouterr().out
+    assert "0 of them are cells of this config" in said and "merge with the overrides the shards ran with" in said
+
+
 def test_failing_cell_is_recorded_and_the_others_finish(tmp_path, monkeypatch):
     import lsm.train
 
