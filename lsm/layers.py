@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lsm import rules
+from lsm.dtypes import at_least_float32
 from lsm.modules import GatedRMSNorm, ShortConv, rule_inputs
 from lsm.rules.base import DecodeState, UpdateRule
 
@@ -183,7 +184,7 @@ class RuleLayer(nn.Module):
         else:
             if cache is not None and state is None:
                 state = self.rule.init_state(B, self.num_heads, self.head_dim, self.value_dim, device=x.device,
-                                             dtype=torch.promote_types(x.dtype, torch.float32))
+                                             dtype=at_least_float32(x.dtype))
             # from the cache's decode-state tuple: the chunked path continues it exactly (ttt mid-mini-batch too)
             o, state = self.rule.chunk(q, k, v, initial_state=state, output_final_state=cache is not None,
                                        cu_seqlens=cu_seqlens, chunk_size=self.chunk_size, backend=self.backend, **gates)

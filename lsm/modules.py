@@ -7,13 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lsm.dtypes import at_least_float32
 from lsm.rules._chunking import token_sequences
 from lsm.rules.backends import use_conv_kernel, use_kernels
-
-
-def _upcast(dtype: torch.dtype) -> torch.dtype:
-    """float32 for half types, the dtype itself for float32/float64 (so float64 tests stay exact)."""
-    return torch.promote_types(dtype, torch.float32)
 
 
 def seq_positions(cu_seqlens: Tensor, T: int) -> Tensor:
@@ -32,7 +28,7 @@ def rule_inputs(x: Tensor, q: Tensor, k: Tensor, v: Tensor, gates: dict) -> tupl
     dev = x.device.type
     act = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
     q, k, v = (t if t.dtype == act else t.to(act) for t in (q, k, v))
-    gates = {n: g.to(_upcast(g.dtype)) if isinstance(g, Tensor) and g.is_floating_point() else g
+    gates = {n: g.to(at_least_float32(g.dtype)) if isinstance(g, Tensor) and g.is_floating_point() else g
              for n, g in gates.items()}
     return q, k, v, gates
 
@@ -112,7 +108,7 @@ class GatedRMSNorm(nn.Module):
             from lsm_kernels.norm import gated_rms_norm
             return gated_rms_norm(x, self.weight, gate, self.eps)
         dtype = x.dtype
-        x = x.to(_upcast(dtype))
+        x = x.to(at_least_float32(dtype))
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.to(x.dtype)
         if gate is not None:
             x = x * F.silu(gate.to(x.dtype))
@@ -129,5 +125,5 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         dtype = x.dtype
-        x = x.to(_upcast(dtype))
+        x = x.to(at_least_float32(dtype))
         return (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.to(x.dtype)).to(dtype)

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from lsm.dtypes import at_least_float32
 from lsm.layers import MixerOutput, RuleLayer
 from lsm.mixture.routing import Dispatch, Router, Routing, dispatch, load_balancing_loss, take_rows, take_tokens
 from lsm.mixture.slots import mix_slots, routed_step, with_shared_slot
@@ -152,7 +153,7 @@ class MixtureOfMemories(RuleLayer):
         self._check_inputs(x, cache, cu_seqlens)
         B, T, _ = x.shape
         if use_cache and cache is None:
-            cache = self.init_cache(B, x.device, torch.promote_types(x.dtype, torch.float32))
+            cache = self.init_cache(B, x.device, at_least_float32(x.dtype))
         routing = self.router(self.router_input(x, cache, cu_seqlens))
         if cache is not None and T == 1:
             # a decoding step: the balancing loss is a training signal, not computed here

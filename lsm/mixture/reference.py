@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from lsm.dtypes import at_least_float32
 from lsm.mixture.mom import MixtureOfMemories
 from lsm.rules.base import DecodeState
 
@@ -21,7 +22,7 @@ def mom_reference(layer: MixtureOfMemories, x: Tensor, state: DecodeState | None
     rule = layer.rule
     B, T, _ = x.shape
     Ms, H, K, V = layer.num_states, layer.num_heads, layer.head_dim, layer.value_dim
-    ct = torch.promote_types(x.dtype, torch.float32)
+    ct = at_least_float32(x.dtype)
     sel, w = layer.slots(layer.router(layer.router_input(x, None, None)))           # [B, T, S]
     # dense routing: weight of every memory for every token (0 where not routed), and the mask
     routed = torch.zeros(B, T, Ms, dtype=torch.bool).scatter_(2, sel, True)         # [B, T, Ms]

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lsm.dtypes import at_least_float32
 from lsm.rules._chunking import token_sequences
 
 
@@ -50,8 +51,8 @@ class Router(nn.Module):
         # the routing decision in at least float32, under autocast too (like the rules' gates): a bf16 logit
         # would flip the top-k choice of near-ties between memories
         with torch.autocast(x.device.type, enabled=False):
-            logits = F.linear(x.to(torch.promote_types(x.dtype, torch.float32)),
-                              self.proj.weight.to(torch.promote_types(self.proj.weight.dtype, torch.float32)))
+            logits = F.linear(x.to(at_least_float32(x.dtype)),
+                              self.proj.weight.to(at_least_float32(self.proj.weight.dtype)))
             probs = torch.softmax(logits / self.temperature, dim=-1)                      # [B, T, M]
         top, index = probs.topk(self.topk, dim=-1)                              # [B, T, K]
         return Routing(probs, index, top / top.sum(-1, keepdim=True))

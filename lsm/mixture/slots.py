@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from lsm.dtypes import at_least_float32
 from lsm.rules import backends
 from lsm.rules.base import DecodeState, UpdateRule
 
@@ -21,7 +22,7 @@ def with_shared_slot(index: Tensor, weight: Tensor, shared: int) -> tuple[Tensor
 
 def mix_slots(o: Tensor, w: Tensor) -> Tensor:
     """Weighted sum over slots: o `[L, S, H, V]`, w `[L, S]` -> `[L, H, V]` in o's dtype (summed in >= float32)."""
-    ct = torch.promote_types(o.dtype, torch.float32)
+    ct = at_least_float32(o.dtype)
     return (o.to(ct) * w.to(ct)[..., None, None]).sum(1).to(o.dtype)
 
 

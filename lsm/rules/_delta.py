@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from lsm.dtypes import at_least_float32
 from lsm.rules._chunking import ChunkLayout
 from lsm.rules._fla import fla_chunk
 from lsm.rules.base import UpdateRule
@@ -54,7 +55,7 @@ def delta_chunk(q: Tensor, k: Tensor, v: Tensor, h0: Tensor | None, scale: float
     """
     B, T, H, K = q.shape
     V = v.shape[-1]
-    dt = torch.promote_types(q.dtype, torch.float32)
+    dt = at_least_float32(q.dtype)
     C = layout.C
 
     # 1. chunk-aligned, head-major layout

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lsm.dtypes import at_least_float32
 from lsm.rules._chunking import ChunkLayout
 from lsm.rules._fla import fla_chunk
 from lsm.rules.base import UpdateRule, _check
@@ -76,7 +77,7 @@ def diag_chunk(q: Tensor, k: Tensor, v: Tensor, h0: Tensor | None, scale: float,
     """
     H, K = q.shape[2:]
     V = v.shape[-1]
-    dt = torch.promote_types(q.dtype, torch.float32)
+    dt = at_least_float32(q.dtype)
     # chunks with heads first: [Nb, NC, H, C, K|V]
     qc, kc, vc = (layout.to_chunks(x.to(dt)).transpose(2, 3).contiguous() for x in (q, k, v))
     h0s = layout.initial_states(h0, (H, K, V), dt, q.device)                 # [N, H, K, V]

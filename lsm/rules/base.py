@@ -24,6 +24,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from lsm.dtypes import at_least_float32
 from lsm.rules import backends
 from lsm.rules._chunking import ChunkLayout
 from lsm.rules.backends import Backend
@@ -144,7 +145,7 @@ class UpdateRule:
 
     @staticmethod
     def _compute_dtype(q: Tensor) -> torch.dtype:
-        return torch.promote_types(q.dtype, torch.float32)
+        return at_least_float32(q.dtype)
 
     # ---------------------------------------------------------------- decoding
     def init_state(self, batch: int, num_heads: int, key_dim: int, value_dim: int,

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lsm.dtypes import at_least_float32
+
 
 class NoGates(nn.Module):
     """Gate module of rules without per-token gates."""
@@ -43,7 +45,7 @@ class Mamba2Gate(nn.Module):
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         z = self.proj(x)
-        z = z.to(torch.promote_types(z.dtype, torch.float32))  # decays in at least float32
+        z = z.to(at_least_float32(z.dtype))  # decays in at least float32
         return {"g": -self.A_log.to(z.dtype).exp() * F.softplus(z + self.dt_bias.to(z.dtype))}
 
 
@@ -124,7 +126,7 @@ class TTTGate(nn.Module):
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         z = self.proj(x)
-        z = z.to(torch.promote_types(z.dtype, torch.float32))                        # rates in at least float32
+        z = z.to(at_least_float32(z.dtype))  # rates in at least float32
         out = {"eta": self.base_lr * torch.sigmoid(z)}
         if self.layer_norm:
             out.update(ln_weight=self.ln_weight, ln_bias=self.ln_bias)

@@ -63,6 +63,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from lsm.dtypes import at_least_float32
 from lsm.rules import backends
 from lsm.rules._chunking import ChunkLayout, token_sequences
 from lsm.rules.base import GateSpec, UpdateRule, _check, register
@@ -247,7 +248,7 @@ class TTT(UpdateRule):
         V, TT, dev = v.shape[-1], q.shape[0] * q.shape[1], q.device
         if TT == 0:
             return v.new_zeros(B, T, H, V), (state if output_final_state else None)
-        dt = torch.promote_types(torch.promote_types(q.dtype, torch.float32), S.dtype)
+        dt = torch.promote_types(at_least_float32(q.dtype), S.dtype)
         if n.device.type == "cpu":
             _check(bool(((n >= 0) & (n < b) & (n == n.round()) & (n == n[:, :1])).all()), ValueError,
                    f"{self.name}: the decode state's position `n` must be an integer in [0, {b}) that is the same for "
@@ -309,7 +310,7 @@ class TTT(UpdateRule):
         """
         H, K = q.shape[-2:]
         V = v.shape[-1]
-        dt = torch.promote_types(q.dtype, torch.float32)
+        dt = at_least_float32(q.dtype)
         b, C = mini_batch_size, layout.C
         M = C // b
         ln = ln_weight is not None
