@@ -56,7 +56,7 @@ from pathlib import Path
 from typing import Any
 
 from lsm.checkpoint import write_atomic
-from lsm.config import AblateConfig, Config, ConfigError, to_yaml, with_overrides
+from lsm.config import AblateConfig, Config, ConfigError, first_line, to_yaml, with_overrides
 
 VARIANT_LABELS = {"single": "single", "mom": "MoM", "single_same_state": "single, MoM-size state",
                   "single_active_state": "single, MoM-active state"}
@@ -218,8 +218,8 @@ def run_cell(cell: Cell, provenance: dict | None = None) -> dict:
     try:
         result = train(cfg, quiet=True)
     except Exception as e:  # a crashing cell is recorded, the sweep goes on
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        return {**row, "status": "failed", "error": f"{type(e).__name__}: {msg}"[:300],
+        error = f"{type(e).__name__}: {first_line(e)}" if str(e).strip() else type(e).__name__
+        return {**row, "status": "failed", "error": error[:300],
                 "train_s": round(time.perf_counter() - t0, 2), **_static_columns(cfg, provenance)}
     test, val = summary(result.eval), summary(result.val)
     metric = "accuracy" if "accuracy" in test else "bpb"
