@@ -1,6 +1,8 @@
 """MQAR invariants (Zoology layout) and the byte-level text source."""
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from lsm.config import ConfigError, MQARConfig, TextConfig, from_dict
 from lsm.data import IGNORE, MQARData, TextData, mqar_examples, mqar_write_positions
@@ -97,3 +99,15 @@ def test_text_bytes(tmp_path):
     assert tb and all(x.input_ids.shape[1] == 16 for x in tb)
     vb = list(d.test_batches(4, 2, "val"))
     assert vb and not torch.equal(vb[0].input_ids, tb[0].input_ids)
+
+
+@given(rows=st.integers(1, 8), cols=st.integers(1, 60), data=st.data(), levels=st.sampled_from([3, 50, 0]))
+def test_smallest_is_the_argsort_prefix(rows, cols, data, levels):
+    """`_smallest` (topk, argsort only for rows with an exact tie) gives `argsort(1)[:, :n]` exactly: the MQAR
+    streams stay what they were (uniform keys; with `levels` > 0 the entries tie often)."""
+    from lsm.data import _smallest
+
+    n = data.draw(st.integers(1, cols))
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31)))
+    r = torch.randint(0, levels, (rows, cols), generator=g).float() if levels else torch.rand(rows, cols, generator=g)
+    assert torch.equal(_smallest(r, n), r.argsort(1)[:, :n])
