@@ -113,7 +113,7 @@ def test_static_buffer_step_matches_eager_and_resumes_eagerly(tmp_path, monkeypa
 
     _fused(monkeypatch)
     extra = ["model.mixer.type=mom", "model.mixer.num_memories=2", "model.mixer.topk=1", "train.steps=8",
-             "train.ckpt_every=4", "train.grad_clip=0.5"]
+             "train.ckpt_every=4", "train.eval_every=3", "train.grad_clip=0.5"]
     eager = train(_cfg(tmp_path, "eager", *extra), quiet=True)
     made = []
     monkeypatch.setattr(lt, "make_step", lambda *a: made.append(GraphedTrainStep(*a, warmup=2, graph=False)) or made[-1])
