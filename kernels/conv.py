@@ -67,12 +67,13 @@ def _pre(x, w, b, xr, m_r, p, g, o_c, m_c, CX, MS: tl.constexpr, W: tl.constexpr
 
 @triton.jit
 def _tile(x, w, b, pos, src, R, T, CX, MS: tl.constexpr, W: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr,
-          HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr, MAP: tl.constexpr, ACC: tl.constexpr):
-    """This program's output tile: rows o_r, channels o_c, their masks, and u (before the activation)."""
+          CT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr, MAP: tl.constexpr, ACC: tl.constexpr):
+    """This program's output tile: rows o_r, channels o_c (the CT <= BC channels from i_c * CT: one whole head
+    when normalising, whatever its size), their masks, and u (before the activation)."""
     i_r, i_c = tl.program_id(0), tl.program_id(1)
     o_r = i_r.to(tl.int64) * BR + tl.arange(0, BR)
-    o_c = i_c * BC + tl.arange(0, BC)
-    m_r, m_c = o_r < R, o_c < CX
+    o_c = i_c * CT + tl.arange(0, BC)
+    m_r, m_c = o_r < R, (tl.arange(0, BC) < CT) & (o_c < CX)
     xr, t, g = _rows(src, o_r, m_r, MS, MAP)
     p = _pos(pos, t, m_r, T, HAS_POS)
     return o_r, o_c, m_r, m_c, _pre(x, w, b, xr, m_r, p, g, o_c, m_c, CX, MS, W, HAS_BIAS, MAP, ACC)
@@ -80,9 +81,9 @@ def _tile(x, w, b, pos, src, R, T, CX, MS: tl.constexpr, W: tl.constexpr, BR: tl
 
 @triton.jit
 def _conv_fwd(x, w, b, pos, src, y, R, T, CX, MS: tl.constexpr, W: tl.constexpr, BR: tl.constexpr,
-              BC: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr, MAP: tl.constexpr,
+              BC: tl.constexpr, CT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr, MAP: tl.constexpr,
               ACT: tl.constexpr, NORM: tl.constexpr, ACC: tl.constexpr):
-    o_r, o_c, m_r, m_c, u = _tile(x, w, b, pos, src, R, T, CX, MS, W, BR, BC, HAS_BIAS, HAS_POS, MAP, ACC)
+    o_r, o_c, m_r, m_c, u = _tile(x, w, b, pos, src, R, T, CX, MS, W, BR, BC, CT, HAS_BIAS, HAS_POS, MAP, ACC)
     if ACT:
         u = u * tl.sigmoid(u)
     if NORM:
@@ -92,10 +93,10 @@ def _conv_fwd(x, w, b, pos, src, y, R, T, CX, MS: tl.constexpr, W: tl.constexpr,
 
 @triton.jit
 def _conv_bwd_g(x, w, b, pos, src, dy, gr, R, T, CX, MS: tl.constexpr, W: tl.constexpr, BR: tl.constexpr,
-                BC: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr, MAP: tl.constexpr,
+                BC: tl.constexpr, CT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr, MAP: tl.constexpr,
                 ACT: tl.constexpr, NORM: tl.constexpr, ACC: tl.constexpr):
     """G = dL/du of every output row (u recomputed from x)."""
-    o_r, o_c, m_r, m_c, u = _tile(x, w, b, pos, src, R, T, CX, MS, W, BR, BC, HAS_BIAS, HAS_POS, MAP, ACC)
+    o_r, o_c, m_r, m_c, u = _tile(x, w, b, pos, src, R, T, CX, MS, W, BR, BC, CT, HAS_BIAS, HAS_POS, MAP, ACC)
     m = m_r[:, None] & m_c[None, :]
     d = tl.load(dy + o_r[:, None] * CX + o_c[None, :], mask=m, other=0.).to(ACC)
     a = u
@@ -177,11 +178,12 @@ def _conv_bwd_dx(gr, x, w, pos, inv, dx, part, L, T, CX, MS: tl.constexpr, W: tl
     tl.store(part + base + WP * CC + cc, tl.sum(db, axis=0), mask=m_c)
 
 
-def _blocks(C: int, head: int | None) -> tuple[int, int, int]:
-    """(rows, channels) of a tile and its warps: a whole head per tile when normalising."""
+def _blocks(C: int, head: int | None) -> tuple[int, int, int, int]:
+    """(rows, channel lanes BC, channels CT) of a tile and its warps: exactly one head per tile when normalising
+    (CT = head <= BC, the lanes past it masked: a head of any size, a power of two or not)."""
     BC = triton.next_power_of_2(head) if head else min(triton.next_power_of_2(C), 128)
     BR = max(1, min(64, 4096 // BC))
-    return BR, BC, 8 if BR * BC >= 4096 else 4
+    return BR, BC, head or BC, 8 if BR * BC >= 4096 else 4
 
 
 class ShortConvFunction(torch.autograd.Function):
@@ -194,10 +196,10 @@ class ShortConvFunction(torch.autograd.Function):
         R = L if src is None else src.shape[0]
         W = weight.shape[1]
         acc = tl.float64 if x.dtype == torch.float64 else tl.float32
-        BR, BC, warps = _blocks(CX, head)
+        BR, BC, CT, warps = _blocks(CX, head)
         y = x.new_empty(R, CX)
-        _conv_fwd[(triton.cdiv(R, BR), triton.cdiv(CX, BC))](
-            x, weight, bias, pos, src, y, R, T, CX, MS, W, BR, BC, bias is not None, pos is not None, src is not None,
+        _conv_fwd[(triton.cdiv(R, BR), triton.cdiv(CX, CT))](
+            x, weight, bias, pos, src, y, R, T, CX, MS, W, BR, BC, CT, bias is not None, pos is not None, src is not None,
             act, head is not None, acc, num_warps=warps)
         ctx.save_for_backward(x, weight, bias, pos, src, inv)
         ctx.cfg = (T, MS, act, head, acc)
@@ -211,10 +213,10 @@ class ShortConvFunction(torch.autograd.Function):
         CX = CC // MS
         R = dy.shape[0]
         W = weight.shape[1]
-        BR, BC, warps = _blocks(CX, head)
+        BR, BC, CT, warps = _blocks(CX, head)
         gr = torch.empty_like(dy)
-        _conv_bwd_g[(triton.cdiv(R, BR), triton.cdiv(CX, BC))](
-            x, weight, bias, pos, src, dy.contiguous(), gr, R, T, CX, MS, W, BR, BC, bias is not None,
+        _conv_bwd_g[(triton.cdiv(R, BR), triton.cdiv(CX, CT))](
+            x, weight, bias, pos, src, dy.contiguous(), gr, R, T, CX, MS, W, BR, BC, CT, bias is not None,
             pos is not None, src is not None, act, head is not None, acc, num_warps=warps)
         BC = min(128, CX & -CX)                                               # a power of two dividing CX
         BR, warps = max(1, min(64, 2048 // BC)), 4

@@ -42,7 +42,7 @@ def grads(y, leaves, seed):
 
 
 @given(lens=st.lists(st.integers(0, 9), min_size=1, max_size=3), B=st.integers(1, 2), W=st.integers(2, 4),
-       heads=st.integers(1, 3), head=st.sampled_from([4, 8]), norm=st.booleans(), packed=st.booleans(),
+       heads=st.integers(1, 3), head=st.sampled_from([4, 6, 8, 12]), norm=st.booleans(), packed=st.booleans(),
        seed=st.integers(0, 99))
 def test_short_conv_equals_torch(lens, B, W, heads, head, norm, packed, seed):
     C = heads * head
@@ -59,11 +59,25 @@ def test_short_conv_equals_torch(lens, B, W, heads, head, norm, packed, seed):
             torch.testing.assert_close(a, b, **F64)
 
 
+@pytest.mark.parametrize("head", [6, 12])
+def test_short_conv_norm_of_a_head_that_is_not_a_power_of_two(head):
+    """The per-head L2 norm normalises each head on its own when the head is narrower than its power-of-two tile
+    (a tile of 8 or 16 lanes must not reach into the next head): forward and gradients, two heads, packed."""
+    m = conv_module(2 * head, 4, 0)
+    cu = cu_from([3, 6])
+    x = torch.randn(1, 9, 2 * head, dtype=torch.float64, device=DEV, requires_grad=True)
+    y = m(x, None, cu, head=head, backend="triton")[0]
+    y_ref = m(x, None, cu, head=head, backend="torch")[0]
+    torch.testing.assert_close(y, y_ref, **F64)
+    for a, b in zip(grads(y, [x, m.weight, m.bias], 0), grads(y_ref, [x, m.weight, m.bias], 0)):
+        torch.testing.assert_close(a, b, **F64)
+
+
 @given(lens=st.lists(st.integers(1, 8), min_size=1, max_size=3), G=st.integers(2, 4), topk=st.integers(1, 2),
-       norm=st.booleans(), seed=st.integers(0, 99))
-def test_short_conv_gather_equals_full_then_gather(lens, G, topk, norm, seed):
+       norm=st.booleans(), dims=st.sampled_from([(8, 4), (12, 6)]), seed=st.integers(0, 99))
+def test_short_conv_gather_equals_full_then_gather(lens, G, topk, norm, dims, seed):
     """MoM's form: only the routed (token, memory) rows, in packed order, with the token-stream conv."""
-    CX, head = 8, 4
+    CX, head = dims
     m = conv_module(G * CX, 4, seed)
     T = sum(lens)
     cu = cu_from(lens)
