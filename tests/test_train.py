@@ -113,7 +113,7 @@ def test_static_buffer_step_matches_eager_and_resumes_eagerly(tmp_path, monkeypa
 
     _fused(monkeypatch)
     extra = ["model.mixer.type=mom", "model.mixer.num_memories=2", "model.mixer.topk=1", "train.steps=8",
-             "train.ckpt_every=4", "train.eval_every=3", "train.grad_clip=0.5"]
+             "train.ckpt_every=4", "train.eval_every=3", "train.grad_clip=0.5", "train.loss_positions=labelled"]
     eager = train(_cfg(tmp_path, "eager", *extra), quiet=True)
     made = []
     monkeypatch.setattr(lt, "make_step", lambda *a: made.append(GraphedTrainStep(*a, warmup=2, graph=False)) or made[-1])
@@ -173,7 +173,7 @@ def test_cuda_graph_step_trains_like_eager(tmp_path, monkeypatch, mixer, rule):
     monkeypatch.setattr(lt, "make_step", lambda *a: made.append(real(*a)) or made[-1])
     extra = [f"model.mixer.type={mixer}", f"model.mixer.rule={rule}", "model.mixer.backend=triton", "train.device=cuda",
              "train.steps=12", "train.eval_every=4", "train.ckpt_every=6", "model.mixer.num_memories=4",
-             "model.mixer.topk=2", "data.mqar.seq_len=64",
+             "model.mixer.topk=2", "data.mqar.seq_len=64", "train.loss_positions=labelled",
              "model.hidden_size=64"]  # head_dim 32: the Triton kernels need >= 16
     eager = train(_cfg(tmp_path, "eager", *extra), quiet=True)
     graphed = train(_cfg(tmp_path, "graphed", *extra, "train.cuda_graph=true"), quiet=True)
