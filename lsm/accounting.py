@@ -127,6 +127,11 @@ def _mixer_account(mixer: nn.Module, seq_len: int) -> dict[str, float]:
     return dict(params=params, active=active, memory=memory, state=state_total, rw=rw, kv=0, flops=flops)
 
 
+def head_flops_per_token(model: nn.Module) -> int:
+    """Forward FLOPs per token of the output head (in `flops_per_token`; a loss at a few positions runs it there only)."""
+    return 2 * model.head.weight.numel()
+
+
 def account(model: nn.Module, seq_len: int) -> Account:
     """Parameters, decode-state and FLOP counts of a built `LanguageModel` at context length `seq_len`."""
     if not isinstance(seq_len, int) or seq_len < 1:
@@ -141,7 +146,7 @@ def account(model: nn.Module, seq_len: int) -> Account:
             sums[key] += c[key]
         if block.mlp is not None:
             sums["flops"] += 2 * sum(m.weight.numel() for m in block.mlp.modules() if isinstance(m, nn.Linear))
-    sums["flops"] += 2 * model.head.weight.numel()
+    sums["flops"] += head_flops_per_token(model)
     active = total - mixer_params + sums["active"]
     return Account(params_total=int(total), params_active=int(round(active)), memory_floats=int(sums["memory"]),
                    state_floats=int(sums["state"]), state_rw_floats=int(round(sums["rw"])),

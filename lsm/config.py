@@ -21,6 +21,7 @@ from omegaconf.errors import OmegaConfBaseException
 MIXER_TYPES = ("rule", "mom", "attention")
 DATA_KINDS = ("mqar", "text")
 PRECISIONS = ("auto", "fp32", "bf16")
+LOSS_POSITIONS = ("all", "labelled")
 PARALLEL = ("none", "ddp", "fsdp")
 VARIANTS = ("single", "mom", "single_same_state", "single_active_state")
 SELECTIONS = ("mean", "two_stage")
@@ -140,6 +141,8 @@ class TrainConfig:
     progress: bool = True              # tqdm progress bar
     tensorboard: bool = True           # also log to TensorBoard when it is installed
     peak_tflops: float = 0.0           # device peak TFLOP/s for MFU; 0 = from lsm.console's table by GPU name
+    loss_positions: str = "all"        # "all", or "labelled": the output head runs at the labelled positions only (MQAR's
+                                       # queries: the same loss, the head's cost / (seq_len / pairs)); lsm.step
     cuda_graph: bool = False           # CUDA: replay the whole training step as one CUDA graph (lsm.step; one process,
                                        # grad_accum 1, one batch shape); ignored on CPU
 
@@ -441,6 +444,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.betas: must be two numbers in [0, 1), got {list(t.betas)}")
     _choice("train.precision", t.precision, PRECISIONS)
     _choice("train.parallel", t.parallel, PARALLEL)
+    _choice("train.loss_positions", t.loss_positions, LOSS_POSITIONS)
     if t.cuda_graph and (t.grad_accum != 1 or t.parallel != "none"):
         raise ConfigError("train.cuda_graph: needs train.grad_accum: 1 and train.parallel: none (one graph replays one "
                           "micro-batch in one process); set train.cuda_graph: false to accumulate or run DDP/FSDP")

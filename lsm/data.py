@@ -92,6 +92,15 @@ def mqar_examples(num_examples: int, num_pairs: int, seq_len: int, vocab_size: i
     return Batch(seq[:, :-1].contiguous(), labels[:, :-1].contiguous())
 
 
+def labelled_positions(labels: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The first k labelled positions of each row, in order, and their labels, `[B, k]` each (static shapes, no host
+    synchronisation: a stable sort of the IGNORE mask). A row with fewer labels is filled with unlabelled positions,
+    whose label is IGNORE, so a loss over them equals the loss over all positions."""
+    k = min(k, labels.shape[1])
+    positions = (labels == IGNORE).to(torch.uint8).argsort(dim=1, stable=True)[:, :k]
+    return positions, labels.gather(1, positions)
+
+
 def mqar_write_positions(batch: Batch, num_pairs: int) -> Tensor:
     """For every query of an MQAR batch, the position of its pair's value token (where the pair is written).
 
@@ -117,6 +126,10 @@ class MQARData:
 
     def __init__(self, cfg: MQARConfig, seed: int = 0):
         self.cfg, self.seed = cfg, seed
+
+    def max_labels(self) -> int:
+        """The most labelled positions a training row holds: its cell's pairs (one label per query)."""
+        return max(n for _, n in self.train_cells())
 
     def train_cells(self) -> list[tuple[int, int]]:
         """The (seq_len, pairs) cells the training examples draw from, uniformly."""
@@ -183,6 +196,10 @@ class TextData:
     test splits (the bytes run train | val | test)."""
 
     kind = "text"
+
+    def max_labels(self) -> int:
+        """Every position of a window is labelled."""
+        return self.cfg.seq_len
 
     def __init__(self, cfg: TextConfig, seed: int = 0):
         self.cfg, self.seed = cfg, seed

@@ -110,8 +110,11 @@ class LanguageModel(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def forward(self, input_ids: Tensor, cu_seqlens: Tensor | None = None, caches: list | None = None,
-                use_cache: bool = False) -> ModelOutput:
-        """input_ids `[B, T]` (packed: `[1, total]` with `cu_seqlens [N+1]`) -> ModelOutput."""
+                use_cache: bool = False, positions: Tensor | None = None) -> ModelOutput:
+        """input_ids `[B, T]` (packed: `[1, total]` with `cu_seqlens [N+1]`) -> ModelOutput.
+
+        positions `[B, K]`: the output head runs at these positions only, logits `[B, K, vocab]` (a loss that reads
+        a few positions, e.g. MQAR's queries: `lsm.data.labelled_positions`)."""
         if input_ids.dim() != 2:
             raise ValueError(f"LanguageModel: `input_ids` must be [B, T], got shape {tuple(input_ids.shape)}")
         if caches is not None and len(caches) != len(self.blocks):
@@ -125,7 +128,9 @@ class LanguageModel(nn.Module):
                 new_caches.append(cache)
             if aux_i is not None:
                 aux = aux + aux_i.float()
-        logits = self.head(self.norm(x))                                     # [B, T, vocab]
+        if positions is not None:
+            x = x.gather(1, positions[..., None].expand(-1, -1, x.shape[-1]))  # [B, K, D]
+        logits = self.head(self.norm(x))                                     # [B, T or K, vocab]
         return ModelOutput(logits, aux, new_caches)
 
     @torch.no_grad()

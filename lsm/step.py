@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from lsm import distributed
 from lsm.config import Config, ConfigError, first_line
+from lsm.data import labelled_positions
 from lsm.runtime import autocast_context
 
 StepValues = tuple[Tensor, Tensor, Tensor, int]   # lm loss, aux loss, grad norm (device tensors), tokens
@@ -37,6 +38,8 @@ class EagerStep:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, data, cfg: Config,
                  ctx: distributed.DistContext):
         self.model, self.optimizer, self.data, self.cfg, self.ctx = model, optimizer, data, cfg, ctx
+        # train.loss_positions: labelled: the head runs at a row's (at most) `labels` labelled positions only
+        self.labels = data.max_labels() if cfg.train.loss_positions == "labelled" else None
 
     def __call__(self, step: int) -> StepValues:
         t, ctx, device = self.cfg.train, self.ctx, self.ctx.device
@@ -46,7 +49,8 @@ class EagerStep:
         for micro in range(t.grad_accum):
             batch = distributed.train_shard(self.data, step, t.batch_size, micro, ctx).to(device)
             with distributed.grad_sync(self.model, micro == t.grad_accum - 1):  # reduce once per step
-                lm_loss, lm_value, aux = loss_of(self.model, batch.input_ids, batch.labels, t.precision, device, ctx)
+                lm_loss, lm_value, aux = loss_of(self.model, batch.input_ids, batch.labels, t.precision, device, ctx,
+                                                 self.labels)
                 ((lm_loss + aux) / t.grad_accum).backward()
             lm_sum += lm_value.float() / t.grad_accum
             aux_sum += aux.detach().float() / t.grad_accum
@@ -58,10 +62,17 @@ class EagerStep:
 
 
 def loss_of(model: nn.Module, input_ids: Tensor, labels: Tensor, precision: str, device: torch.device,
-            ctx: distributed.DistContext, cache_casts: bool = True) -> tuple[Tensor, Tensor, Tensor]:
-    """(language-model loss to backpropagate, its detached value, the router's aux loss) of one micro-batch."""
+            ctx: distributed.DistContext, at_labels: int | None = None,
+            cache_casts: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+    """(language-model loss to backpropagate, its detached value, the router's aux loss) of one micro-batch.
+
+    at_labels: the output head runs at each row's first `at_labels` labelled positions only (the same loss when
+    no row holds more: `train.loss_positions: labelled`)."""
+    positions = None
+    if at_labels is not None:
+        positions, labels = labelled_positions(labels, at_labels)
     with autocast_context(precision, device, cache_enabled=cache_casts):
-        out = model(input_ids)
+        out = model(input_ids, positions=positions)
         # mean over the global micro-batch's labelled tokens
         lm_loss, lm_value = distributed.token_mean_loss(out.logits, labels, ctx)
     return lm_loss, lm_value, out.aux_loss
@@ -159,7 +170,7 @@ class GraphedTrainStep:
             self.optimizer.zero_grad(set_to_none=True)
         # autocast's weight-cast cache would hold casts made during capture: off inside the graph
         lm_loss, lm_value, aux = loss_of(self.model, self.ids, self.labels, t.precision, self.ctx.device, self.ctx,
-                                         cache_casts=False)
+                                         self.eager.labels, cache_casts=False)
         (lm_loss + aux).backward()
         norm = clip(self.model, t.grad_clip)
         self.optimizer.step()

@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from lsm import checkpoint, distributed
-from lsm.accounting import account, config_seq_len
+from lsm.accounting import account, config_seq_len, head_flops_per_token
 from lsm.config import Config, TrainConfig, to_yaml
 from lsm.console import StepMeter, StepRow, device_peak_tflops, format_line, info_lines
 from lsm.data import build_data
@@ -174,6 +174,7 @@ def _train(cfg: Config, ctx: distributed.DistContext, resume: bool, max_steps: i
     seed_everything(t.seed, threads=t.threads)
     model = build_model(cfg).to(device)
     acc = account(model, config_seq_len(cfg))
+    head_flops = head_flops_per_token(model)
     model = distributed.wrap_model(model, cfg)
     optimizer = build_optimizer(model, t, fused=device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -201,7 +202,10 @@ def _train(cfg: Config, ctx: distributed.DistContext, resume: bool, max_steps: i
     bar = tqdm(total=t.steps, initial=start, disable=not (t.progress and main) or quiet, dynamic_ncols=True,
                desc=cfg.name, unit="step")
     every_step = _reads_back_every_step(device)
-    meter = StepMeter(device, flops_per_token=acc.train_flops_per_token, peak_tflops=device_peak_tflops(device, t.peak_tflops))
+    flops = acc.train_flops_per_token
+    if t.loss_positions == "labelled":   # the head, forward and backward, runs at max_labels of seq_len positions only
+        flops -= round(3 * head_flops * (1 - data.max_labels() / config_seq_len(cfg)))
+    meter = StepMeter(device, flops_per_token=flops, peak_tflops=device_peak_tflops(device, t.peak_tflops))
     t0 = time.perf_counter()
     step = start
     try:

@@ -111,3 +111,19 @@ def test_smallest_is_the_argsort_prefix(rows, cols, data, levels):
     g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31)))
     r = torch.randint(0, levels, (rows, cols), generator=g).float() if levels else torch.rand(rows, cols, generator=g)
     assert torch.equal(_smallest(r, n), r.argsort(1)[:, :n])
+
+
+@given(rows=st.integers(1, 6), T=st.integers(1, 40), k=st.integers(1, 45), data=st.data())
+def test_labelled_positions(rows, T, k, data):
+    """The first k labelled positions per row in order, then unlabelled ones labelled IGNORE; static shape."""
+    from lsm.data import labelled_positions
+
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31)))
+    labels = torch.where(torch.rand(rows, T, generator=g) < data.draw(st.floats(0, 1)),
+                         torch.randint(0, 50, (rows, T), generator=g), torch.full((rows, T), IGNORE))
+    pos, lab = labelled_positions(labels, k)
+    assert pos.shape == lab.shape == (rows, min(k, T))
+    for b in range(rows):
+        want = (labels[b] != IGNORE).nonzero().flatten()[:k].tolist()
+        assert pos[b, :len(want)].tolist() == want and torch.equal(lab[b], labels[b, pos[b]])
+        assert (lab[b, len(want):] == IGNORE).all() and len(set(pos[b].tolist())) == pos.shape[1]

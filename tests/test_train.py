@@ -113,7 +113,7 @@ def test_static_buffer_step_matches_eager_and_resumes_eagerly(tmp_path, monkeypa
 
     _fused(monkeypatch)
     extra = ["model.mixer.type=mom", "model.mixer.num_memories=2", "model.mixer.topk=1", "train.steps=8",
-             "train.ckpt_every=4", "train.eval_every=3", "train.grad_clip=0.5"]
+             "train.ckpt_every=4", "train.eval_every=3", "train.grad_clip=0.5", "train.loss_positions=labelled"]
     eager = train(_cfg(tmp_path, "eager", *extra), quiet=True)
     made = []
     monkeypatch.setattr(lt, "make_step", lambda *a: made.append(GraphedTrainStep(*a, warmup=2, graph=False)) or made[-1])
@@ -144,6 +144,8 @@ def test_cuda_graph_config_errors_and_cpu_fallback(tmp_path):
     from lsm.distributed import DistContext
     from lsm.step import EagerStep, GraphedTrainStep, make_step
 
+    with pytest.raises(ConfigError, match=r"train.loss_positions"):
+        _cfg(tmp_path, "x", "train.loss_positions=queries")
     with pytest.raises(ConfigError, match=r"train.cuda_graph: needs train.grad_accum: 1"):
         _cfg(tmp_path, "x", "train.cuda_graph=true", "train.grad_accum=2")
     cfg = _cfg(tmp_path, "x", "train.cuda_graph=true")
@@ -171,7 +173,7 @@ def test_cuda_graph_step_trains_like_eager(tmp_path, monkeypatch, mixer, rule):
     monkeypatch.setattr(lt, "make_step", lambda *a: made.append(real(*a)) or made[-1])
     extra = [f"model.mixer.type={mixer}", f"model.mixer.rule={rule}", "model.mixer.backend=triton", "train.device=cuda",
              "train.steps=12", "train.eval_every=4", "train.ckpt_every=6", "model.mixer.num_memories=4",
-             "model.mixer.topk=2", "data.mqar.seq_len=64",
+             "model.mixer.topk=2", "data.mqar.seq_len=64", "train.loss_positions=labelled",
              "model.hidden_size=64"]  # head_dim 32: the Triton kernels need >= 16
     eager = train(_cfg(tmp_path, "eager", *extra), quiet=True)
     graphed = train(_cfg(tmp_path, "graphed", *extra, "train.cuda_graph=true"), quiet=True)
@@ -179,3 +181,33 @@ def test_cuda_graph_step_trains_like_eager(tmp_path, monkeypatch, mixer, rule):
     _lr_filled_in_place(made[-1], steps=12, cfg=_cfg(tmp_path, "graphed", *extra))
     torch.testing.assert_close(torch.tensor(graphed.losses), torch.tensor(eager.losses), rtol=2e-2, atol=1e-3)
     assert abs(graphed.eval["accuracy"] - eager.eval["accuracy"]) <= 0.1
+
+
+def test_loss_at_labelled_positions_equals_the_full_loss(tmp_path):
+    """train.loss_positions: labelled runs the head at MQAR's queries only: the same loss and gradients as the head at
+    every position, for a MoM model (float64 model; the cross-entropy runs in float32, hence the tolerances); and a
+    trainer run gives the same losses."""
+    from lsm.data import build_data
+    from lsm.distributed import DistContext
+    from lsm.model import build_model
+    from lsm.step import loss_of
+
+    cfg = _cfg(tmp_path, "x", "model.mixer.type=mom", "model.mixer.num_memories=2", "model.mixer.topk=1")
+    data = build_data(cfg)
+    model = build_model(cfg).double()
+    batch = data.train_batch(0, 8)
+    ctx = DistContext()
+    values = []
+    for at in (None, data.max_labels()):
+        model.zero_grad(set_to_none=True)
+        loss, value, aux = loss_of(model, batch.input_ids, batch.labels, "fp32", torch.device("cpu"), ctx, at)
+        (loss + aux).backward()
+        values.append((value, [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    (v_all, g_all), (v_lab, g_lab) = values
+    torch.testing.assert_close(v_lab, v_all, rtol=1e-6, atol=0)
+    assert len(g_all) == len(g_lab) > 0
+    for a, b in zip(g_lab, g_all):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)
+    runs = [train(_cfg(tmp_path, f"r{i}", "train.steps=4", f"train.loss_positions={lp}"), quiet=True)
+            for i, lp in enumerate(("all", "labelled"))]
+    torch.testing.assert_close(torch.tensor(runs[1].losses), torch.tensor(runs[0].losses), rtol=1e-5, atol=1e-6)
