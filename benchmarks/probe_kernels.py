@@ -7,12 +7,14 @@
 The cases are the pieces of the 1-layer gated_deltanet training step that crashed with `an illegal memory access`
 on an H200 at width 16 (2 heads of 8; batch 4, T = 64, bf16 autocast, backend "triton"), at that step's shapes:
 `train` (the step itself, through lsm.train as tests/test_train.py ran it), `layer` (one RuleLayer forward +
-backward), `conv_fwd` / `conv_bwd` (lsm_kernels.conv, q/k with the per-head L2 norm and v without),
-`norm_fwd` / `norm_bwd` (lsm_kernels.norm), `delta_fwd` / `delta_bwd` (lsm_kernels.delta with its cumsum).
+backward), `mom_layer` (the same for a MixtureOfMemories of 4 memories, top-2), `conv_fwd` / `conv_bwd`
+(lsm_kernels.conv, q/k with the per-head L2 norm and v without), `norm_fwd` / `norm_bwd` (lsm_kernels.norm),
+`delta_fwd` / `delta_bwd` (lsm_kernels.delta with its cumsum).
 A fault poisons the CUDA context, so every (case, head, config) runs in a fresh process; with
 CUDA_LAUNCH_BLOCKING=1 the failing launch is the one the error is raised at, and the child prints the innermost
 line of kernels/ in the traceback (the launcher line names the kernel). `--config i/9` keeps the i-th of the
-9 configs of every `_tune` autotuner (num_warps 2/4/8 x num_stages 2/3/4, in that order) through LSM_WARM_SHARD.
+9 configs of every `_tune` autotuner (num_warps 2/4/8 x num_stages 2/3/4, in that order) through LSM_WARM_SHARD;
+the conv and norm kernels are not tuned and run once.
 Prints one row per run: case, head, config, `ok` or the failing line and the error's first line.
 `--device cpu` (with TRITON_INTERPRET=1) runs the same plumbing on the CPU: no fault to find there, and `train`
 diverges there because the interpreter's bf16 dots are wrong (it multiplies the raw bf16 bits).
@@ -26,7 +28,8 @@ import sys
 import tempfile
 import traceback
 
-CASES = ("train", "layer", "conv_fwd", "conv_bwd", "norm_fwd", "norm_bwd", "delta_fwd", "delta_bwd")
+CASES = ("train", "layer", "mom_layer", "conv_fwd", "conv_bwd", "norm_fwd", "norm_bwd", "delta_fwd", "delta_bwd")
+UNTUNED = {"conv_fwd", "conv_bwd", "norm_fwd", "norm_bwd"}   # fixed launch parameters: one config is all there is
 WARPS, STAGES = (2, 4, 8), (2, 3, 4)
 B, T, H = 4, 64, 2
 
@@ -54,9 +57,11 @@ def run_case(case: str, head: int, dev: str = "cuda") -> None:
             f"train.device={dev}", "train.precision=bf16", "train.progress=false", "train.tensorboard=false",
             "eval.batch_size=16", "name=probe", f"train.out_dir={out}/probe"])
         train(cfg, quiet=True)
-    elif case == "layer":
+    elif case in ("layer", "mom_layer"):
         from lsm.layers import RuleLayer
-        layer = RuleLayer("gated_deltanet", C, H, chunk_size=64, backend="triton").to(dev)
+        from lsm.mixture import MixtureOfMemories
+        layer = (RuleLayer("gated_deltanet", C, H, chunk_size=64, backend="triton") if case == "layer" else
+                 MixtureOfMemories("gated_deltanet", C, H, num_memories=4, topk=2, backend="triton")).to(dev)
         x = torch.randn(B, T, C, device=dev, requires_grad=True)
         with torch.autocast(torch.device(dev).type, dtype=bf16):
             y = layer(x).output
@@ -126,7 +131,7 @@ def main() -> int:
     print(f"{'case':10} {'head':>4}  {'config':18} result", flush=True)
     for case in a.cases:
         for head in a.heads:
-            for i in a.configs:
+            for i in (a.configs[:1] if case in UNTUNED else a.configs):
                 cmd = [sys.executable, os.path.abspath(__file__), "--case", case, "--head", str(head),
                        "--config", f"{i}/{n}", "--device", a.device]
                 try:
