@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU session on the lent H100/H200 (see benchmarks/README.md): install the carried wheels
 # (fla 0.6.0, triton 3.7.1 reassembled from /tmp/tw), then run the steps named on the command line.
-# Logs go to $OUT.   Usage: bash benchmarks/gpu_session.sh [warm|console|check|mom|kernels|kernels2048|kernels8192|tests|sweep|zoo]...
+# Logs go to $OUT.   Usage: bash benchmarks/gpu_session.sh [warm|console|check|mom|kernels|kernels2048|kernels8192|tests|sweep|zoopilot|zoo]...
 # (TEST_JOBS, TESTS, TESTS_S, TEST_K, TEST_TIMEOUT, TEST_TAG: pytest workers, paths, time limit, -k expression,
 #  per-test limit and log-name suffix of `tests`; RACE_RULES, RACE_S: the race's rules and limit)
 #
@@ -79,6 +79,17 @@ for what in "$@"; do
       timeout ${RACE_S:-580} python3 benchmarks/bench_kernels.py --T $T --rules ${RACE_RULES:-$RULES} --out "$OUT/bench_kernels_$T.json" 2>&1 | tee "$OUT/bench_kernels_$T.log" | tail -40 ;;
     sweep)   timeout ${SWEEP_S:-560} python3 benchmarks/bench_sweep_gpu.py --procs ${SWEEP_PROCS:-1 4 8} --out "$OUT" 2>&1 \
                | tee "$OUT/bench_sweep_gpu.log" | tail -20 ;;
+    zoopilot)  # the preset's learning curve before the study: one rule, single memory, the LR grid side by side,
+               # PILOT_STEPS steps at most (early stop at 0.99); each run's metrics.jsonl comes back (a cut run's too)
+      timeout ${ZOO_S:-540} python3 -m lsm ablate configs/zoology_mqar.yaml "ablate.rules=[${PILOT_RULE:-deltanet}]" \
+        "ablate.variants=[single]" "ablate.seeds=[0]" "ablate.grid={model.hidden_size: [${PILOT_WIDTH:-64}]}" \
+        ablate.jobs=3 ablate.out_dir=runs/zoo_pilot train.steps=${PILOT_STEPS:-20000} ${ZOO_EXTRA:-} 2>&1 \
+        | tee "$OUT/zoopilot.log" | tail -12
+      mkdir -p "$OUT/zoo_pilot"
+      (cd runs/zoo_pilot && find cells -name metrics.jsonl | tar -cf - -T - | tar -xf - -C "$OUT/zoo_pilot")
+      for f in "$OUT"/zoo_pilot/cells/*/metrics.jsonl; do
+        echo "$f: $(grep -c '"loss"' "$f") log lines; last validation: $(grep '"val/accuracy"' "$f" | tail -1 | cut -c1-120)"
+      done ;;
     zoo)
       Z=runs/zoology_mqar
       timeout ${ZOO_S:-540} python3 -m lsm ablate configs/zoology_mqar.yaml \
