@@ -38,8 +38,8 @@ class EagerStep:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, data, cfg: Config,
                  ctx: distributed.DistContext):
         self.model, self.optimizer, self.data, self.cfg, self.ctx = model, optimizer, data, cfg, ctx
-        # train.loss_positions: labelled: the head runs at a row's (at most) `labels` labelled positions only
-        self.labels = data.max_labels() if cfg.train.loss_positions == "labelled" else None
+        # train.loss_positions: labelled: the head runs at a row's (at most) `at_labels` labelled positions only
+        self.at_labels = data.max_labels() if cfg.train.loss_positions == "labelled" else None
 
     def __call__(self, step: int) -> StepValues:
         t, ctx, device = self.cfg.train, self.ctx, self.ctx.device
@@ -50,7 +50,7 @@ class EagerStep:
             batch = distributed.train_shard(self.data, step, t.batch_size, micro, ctx).to(device)
             with distributed.grad_sync(self.model, micro == t.grad_accum - 1):  # reduce once per step
                 lm_loss, lm_value, aux = loss_of(self.model, batch.input_ids, batch.labels, t.precision, device, ctx,
-                                                 self.labels)
+                                                 self.at_labels)
                 ((lm_loss + aux) / t.grad_accum).backward()
             lm_sum += lm_value.float() / t.grad_accum
             aux_sum += aux.detach().float() / t.grad_accum
@@ -170,7 +170,7 @@ class GraphedTrainStep:
             self.optimizer.zero_grad(set_to_none=True)
         # autocast's weight-cast cache would hold casts made during capture: off inside the graph
         lm_loss, lm_value, aux = loss_of(self.model, self.ids, self.labels, t.precision, self.ctx.device, self.ctx,
-                                         self.eager.labels, cache_casts=False)
+                                         self.eager.at_labels, cache_casts=False)
         (lm_loss + aux).backward()
         norm = clip(self.model, t.grad_clip)
         self.optimizer.step()
