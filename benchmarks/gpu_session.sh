@@ -79,11 +79,12 @@ for what in "$@"; do
       timeout ${RACE_S:-580} python3 benchmarks/bench_kernels.py --T $T --rules ${RACE_RULES:-$RULES} --out "$OUT/bench_kernels_$T.json" 2>&1 | tee "$OUT/bench_kernels_$T.log" | tail -40 ;;
     sweep)   timeout ${SWEEP_S:-560} python3 benchmarks/bench_sweep_gpu.py --procs ${SWEEP_PROCS:-1 4 8} --out "$OUT" 2>&1 \
                | tee "$OUT/bench_sweep_gpu.log" | tail -20 ;;
-    zoopilot)  # the preset's learning curve before the study: one rule, single memory, the LR grid side by side,
-               # PILOT_STEPS steps at most (early stop at 0.99); each run's metrics.jsonl comes back (a cut run's too)
-      timeout ${ZOO_S:-540} python3 -m lsm ablate configs/zoology_mqar.yaml "ablate.rules=[${PILOT_RULE:-deltanet}]" \
-        "ablate.variants=[single]" "ablate.seeds=[0]" "ablate.grid={model.hidden_size: [${PILOT_WIDTH:-64}]}" \
-        ablate.jobs=3 ablate.out_dir=runs/zoo_pilot train.steps=${PILOT_STEPS:-20000} ${ZOO_EXTRA:-} 2>&1 \
+    zoopilot)  # the preset's learning curves before the study: single memory, seed 0, PILOT_RULES x PILOT_GRID x the LR
+               # grid side by side (PILOT_JOBS processes), PILOT_STEPS steps at most (early stop at 0.99); each run's
+               # metrics.jsonl comes back (a cut run's too)
+      timeout ${ZOO_S:-540} python3 -m lsm ablate configs/zoology_mqar.yaml "ablate.rules=${PILOT_RULES:-[deltanet]}" \
+        "ablate.variants=[single]" "ablate.seeds=[0]" "ablate.grid=${PILOT_GRID:-{model.hidden_size: [64]\}}" \
+        ablate.jobs=${PILOT_JOBS:-3} ablate.out_dir=runs/zoo_pilot train.steps=${PILOT_STEPS:-20000} ${ZOO_EXTRA:-} 2>&1 \
         | tee "$OUT/zoopilot.log" | tail -12
       mkdir -p "$OUT/zoo_pilot"
       (cd runs/zoo_pilot && find cells -name metrics.jsonl | tar -cf - -T - | tar -xf - -C "$OUT/zoo_pilot")
