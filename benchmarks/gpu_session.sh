@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU session on the lent H100/H200 (see benchmarks/README.md): install the carried wheels
 # (fla 0.6.0, triton 3.7.1 reassembled from /tmp/tw), then run the steps named on the command line.
-# Logs go to $OUT.   Usage: bash benchmarks/gpu_session.sh [warm|console|check|mom|kernels|kernels2048|kernels8192|tests|sweep|zoopilot|zoo]...
+# Logs go to $OUT.   Usage: bash benchmarks/gpu_session.sh [warm|console|check|mom|kernels|kernels2048|kernels8192|tests|sweep|zoopilot|zoo|zoobg|zoofetch]...
 # (TEST_JOBS, TESTS, TESTS_S, TEST_K, TEST_TIMEOUT, TEST_TAG: pytest workers, paths, time limit, -k expression,
 #  per-test limit and log-name suffix of `tests`; RACE_RULES, RACE_S: the race's rules and limit)
 #
@@ -11,12 +11,15 @@
 #   mom      benchmarks/bench_mom.py (issue table: MoM vs single layer vs fla, decode, syncs)
 #   kernels* benchmarks/bench_kernels.py (ours vs fla vs SDPA, every rule), T = 2048 and/or 8192
 #   sweep    benchmarks/bench_sweep_gpu.py: steps/s of the recall study's model, SWEEP_PROCS processes sharing the GPU
-#   zoo      one call of the recall study (configs/zoology_mqar.yaml) into runs/zoology_mqar (carry it: the call
-#            sees the finished runs and plans the second stage from them): ZOO_RULES ("[deltanet,gla]"),
-#            ZOO_WIDTHS ("[64]"), ZOO_SHARD ("1/1"), ZOO_JOBS, ZOO_EXTRA (more overrides), ZOO_S (time limit; a cut sweep keeps its finished
-#            rows). Its rows (shards/<rules_widths_shard>/runs.csv) and each cell's metrics.jsonl come back
-#            under $OUT/zoology_mqar: copy them into runs/zoology_mqar here, then `lsm ablate configs/zoology_mqar.yaml --merge`
-#            (with ZOO_EXTRA's overrides, if any: cells are hashed from their resolved config, ablate.* aside).
+#   zoo      a shard of the recall study (configs/zoology_mqar.yaml) into $ZOO_DIR (/tmp/zoology_mqar: a later call on
+#            the warm machine sees its finished runs and plans the second stage from them): ZOO_RULES ("[deltanet,gla]"),
+#            ZOO_WIDTHS ("[64]"), ZOO_SHARD ("1/1"), ZOO_JOBS, ZOO_EXTRA (more overrides), ZOO_S (time limit; a cut
+#            sweep keeps its finished rows).
+#   zoobg    the same in a process session of its own: it runs on after the call returns, while the machine is held
+#   zoofetch waits up to ZOO_WAIT s for the sweeps, then packs every shard's rows (shards/<rules_widths_shard>/runs.csv),
+#            each cell's metrics.jsonl and config.yaml, and the sweep logs into $OUT/zoo.tgz. Here: unpack it into
+#            runs/zoology_mqar, then `lsm ablate configs/zoology_mqar.yaml --merge` (with ZOO_EXTRA's overrides, if any:
+#            cells are hashed from their resolved config, ablate.* aside).
 # Timed steps autotune alone on the GPU, with LSM_TUNE_MS=5,25 for ours and fla's kernels alike.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -38,6 +41,7 @@ export PYTHONPATH=$SITE:$PWD PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TRITON_CACHE_
 export LSM_TUNE_MS=${LSM_TUNE_MS:-5,25}
 python3 -c "import torch, triton, fla; print('torch', torch.__version__, 'triton', triton.__version__, 'fla', fla.__version__, torch.cuda.get_device_name())"
 RULES="linear_attention retnet lightning gla hgrn2 mamba2 deltanet gated_deltanet ttt"
+Z=${ZOO_DIR:-/tmp/zoology_mqar}   # the study's sweep folder, outside the tree that every call copies afresh
 for what in "$@"; do
   t0=$(date +%s)
   case $what in
@@ -86,22 +90,33 @@ for what in "$@"; do
         "ablate.variants=[single]" "ablate.seeds=[0]" "ablate.grid=${PILOT_GRID:-{model.hidden_size: [64]\}}" \
         ablate.jobs=${PILOT_JOBS:-3} ablate.out_dir=runs/zoo_pilot train.steps=${PILOT_STEPS:-20000} ${ZOO_EXTRA:-} 2>&1 \
         | tee "$OUT/zoopilot.log" | tail -12
-      mkdir -p "$OUT/zoo_pilot"
-      (cd runs/zoo_pilot && find cells -name metrics.jsonl | tar -cf - -T - | tar -xf - -C "$OUT/zoo_pilot")
-      for f in "$OUT"/zoo_pilot/cells/*/metrics.jsonl; do
+      (cd runs/zoo_pilot && find cells -name metrics.jsonl | tar -czf "$OUT/zoo_pilot.tgz" -T - runs.csv)
+      for f in runs/zoo_pilot/cells/*/metrics.jsonl; do
         echo "$f: $(grep -c '"loss"' "$f") log lines; last validation: $(grep '"val/accuracy"' "$f" | tail -1 | cut -c1-120)"
       done ;;
-    zoo)
-      Z=runs/zoology_mqar
-      timeout ${ZOO_S:-540} python3 -m lsm ablate configs/zoology_mqar.yaml \
-        ablate.rules=${ZOO_RULES:?set ZOO_RULES, e.g. [deltanet]} "ablate.grid={model.hidden_size: ${ZOO_WIDTHS:-[64,128]}}" \
-        ablate.jobs=${ZOO_JOBS:-8} ablate.out_dir=$Z ${ZOO_EXTRA:-} --shard ${ZOO_SHARD:-1/1} 2>&1 | tee "$OUT/zoo.log" | tail -30
-      # the shard's rows under a name of their own (rules, widths, shard), so no later call overwrites them here
-      TAG=$(echo "${ZOO_RULES}_${ZOO_WIDTHS:-all}_${ZOO_SHARD:-1/1}" | tr -c 'a-z0-9\n' '_')
-      S=${ZOO_SHARD:-1/1}; mkdir -p "$OUT/zoology_mqar/shards/$TAG"
-      cp "$Z/shards/${S%/*}of${S#*/}/runs.csv" "$OUT/zoology_mqar/shards/$TAG/runs.csv"
-      (cd $Z && find cells -name metrics.jsonl -o -name config.yaml | grep -v checkpoints | tar -cf - -T - \
-        | tar -xf - -C "$OUT/zoology_mqar") ;;
+    zoo|zoobg)  # zoobg: the same sweep in its own process session, so it outlives this call (see zoofetch)
+      mkdir -p $Z
+      TAG=$(echo "${ZOO_RULES:?set ZOO_RULES, e.g. [deltanet]}_${ZOO_WIDTHS:-all}_${ZOO_SHARD:-1/1}" | tr -c 'a-z0-9\n' '_')
+      echo "$TAG ${ZOO_SHARD:-1/1}" >> $Z/tags
+      CMD=(timeout ${ZOO_S:-540} python3 -m lsm ablate configs/zoology_mqar.yaml ablate.rules=${ZOO_RULES}
+           "ablate.grid={model.hidden_size: ${ZOO_WIDTHS:-[64,128]}}" ablate.jobs=${ZOO_JOBS:-8} ablate.out_dir=$Z
+           ${ZOO_EXTRA:-} --shard ${ZOO_SHARD:-1/1})
+      if [ $what = zoobg ]; then setsid nohup "${CMD[@]}" > $Z/log_$TAG.txt 2>&1 < /dev/null & echo "started: ${CMD[*]}"
+      else "${CMD[@]}" 2>&1 | tee $Z/log_$TAG.txt | tail -30; fi ;;
+    zoofetch)  # wait (ZOO_WAIT seconds at most) for the sweeps zoo/zoobg started, then pack what they finished
+      end=$(( $(date +%s) + ${ZOO_WAIT:-0} ))
+      while pgrep -f "lsm ablate configs/zoology_mqar" > /dev/null && [ $(date +%s) -lt $end ]; do sleep 5; done
+      pgrep -f "lsm ablate configs/zoology_mqar" > /dev/null && echo "a sweep is still running (its finished rows come back)"
+      # each shard's rows under a name of their own (rules, widths, shard), so no later fetch overwrites them here
+      rm -rf /tmp/zoo_pack; mkdir -p /tmp/zoo_pack/shards
+      while read -r tag S; do
+        f=$Z/shards/${S%/*}of${S#*/}/runs.csv
+        [ -f $f ] && mkdir -p /tmp/zoo_pack/shards/$tag && cp $f /tmp/zoo_pack/shards/$tag/runs.csv
+      done < $Z/tags
+      cp $Z/log_*.txt /tmp/zoo_pack/ 2>/dev/null
+      (cd $Z && find cells -name metrics.jsonl -o -name config.yaml | grep -v checkpoints | tar -cf - -T - | tar -xf - -C /tmp/zoo_pack)
+      tar -czf "$OUT/zoo.tgz" -C /tmp/zoo_pack . && tail -q -n 4 $Z/log_*.txt
+      echo "$OUT/zoo.tgz: $(cat /tmp/zoo_pack/shards/*/runs.csv 2>/dev/null | grep -c ',ok,') finished rows" ;;
   esac
   echo "# step $what took $(( $(date +%s) - t0 )) s"
 done
