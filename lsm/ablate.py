@@ -226,6 +226,7 @@ def run_cell(cell: Cell, provenance: dict | None = None) -> dict:
     row.update({metric: test[metric], **{k: v for k, v in test.items() if k != metric and k != "loss"},
                 f"val_{metric}": val[metric], "status": "ok", "error": "",
                 "steps": result.step, "steps_to_target": result.steps_to_target if result.steps_to_target else "",
+                "half_step": _blank(half_step(run_metrics({"run_dir": cfg.train.out_dir}))),
                 "final_loss": result.losses[-1] if result.losses else "",
                 "train_s": round(time.perf_counter() - t0, 2), **_static_columns(cfg, provenance)})
     return row
@@ -518,6 +519,9 @@ def summarize(rows: list[dict], selection: str = "mean", seeds: list[int] | None
                 "val_mean": statistics.fmean(r[f"val_{metric}"] for r in ok) if ok else math.nan,
                 "steps_mean": statistics.fmean(r["steps"] for r in ok) if ok else math.nan,
                 "reached_target": sum(1 for r in ok if r.get("steps_to_target") not in ("", None)),
+                "half_step_mean": statistics.fmean(halves) if (halves := [r["half_step"] for r in ok
+                                                                           if r.get("half_step") not in ("", None)])
+                else math.nan, "half_step_n": len(halves),
                 "train_s_mean": statistics.fmean(r["train_s"] for r in ok) if ok else math.nan}
         for k in ("params_total", "params_active", "state_floats", "memory_floats", "state_rw_floats"):
             if members[0].get(k) is not None:
@@ -563,9 +567,10 @@ def markdown_table(lines: list[dict], cfg: Config, metric: str = "accuracy") -> 
             f"[{', '.join(_fmt(x) for x in learning_rates(cfg))}]; selection: {SELECTION_LABELS[a.selection]}; "
             f"{what} reported at the selected LR, never selected on. vs single: paired per-seed difference, "
             f"mean ± standard error, wins/seeds; a win or loss only if every seed agrees in sign or |mean| > 2 SE, "
-            f"else a tie.\n\n")
+            f"else a tie. Half-way step: the first validation step at half the run's last validation accuracy "
+            f"(mean over seeds; how long runs sat on a plateau first).\n\n")
     cols = ["rule", "variant", *[k.split(".")[-1] for k in swept], "lr", "seeds", f"{metric} mean ± std", "min–max",
-            "validation", "state (floats)", "params", "steps", "vs single", "verdict"]
+            "validation", "state (floats)", "params", "steps", "half-way step", "vs single", "verdict"]
     align = ["---"] * (2 + len(swept)) + ["---:"] * (len(cols) - 3 - len(swept)) + ["---"]
     out = ["| " + " | ".join(cols) + " |", "|" + "|".join(align) + "|"]
     for ln in lines:
@@ -575,9 +580,18 @@ def markdown_table(lines: list[dict], cfg: Config, metric: str = "accuracy") -> 
         cells = [ln["rule"], VARIANT_LABELS[ln["variant"]], *[_fmt(ln.get(k)) for k in swept], _fmt(ln["lr"]), n,
                  f"{_num(ln['mean'])} ± {_num(ln['std'])}", f"{_num(ln['min'])}–{_num(ln['max'])}",
                  _num(ln["val_mean"]), f"{ln.get('state_floats', 0):,}",
-                 f"{ln.get('params_total', 0) / 1e3:.0f}k", _num(ln["steps_mean"], ".0f"), vs, ln.get("verdict", "")]
+                 f"{ln.get('params_total', 0) / 1e3:.0f}k", _num(ln["steps_mean"], ".0f"), _half(ln), vs,
+                 ln.get("verdict", "")]
         out.append("| " + " | ".join(cells) + " |")
     return head + "\n".join(out) + "\n" + _state_matched_table(lines, swept) + mom_answer(lines)
+
+
+def _half(line: dict) -> str:
+    """The half-way step column: mean over the seeds that have one, and how many of the line's seeds do."""
+    if not line.get("half_step_n"):
+        return "–"
+    n = "" if line["half_step_n"] == line["n_seeds"] else f" ({line['half_step_n']}/{line['n_seeds']})"
+    return f"{line['half_step_mean']:.0f}{n}"
 
 
 def _state_matched_table(lines: list[dict], swept: list[str]) -> str:
@@ -637,6 +651,33 @@ def mom_answer(lines: list[dict]) -> str:
     return "\n".join(out) + "\n"
 
 
+def run_metrics(row: dict, out: Path | None = None) -> list[dict]:
+    """A row's metrics.jsonl records: in its run_dir, or, for rows merged from another host, in
+    `out/cells/<the run's folder name>` (where `gpu_session.sh zoofetch` unpacks them). [] when neither exists."""
+    run_dir = Path(row.get("run_dir") or "")
+    if not run_dir.name:
+        return []
+    for d in (run_dir, *([out / "cells" / run_dir.name] if out is not None else [])):
+        path = d / "metrics.jsonl"
+        if path.is_file():
+            return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+    return []
+
+
+def half_step(records: list[dict], floor: float = 0.1) -> int | None:
+    """The first validation step whose accuracy reached half of the run's last validation accuracy: how long a run
+    sat on a plateau (MQAR's) before it learned. None without a validation accuracy, or when the last is below
+    `floor` (a run that never left chance has no half-way point)."""
+    curve = [(r["step"], r["val/accuracy"]) for r in records if "val/accuracy" in r]
+    if not curve or curve[-1][1] < floor:
+        return None
+    return next(step for step, acc in curve if acc >= curve[-1][1] / 2)
+
+
+def _blank(x: Any) -> Any:
+    return "" if x is None else x
+
+
 def write_results(rows: list[dict], cfg: Config) -> list[dict]:
     """results.md, results.csv and the plots from a sweep's rows; returns the summary lines."""
     out = Path(cfg.ablate.out_dir)
@@ -647,6 +688,9 @@ def write_results(rows: list[dict], cfg: Config) -> list[dict]:
     position = lambda values, v: values.index(v) if v in values else len(values)
     order = lambda ln: (position(a.rules, ln["rule"]), position(a.variants, ln["variant"]),
                         *(position(list(values), ln.get(k)) for k, values in a.grid.items()))
+    for r in rows:   # rows from before the column, or from another host: from the metrics that came with them
+        if r.get("status") == "ok" and r.get("half_step") in (None, ""):
+            r["half_step"] = _blank(half_step(run_metrics(r, out)))
     lines = sorted(summarize(rows, a.selection, list(a.seeds)), key=order)  # the config's order, not the finishing order
     metric = _metric(rows)
     write_atomic(out / "results.md", markdown_table(lines, cfg, metric))
@@ -713,11 +757,9 @@ def plot_all(rows: list[dict], lines: list[dict], out: Path, metric: str) -> Non
     for i, ln in enumerate(lines):
         by_step: dict[int, list[float]] = {}
         for r in _selected(rows, ln):
-            path = Path(r.get("run_dir") or "") / "metrics.jsonl"
-            if path.is_file():
-                for rec in map(json.loads, path.read_text().splitlines()):
-                    if "loss" in rec:
-                        by_step.setdefault(rec["step"], []).append(rec["loss"])
+            for rec in run_metrics(r, out):
+                if "loss" in rec:
+                    by_step.setdefault(rec["step"], []).append(rec["loss"])
         if by_step:
             steps = sorted(by_step)
             st = style(ln, i)

@@ -123,6 +123,30 @@ def test_shards_cover_the_sweep_and_merge(tmp_path):
     assert (tmp_path / "sweep" / "results.md").exists() and (tmp_path / "sweep" / "loss_curves.png").exists()
 
 
+def test_half_way_step_from_the_curve_and_from_curves_merged_from_another_host(tmp_path):
+    """half_step: the first validation step at half the last validation accuracy (None for a run that never left
+    chance); rows merged from another host find their metrics under out_dir/cells/<run folder>, and the table gives
+    the mean over the seeds that have one."""
+    import json
+
+    curve = lambda *accs: [{"step": 100 * (i + 1), "val/accuracy": a} for i, a in enumerate(accs)]
+    assert ablate.half_step(curve(0.0, 0.01, 0.3, 0.5, 0.8) + [{"step": 500, "loss": 1.0}]) == 400
+    assert ablate.half_step(curve(0.0, 0.02, 0.05)) is None and ablate.half_step([{"step": 1, "loss": 2.0}]) is None
+    cfg = tiny(tmp_path, "ablate.seeds=[0,1]", "ablate.variants=[single]")
+    rows = sorted(ablate.run_sweep(cfg, quiet=True), key=lambda r: r["seed"])
+    assert all(r["half_step"] == "" or r["half_step"] % cfg.train.eval_every == 0 for r in rows)
+    out = tmp_path / "merged"
+    for seed, r in enumerate(rows):   # as if run elsewhere: run_dir names a folder that is not here
+        r.update(run_dir=f"/elsewhere/cells/{seed}-run", half_step="")
+        (out / "cells" / f"{seed}-run").mkdir(parents=True)
+        records = curve(0.0, 0.2, 0.6, 0.8) if seed == 0 else curve(0.0, 0.0, 0.05)
+        (out / "cells" / f"{seed}-run" / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in records))
+    lines = ablate.write_results(rows, with_overrides(cfg, {"ablate.out_dir": str(out)}))
+    assert [r["half_step"] for r in rows] == [300, ""]
+    assert lines[0]["half_step_mean"] == 300 and lines[0]["half_step_n"] == 1
+    assert "| 300 (1/2) |" in (out / "results.md").read_text()
+
+
 def test_merge_from_the_cli_names_a_config_mismatch(tmp_path, capsys):
     """`lsm ablate CONFIG --merge key=value ...` takes overrides after the flag; merging under other overrides than
     the shards ran with finds none of their cells and says what to do."""
