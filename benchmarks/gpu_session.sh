@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU session on the lent H100/H200 (see benchmarks/README.md): install the carried wheels
 # (fla 0.6.0, triton 3.7.1 reassembled from /tmp/tw), then run the steps named on the command line.
-# Logs go to $OUT.   Usage: bash benchmarks/gpu_session.sh [warm|console|check|mom|kernels|kernels2048|kernels8192|tests|sweep|zoopilot|zoo|zoobg|zoofetch]...
+# Logs go to $OUT.   Usage: bash benchmarks/gpu_session.sh [warm|console|check|mom|kernels|kernels2048|kernels8192|tests|sweep|mps|zoopilot|zoo|zoobg|zoofetch]...
 # (TEST_JOBS, TESTS, TESTS_S, TEST_K, TEST_TIMEOUT, TEST_TAG: pytest workers, paths, time limit, -k expression,
 #  per-test limit and log-name suffix of `tests`; RACE_RULES, RACE_S: the race's rules and limit)
 #
@@ -81,19 +81,17 @@ for what in "$@"; do
     kernels2048|kernels8192)
       T=${what#kernels}
       timeout ${RACE_S:-580} python3 benchmarks/bench_kernels.py --T $T --rules ${RACE_RULES:-$RULES} --out "$OUT/bench_kernels_$T.json" 2>&1 | tee "$OUT/bench_kernels_$T.log" | tail -40 ;;
-    sweep)   timeout ${SWEEP_S:-560} python3 benchmarks/bench_sweep_gpu.py --procs ${SWEEP_PROCS:-1 4 8} --out "$OUT" 2>&1 \
-               | tee "$OUT/bench_sweep_gpu.log" | tail -20 ;;
-    zoopilot)  # the preset's learning curves before the study: single memory, seed 0, PILOT_RULES x PILOT_GRID x the LR
-               # grid side by side (PILOT_JOBS processes), PILOT_STEPS steps at most (early stop at 0.99); each run's
-               # metrics.jsonl comes back (a cut run's too)
-      timeout ${ZOO_S:-540} python3 -m lsm ablate configs/zoology_mqar.yaml "ablate.rules=${PILOT_RULES:-[deltanet]}" \
-        "ablate.variants=[single]" "ablate.seeds=[0]" "ablate.grid=${PILOT_GRID:-{model.hidden_size: [64]\}}" \
-        ablate.jobs=${PILOT_JOBS:-3} ablate.out_dir=runs/zoo_pilot train.steps=${PILOT_STEPS:-20000} ${ZOO_EXTRA:-} 2>&1 \
-        | tee "$OUT/zoopilot.log" | tail -12
-      (cd runs/zoo_pilot && find cells -name metrics.jsonl | tar -czf "$OUT/zoo_pilot.tgz" -T - runs.csv)
-      for f in runs/zoo_pilot/cells/*/metrics.jsonl; do
-        echo "$f: $(grep -c '"loss"' "$f") log lines; last validation: $(grep '"val/accuracy"' "$f" | tail -1 | cut -c1-120)"
-      done ;;
+    sweep)   # the n-th sweep step of the command line writes $OUT/sweep_n (e.g. before and after `mps`)
+      n_sweep=$(( ${n_sweep:-0} + 1 )); mkdir -p "$OUT/sweep_$n_sweep"
+      timeout ${SWEEP_S:-560} python3 benchmarks/bench_sweep_gpu.py --procs ${SWEEP_PROCS:-1 4 8} ${SWEEP_ARGS:-} \
+        --out "$OUT/sweep_$n_sweep" 2>&1 | tee "$OUT/sweep_$n_sweep/bench_sweep_gpu.log" | tail -20 ;;
+    mps)     # CUDA MPS: one server runs every process's kernels, so the tiny kernels of several training processes can
+             # overlap on the SMs instead of taking turns (time slices). The control daemon is a process of this user
+             # (device settings stay as they are); processes started after it use it, until the machine goes back.
+             # Compare: `SWEEP_PROCS="1 8 16" bash benchmarks/gpu_session.sh sweep mps sweep`.
+      if command -v nvidia-cuda-mps-control > /dev/null; then
+        nvidia-cuda-mps-control -d && sleep 1 && echo "MPS control daemon started"
+      else echo "no nvidia-cuda-mps-control in this image: processes share the GPU by time slices"; fi ;;
     zoo|zoobg)  # zoobg: the same sweep in its own process session, so it outlives this call (see zoofetch)
       mkdir -p $Z
       TAG=$(echo "${ZOO_RULES:?set ZOO_RULES, e.g. [deltanet]}_${ZOO_WIDTHS:-all}_${ZOO_SHARD:-1/1}" | tr -c 'a-z0-9\n' '_')
