@@ -102,12 +102,14 @@ def format_result(result: dict) -> str:
         text = "\n".join(rows) + "\n"
     routing = result.get("routing") or {}
     if routing:
-        text += "\n| layer | load per memory | router entropy (nats) | dead memories | write/read share a memory |\n"
-        text += "|---|---|---:|---:|---:|\n"
+        text += ("\n| layer | load per memory | router entropy (nats) | dead memories | write/read share a memory "
+                 "| pair writes per memory |\n")
+        text += "|---|---|---:|---:|---:|---|\n"
         for layer, d in routing.items():
             load = " ".join(f"{d[k]:.2f}" for k in d if k.startswith("load"))
             share = f"{d['share']:.3f}" if "share" in d else ""
-            text += f"| {layer} | {load} | {d['entropy']:.3f} | {d['dead']} | {share} |\n"
+            writes = " ".join(f"{d[k]:.2f}" for k in d if k.startswith("write"))
+            text += f"| {layer} | {load} | {d['entropy']:.3f} | {d['dead']} | {share} | {writes} |\n"
     return text
 
 

@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 from lsm.config import load_config
 from lsm.data import mqar_examples, mqar_write_positions
 from lsm.evaluate import evaluate, format_result, summary
-from lsm.mixture.diagnostics import RoutingTally, dead_memories, memory_counts, router_entropy, write_read_shared
+from lsm.mixture.diagnostics import (RoutingTally, dead_memories, memory_counts, router_entropy, write_counts,
+                                     write_read_shared)
 from lsm.mixture.routing import Routing
 from lsm.model import build_model
 
@@ -30,7 +31,7 @@ def test_counts_and_sharing_equal_plain_loops(B, pairs, M, K, seed):
     r = _routing(B, T, M, min(K, M), seed)
     batch = mqar_examples(B, pairs, T, 64, torch.Generator().manual_seed(seed))
     write = mqar_write_positions(batch, pairs)
-    counts = [0.0] * M
+    counts, writes = [0.0] * M, [0.0] * M
     hits = queries = 0
     for b in range(B):
         for t in range(T):
@@ -39,7 +40,10 @@ def test_counts_and_sharing_equal_plain_loops(B, pairs, M, K, seed):
             if write[b, t] >= 0:
                 queries += 1
                 hits += bool(set(r.index[b, t].tolist()) & set(r.index[b, int(write[b, t])].tolist()))
+                for m in r.index[b, int(write[b, t])].tolist():
+                    writes[m] += 1
     assert memory_counts(r.index, M).tolist() == counts
+    assert write_counts(r.index, write, M).tolist() == writes and sum(writes) == B * pairs * r.index.shape[-1]
     got_hits, got_queries = write_read_shared(r.index, write)
     assert (int(got_hits), int(got_queries)) == (hits, queries) and queries == B * pairs
     ent = [-sum(p * math.log(p) for p in r.probs[b, t].tolist()) for b in range(B) for t in range(T)]
@@ -56,6 +60,7 @@ def test_hand_made_tally():
     out = tally.summary()
     assert [out[f"load{m}"] for m in range(4)] == pytest.approx([2 / 3, 1 / 3, 0.0, 0.0], abs=1e-7)
     assert out["dead"] == 2 and out["share"] == 0.0 and math.isclose(out["entropy"], math.log(4), rel_tol=1e-6)
+    assert [out[f"write{m}"] for m in range(4)] == [0.0, 1.0, 0.0, 0.0]   # the one pair was written to memory 1
     assert int(dead_memories(torch.tensor([0.5, 0.5]))) == 0
 
 
@@ -73,9 +78,10 @@ def test_evaluation_reports_routing_per_mom_layer(tmp_path):
     for d in result["routing"].values():
         assert math.isclose(sum(d[f"load{m}"] for m in range(3)), 1.0, rel_tol=1e-6)
         assert 0 <= d["share"] <= 1 and 0 <= d["entropy"] <= math.log(3) + 1e-6 and 0 <= d["dead"] <= 3
+        assert math.isclose(sum(d[f"write{m}"] for m in range(3)), 1.0, rel_tol=1e-6)
     flat = summary(result)
     assert flat["route/L1/share"] == result["routing"]["L1"]["share"]
-    assert "write/read share a memory" in format_result(result)
+    assert "write/read share a memory" in format_result(result) and "pair writes per memory" in format_result(result)
     single = load_config(None, TINY)
     assert "routing" not in evaluate(build_model(single), single)
 

@@ -15,6 +15,9 @@ Per layer:
   share     MQAR: fraction of queries whose read (at the query's key token) shares at least one routed
             memory with their pair's write (at its value token); without a shared routed memory a
             query can only be answered from the shared memory
+  write[m]  MQAR: fraction of the pairs' routed writes (at their value tokens) that go to memory m: how the
+            pairs, which are what a memory has to hold, spread over the memories (`load` counts every token,
+            and most of an MQAR sequence is filler that routes alike)
 """
 from __future__ import annotations
 
@@ -57,6 +60,15 @@ def write_read_shared(index: Tensor, write_pos: Tensor) -> tuple[Tensor, Tensor]
     return (share & query).sum(), query.sum()
 
 
+def write_counts(index: Tensor, write_pos: Tensor, num_memories: int) -> Tensor:
+    """Routed memories of every queried pair's write: index `[B, T, K]`, write_pos as in `write_read_shared` ->
+    `[M]` float32 counts (each pair is queried once in MQAR, so each write counts once)."""
+    query = write_pos >= 0
+    at_write = index.gather(1, write_pos.clamp(min=0)[..., None].expand(-1, -1, index.shape[-1]))  # [B, T, K]
+    weights = query[..., None].expand_as(at_write).reshape(-1).float()
+    return torch.zeros(num_memories, device=index.device).index_add_(0, at_write.reshape(-1), weights)
+
+
 class RoutingTally:
     """Running sums of one layer's routing over batches, kept on the device until `summary`."""
 
@@ -66,6 +78,7 @@ class RoutingTally:
         self.tokens = 0                   # host int (shapes are known on the host)
         self.shared: Tensor | int = 0     # []
         self.queries: Tensor | int = 0    # []
+        self.writes: Tensor | int = 0     # [M] routed pair writes per memory
 
     def add(self, routing: Routing, write_pos: Tensor | None = None) -> None:
         """Count one forward's routing (`[B, T, ...]`); `write_pos` `[B, T]` adds the write/read sharing (MQAR)."""
@@ -73,11 +86,13 @@ class RoutingTally:
         self.entropy = self.entropy + router_entropy(routing.probs.float()).sum()
         self.tokens += routing.probs[..., 0].numel()
         if write_pos is not None:
-            hits, n = write_read_shared(routing.index, write_pos.to(routing.index.device))
+            write_pos = write_pos.to(routing.index.device)
+            hits, n = write_read_shared(routing.index, write_pos)
             self.shared, self.queries = self.shared + hits, self.queries + n
+            self.writes = self.writes + write_counts(routing.index, write_pos, routing.probs.shape[-1])
 
     def summary(self) -> dict[str, float]:
-        """load{m}, entropy, dead (and share when queries were counted) as host numbers."""
+        """load{m}, entropy, dead (and share, write{m} when queries were counted) as host numbers."""
         if not self.tokens:
             return {}
         load = self.counts / self.counts.sum()
@@ -86,6 +101,7 @@ class RoutingTally:
         out["dead"] = int(dead_memories(load))
         if isinstance(self.queries, Tensor) and int(self.queries):
             out["share"] = float(self.shared) / int(self.queries)
+            out |= {f"write{m}": float(x) for m, x in enumerate((self.writes / self.writes.sum()).tolist())}
         return out
 
 
