@@ -583,7 +583,7 @@ def markdown_table(lines: list[dict], cfg: Config, metric: str = "accuracy") -> 
                  f"{ln.get('params_total', 0) / 1e3:.0f}k", _num(ln["steps_mean"], ".0f"), _half(ln), vs,
                  ln.get("verdict", "")]
         out.append("| " + " | ".join(cells) + " |")
-    return head + "\n".join(out) + "\n" + _state_matched_table(lines, swept) + mom_answer(lines)
+    return head + "\n".join(out) + "\n" + _state_matched_table(lines, swept) + mom_answer(lines) + _mom_diagnostics(lines, swept)
 
 
 def _half(line: dict) -> str:
@@ -609,6 +609,33 @@ def _state_matched_table(lines: list[dict], swept: list[str]) -> str:
         vs = [(f"{ln[f'vs_{b}_diff_mean']:+.3f} ± {_num(ln[f'vs_{b}_diff_se'])} ({ln[f'vs_{b}_wins']}/"
                f"{ln[f'vs_{b}_paired']}) {ln[f'vs_{b}_verdict']}") if f"vs_{b}_diff_mean" in ln else "" for b in have]
         out.append("| " + " | ".join([ln["rule"], *[_fmt(ln.get(k)) for k in swept], *vs]) + " |")
+    return "\n".join(out) + "\n"
+
+
+def _mom_diagnostics(lines: list[dict], swept: list[str]) -> str:
+    """Why MoM wins, ties or loses: per MoM line, the half-way step of every variant of its rule and grid point (when
+    runs learned), and per MoM layer the write/read share, the busiest memory's share of the pairs' writes (of the
+    tokens' routing without MQAR pairs) and the dead memories, all means over the seeds at the selected LR."""
+    moms = [ln for ln in lines if ln["variant"] == "mom" and any(k.startswith("route/") for k in ln)]
+    if not moms:
+        return ""
+    layers = sorted({k.split("/")[1] for ln in moms for k in ln if k.startswith("route/")}, key=lambda x: int(x[1:]))
+    variants = [v for v in ("mom", "single", *STATE_MATCHED) if any(ln["variant"] == v for ln in lines)]
+    cols = ["rule", *[k.split(".")[-1] for k in swept], "half-way step: " + " / ".join(VARIANT_LABELS[v] for v in variants),
+            *[f"{layer} {what}" for layer in layers for what in ("share", "busiest memory", "dead")]]
+    out = ["", "MoM's diagnostics (means over seeds at the selected LR): half-way steps of every variant; per MoM layer the "
+           "fraction of queries that read a memory their pair was written to (share), the busiest memory's fraction of "
+           "the pairs' writes (of all tokens' routing when there are no pairs; 1 / num_memories is a fair share), and "
+           "dead memories.", "", "| " + " | ".join(cols) + " |", "|" + "|".join(["---"] * (2 + len(swept)) + ["---:"] * 3 * len(layers)) + "|"]
+    for ln in moms:
+        at = [json.dumps(ln.get(k)) for k in swept]
+        same = {o["variant"]: o for o in lines if o["rule"] == ln["rule"] and [json.dumps(o.get(k)) for k in swept] == at}
+        halves = " / ".join(_half(same[v]) if v in same else "–" for v in variants)
+        diag = []
+        for layer in layers:
+            diag += [_num(ln.get(f"route/{layer}/share")), _num(ln.get(f"route/{layer}/busiest"), ".2f"),
+                     _num(ln.get(f"route/{layer}/dead"), ".2f")]
+        out.append("| " + " | ".join([ln["rule"], *[_fmt(ln.get(k)) for k in swept], halves, *diag]) + " |")
     return "\n".join(out) + "\n"
 
 
@@ -674,6 +701,20 @@ def half_step(records: list[dict], floor: float = 0.1) -> int | None:
     return next(step for step, acc in curve if acc >= curve[-1][1] / 2)
 
 
+def busiest_memory(row: dict) -> dict:
+    """route/<layer>/busiest of a MoM row: the largest share of the pairs' writes one memory took (write<m>), or of all
+    routed tokens (load<m>) where no pairs were counted; per run, so a mean over seeds does not average memories
+    whose numbering differs between seeds."""
+    out = {}
+    for layer in sorted({k.split("/")[1] for k in row if k.startswith("route/")}):
+        for kind in ("write", "load"):
+            shares = [v for k, v in row.items() if k.startswith(f"route/{layer}/{kind}") and v not in ("", None)]
+            if shares:
+                out[f"route/{layer}/busiest"] = max(shares)
+                break
+    return out
+
+
 def _blank(x: Any) -> Any:
     return "" if x is None else x
 
@@ -691,6 +732,7 @@ def write_results(rows: list[dict], cfg: Config) -> list[dict]:
     for r in rows:   # rows from before the column, or from another host: from the metrics that came with them
         if r.get("status") == "ok" and r.get("half_step") in (None, ""):
             r["half_step"] = _blank(half_step(run_metrics(r, out)))
+        r.update(busiest_memory(r))
     lines = sorted(summarize(rows, a.selection, list(a.seeds)), key=order)  # the config's order, not the finishing order
     metric = _metric(rows)
     write_atomic(out / "results.md", markdown_table(lines, cfg, metric))

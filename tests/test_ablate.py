@@ -346,6 +346,28 @@ def test_recall_study_report_per_rule_figure_and_answer(tmp_path):
     assert legend.count("Zoology (published)") == 1 and legend[-1] == "Zoology (published)"
 
 
+def test_mom_diagnostics_table_averages_each_runs_busiest_memory(tmp_path):
+    """The busiest memory is taken per run (memory numbers differ between seeds) before the mean over seeds: two seeds
+    whose pairs crowd into memory 0 and memory 1 give 0.7, where the mean loads would give 0.45; rows without pairs
+    fall back to the all-token load; the diagnostics table names every variant's half-way step."""
+    assert ablate.busiest_memory({"route/L0/load0": 0.2, "route/L0/load1": 0.8, "route/L0/share": 0.5}) == \
+        {"route/L0/busiest": 0.8}
+    rows = [r for r in _study_rows() if r["rule"] == "deltanet" and r["model.hidden_size"] == 16]
+    for r in rows:
+        r["half_step"] = 100 * (1 + r["seed"])
+        if r["variant"] == "mom":
+            crowded = [0.7, 0.2, 0.1] if r["seed"] % 2 == 0 else [0.2, 0.7, 0.1]
+            r.update({f"route/L1/write{m}": x for m, x in enumerate(crowded)}, **{"route/L1/share": 0.9, "route/L1/dead": 0})
+    cfg = load_config(None, ["ablate.rules=[deltanet]", "ablate.seeds=[0,1,2]", f"ablate.out_dir={tmp_path}",
+                             "ablate.variants=[single,mom,single_active_state,single_same_state]",
+                             "ablate.grid={model.hidden_size: [16]}"])
+    lines = ablate.write_results(rows, cfg)
+    mom = next(ln for ln in lines if ln["variant"] == "mom")
+    assert mom["route/L1/busiest"] == pytest.approx(0.7) and mom["route/L1/share"] == pytest.approx(0.9)
+    md = (tmp_path / "results.md").read_text()
+    assert "| deltanet | 16 | 200 / 200 / 200 / 200 | 0.900 | 0.70 | 0.00 |" in md
+
+
 def test_zoology_points_sit_where_zoology_counts_state():
     """The published points' bytes agree (within the figure's reading, 5%) with Zoology's state_size() count of the
     configuration they come from, and every point names its source."""
