@@ -11,8 +11,7 @@ from hypothesis import strategies as st
 from lsm.config import load_config
 from lsm.data import mqar_examples, mqar_write_positions
 from lsm.evaluate import evaluate, format_result, summary
-from lsm.mixture.diagnostics import (RoutingTally, dead_memories, memory_counts, router_entropy, write_counts,
-                                     write_read_shared)
+from lsm.mixture.diagnostics import RoutingTally, dead_memories, memory_counts, router_entropy, write_counts, write_read_shared
 from lsm.mixture.routing import Routing
 from lsm.model import build_model
 
