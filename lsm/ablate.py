@@ -626,7 +626,8 @@ def _mom_diagnostics(lines: list[dict], swept: list[str]) -> str:
     out = ["", "MoM's diagnostics (means over seeds at the selected LR): half-way steps of every variant; per MoM layer the "
            "fraction of queries that read a memory their pair was written to (share), the busiest memory's fraction of "
            "the pairs' writes (of all tokens' routing when there are no pairs; 1 / num_memories is a fair share), and "
-           "dead memories.", "", "| " + " | ".join(cols) + " |", "|" + "|".join(["---"] * (2 + len(swept)) + ["---:"] * 3 * len(layers)) + "|"]
+           "dead memories.", "", "| " + " | ".join(cols) + " |",
+           "|" + "|".join(["---"] * (2 + len(swept)) + ["---:"] * 3 * len(layers)) + "|"]
     for ln in moms:
         at = [json.dumps(ln.get(k)) for k in swept]
         same = {o["variant"]: o for o in lines if o["rule"] == ln["rule"] and [json.dumps(o.get(k)) for k in swept] == at}
