@@ -191,8 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=int, default=None)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="auto")
-    g.add_argument("--cuda-graph", action="store_true",
-                   help="replay the decoding step as a CUDA graph (CUDA, models without attention blocks)")
+    g.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
+                   help="replay the decoding step as a CUDA graph (default: wherever it applies, i.e. on CUDA for "
+                        "models without attention blocks; --no-cuda-graph decodes eagerly)")
     g.set_defaults(func=_cmd_generate)
     return p
 

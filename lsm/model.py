@@ -135,14 +135,17 @@ class LanguageModel(nn.Module):
 
     @torch.no_grad()
     def generate(self, input_ids: Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-                 generator: torch.Generator | None = None, cuda_graph: bool = False) -> Tensor:
+                 generator: torch.Generator | None = None, cuda_graph: bool | None = None) -> Tensor:
         """Continue `input_ids [B, T]` by `max_new_tokens` sampled tokens -> `[B, T + max_new_tokens]`.
 
         The prompt runs once in parallel (prefill); each new token is one recurrent step on the
         caches. `temperature=0` is greedy decoding; `top_k` keeps the k likeliest tokens.
         `cuda_graph=True` (CUDA, models without attention blocks) captures the step once and
         replays it (`lsm.decoding.GraphedStep`): the same tokens, without per-kernel launch overhead.
+        `None` (the default) does so wherever it applies (`decodes_in_a_graph`); `False` decodes eagerly.
         """
+        if cuda_graph is None:
+            cuda_graph = self.decodes_in_a_graph(input_ids.device)
         out = self(input_ids, use_cache=True)
         tokens = [input_ids]
         step = None
@@ -166,6 +169,11 @@ class LanguageModel(nn.Module):
                 out = (ModelOutput(step(nxt[:, None]), None, caches) if step is not None
                        else self(nxt[:, None], caches=out.caches, use_cache=True))
         return torch.cat(tokens, 1)
+
+    def decodes_in_a_graph(self, device: torch.device) -> bool:
+        """Whether `generate` replays its decoding step as a CUDA graph by default: on a CUDA device, for models
+        whose caches keep their shapes (no attention block, whose KV cache grows every step)."""
+        return device.type == "cuda" and not any(isinstance(b.mixer, Attention) for b in self.blocks)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -92,6 +92,22 @@ def test_errors_name_the_problem():
 
 
 # ----------------------------------------------------------------------------------------- GPU
+def test_generate_graphs_by_default_where_it_applies(monkeypatch):
+    """generate(cuda_graph=None) replays the step on CUDA for models without attention blocks (whose caches keep their
+    shapes), decodes eagerly elsewhere; `lsm generate` keeps --cuda-graph and adds --no-cuda-graph."""
+    from lsm.cli import build_parser
+
+    rule = LanguageModel(ModelConfig(vocab_size=16, hidden_size=16, num_layers=2, mixer=MixerConfig(num_heads=2)))
+    hybrid = LanguageModel(ModelConfig(vocab_size=16, hidden_size=16, num_layers=2, attention_every=2,
+                                       mixer=MixerConfig(num_heads=2)))
+    assert rule.decodes_in_a_graph(torch.device("cuda")) and not rule.decodes_in_a_graph(torch.device("cpu"))
+    assert not hybrid.decodes_in_a_graph(torch.device("cuda"))
+    ids = torch.randint(0, 16, (1, 5))
+    assert torch.equal(rule.generate(ids, 4, temperature=0), rule.generate(ids, 4, temperature=0, cuda_graph=False))
+    parse = lambda *a: build_parser().parse_args(["generate", "runs/x", *a]).cuda_graph
+    assert (parse(), parse("--cuda-graph"), parse("--no-cuda-graph")) == (None, True, False)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("backend", ["torch", "triton"])
