@@ -81,9 +81,9 @@ def test_ablate_writes_table_csv_and_plot(tmp_path, capsys):
                  "model.mixer.topk=1", f"ablate.out_dir={tmp_path / 'ab'}"]) == 0
     out = capsys.readouterr().out
     table = (tmp_path / "ab" / "results.md").read_text()
-    # four variants, and MoM's line of the table against the state-matched single memories
-    assert table in out and len([ln for ln in table.splitlines() if ln.startswith("| mamba2")]) == 4 + 1
-    assert "MoM vs single, MoM-active state" in table
+    # four variants, MoM's line of the table against the state-matched single memories, and its diagnostics line
+    assert table in out and len([ln for ln in table.splitlines() if ln.startswith("| mamba2")]) == 4 + 1 + 1
+    assert "MoM vs single, MoM-active state" in table and "L0 busiest memory" in table
     assert "acc@2" in (tmp_path / "ab" / "results.csv").read_text() and "MoM" in table
     assert (tmp_path / "ab" / "results.csv").read_text().count("\n") == 5
     for plot in ("accuracy_vs_pairs.png", "accuracy_vs_state.png", "loss_curves.png"):
