@@ -16,6 +16,7 @@ Importing this module imports triton; `lsm_kernels` itself does not.
 from __future__ import annotations
 
 import os
+import threading
 
 import torch
 import triton
@@ -25,10 +26,31 @@ import triton.language as tl
 # ----------------------------------------------------------------------------------------- launch
 def _tune(key: list[str], warps=(2, 4, 8), stages=(2, 3, 4)):
     """Autotune launch parameters on a GPU (the interpreter has nothing to tune). Every tuned kernel
-    writes its outputs without reading them, so the tuning runs cannot corrupt results."""
+    writes its outputs without reading them, so the tuning runs cannot corrupt results.
+
+    One launch of a kernel at a time across threads: triton's autotuner keeps the launch's arguments on
+    itself while it benchmarks, so two threads tuning one kernel at once (several runs of a process side by
+    side, `ablate.streams`) would mix them up. The lock is held for the Python side of a launch only."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         return lambda fn: fn
-    return triton.autotune([triton.Config({}, num_warps=w, num_stages=s) for w in warps for s in stages], key=key)
+    tune = triton.autotune([triton.Config({}, num_warps=w, num_stages=s) for w in warps for s in stages], key=key)
+
+    def one_launch_at_a_time(fn):
+        tuner = tune(fn)
+        tuner.run = _Serialized(tuner.run)   # `kernel[grid](...)` calls `self.run`
+        return tuner
+    return one_launch_at_a_time
+
+
+class _Serialized:
+    """`fn`, called by one thread at a time."""
+
+    def __init__(self, fn):
+        self.fn, self.lock = fn, threading.Lock()
+
+    def __call__(self, *args, **kwargs):
+        with self.lock:
+            return self.fn(*args, **kwargs)
 
 
 def _check_device(x: torch.Tensor) -> None:
@@ -66,8 +88,11 @@ def chunk_layout(B: int, T: int, cu_seqlens: torch.Tensor | None, BT: int, devic
     bound ceil(T / BT) + N for packed sequences.
     """
     i32 = torch.int32
-    if cu_seqlens is None:  # depends on shapes only: built once per (B, T, BT, device)
-        key = (B, T, BT, str(device))
+    if cu_seqlens is None:  # depends on shapes only: built once per (B, T, BT, device, stream)
+        # per CUDA stream: a stream that reads tensors another thread's stream is still writing would race
+        # (lsm.ablate's streams train several runs of one process side by side, each on its own stream)
+        stream = torch.cuda.current_stream(device).stream_id if torch.device(device).type == "cuda" else 0
+        key = (B, T, BT, str(device), stream)
         if key not in _DENSE_LAYOUTS:
             nt = triton.cdiv(T, BT)
             N, NT = B, B * nt

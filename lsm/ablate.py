@@ -270,24 +270,53 @@ def provenance_of(cfg: Config) -> dict:
             "device": f"{device} ({name})", "backend": backend}
 
 
+def run_cells(cells: list[Cell], provenance: dict | None = None) -> list[dict]:
+    """Train `cells` at once, each in a thread of its own and, on a CUDA device, on a CUDA stream of its own (their
+    kernels can overlap on the GPU); their rows in order. One cell runs in the calling thread."""
+    if len(cells) == 1:
+        return [run_cell(cells[0], provenance)]
+    from concurrent.futures import ThreadPoolExecutor
+
+    from lsm.runtime import on_own_stream
+
+    def one(cell: Cell) -> dict:
+        with on_own_stream(_WORKER_DEVICE or cell.config.train.device):
+            return run_cell(cell, provenance)
+
+    with ThreadPoolExecutor(len(cells)) as pool:
+        return list(pool.map(one, cells))
+
+
+def _batches(cells: list[Cell], streams: int) -> list[list[Cell]]:
+    """Up to `streams` cells of one group (same rule, variant, grid point: the same model and step cost, so a batch
+    has no straggler) per batch."""
+    out = []
+    for _, members in itertools.groupby(sorted(cells, key=lambda c: repr(c.group)), key=lambda c: repr(c.group)):
+        members = list(members)
+        out += [members[i:i + streams] for i in range(0, len(members), streams)]
+    return out
+
+
 def _run_cells(cells: list[Cell], cfg: Config, on_row) -> None:
-    """Run `cells` (in this process for jobs = 1, else in `ablate.jobs` spawned workers); `on_row(row)` as each ends."""
+    """Run `cells` (in this process for jobs = 1, else in `ablate.jobs` spawned workers), `ablate.streams` cells of a
+    group at a time per process (`run_cells`); `on_row(row)` as each ends."""
     a = cfg.ablate
-    jobs = min(a.jobs, len(cells))
     if not cells:
         return
+    from lsm.accounting import account_config
+
+    # the costliest batches first, so that the last to finish is a short one (order changes no number)
+    cost = lambda batch: -account_config(batch[0].config).train_flops_per_token * batch[0].config.train.steps
+    batches = sorted(_batches(cells, a.streams), key=cost)
+    jobs = min(a.jobs, len(batches))
     if jobs == 1 and not a.devices:
         prov = provenance_of(cells[0].config)
-        for c in cells:
-            on_row(run_cell(c, prov))
+        for batch in batches:
+            for row in run_cells(batch, prov):
+                on_row(row)
         return
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor, as_completed
-
-    from lsm.accounting import account_config
-
-    # the costliest cells first, so that the last cell to finish is a short one (order changes no number)
-    cells = sorted(cells, key=lambda c: -account_config(c.config).train_flops_per_token * c.config.train.steps)
 
     ctx = mp.get_context("spawn")  # a fresh interpreter per worker: no forked torch thread pools
     devices = ctx.Queue()
@@ -295,9 +324,10 @@ def _run_cells(cells: list[Cell], cfg: Config, on_row) -> None:
         devices.put(a.devices[i % len(a.devices)] if a.devices else None)
     pool = ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_init_worker, initargs=(devices,))
     try:
-        futures = [pool.submit(run_cell, c) for c in cells]
+        futures = [pool.submit(run_cells, batch) for batch in batches]
         for f in as_completed(futures):
-            on_row(f.result())
+            for row in f.result():
+                on_row(row)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 

@@ -164,6 +164,9 @@ class AblateConfig:
     grid: dict[str, list[Any]] = field(default_factory=dict)  # any config key -> values, e.g. {model.mixer.topk: [1, 2]}
     selection: str = "mean"            # best LR by validation mean over all seeds, or "two_stage" (LR grid at seeds[0])
     jobs: int = 1                      # worker processes running cells side by side (CPU: train.threads or 1 thread each)
+    streams: int = 1                   # cells of one group (rule, variant, grid point) a worker trains at once, each in a
+                                       # thread on a CUDA stream of its own: their kernels can overlap on the GPU, where
+                                       # processes only take turns (lsm.ablate._run_cells)
     devices: list[str] = field(default_factory=list)        # devices handed round the workers; empty = train.device
     out_dir: str = "runs/${name}"      # runs.csv, results.{md,csv}, plots, and one run folder per cell in cells/
 
@@ -473,6 +476,7 @@ def validate(cfg: Config) -> None:
         _positive("ablate.lrs", lr)
     _choice("ablate.selection", a.selection, SELECTIONS)
     _positive("ablate.jobs", a.jobs)
+    _positive("ablate.streams", a.streams)
     for dev in a.devices:
         if not (dev in ("cpu", "cuda", "mps") or dev.startswith("cuda:")):
             raise ConfigError(f"ablate.devices: unknown device {dev!r}; use cpu, cuda or cuda:N")

@@ -3,12 +3,16 @@
     device = resolve_device(cfg.train.device)          # "auto" -> cuda if available, else cpu
     with autocast_context(cfg.train.precision, device):
         ...
-    seed_everything(cfg.train.seed, threads=cfg.train.threads)
+    with seeded(cfg.train.seed, threads=cfg.train.threads):   # one thread at a time: its model's init is its seed's
+        model = build_model(cfg)
+    with on_own_stream(device):                                # this thread's CUDA work on a stream of its own
+        ...
 """
 from __future__ import annotations
 
 import random
-from contextlib import nullcontext
+import threading
+from contextlib import contextmanager, nullcontext
 
 import torch
 
@@ -37,3 +41,22 @@ def seed_everything(seed: int, threads: int = 0) -> None:
         torch.set_num_threads(threads)
     torch.manual_seed(seed)
     random.seed(seed)
+
+
+_SEEDED = threading.Lock()
+
+
+@contextmanager
+def seeded(seed: int, threads: int = 0):
+    """`seed_everything`, then the block, under one lock: threads that build models side by side (`ablate.streams`)
+    each draw their initialisation from their own seed, not from an interleaving of the global RNG."""
+    with _SEEDED:
+        seed_everything(seed, threads)
+        yield
+
+
+def on_own_stream(device: str | torch.device):
+    """On a CUDA device, make a new CUDA stream the calling thread's current one for the block (kernels that threads
+    queue on different streams can overlap on the GPU); nothing elsewhere."""
+    device = resolve_device(device) if isinstance(device, str) else device
+    return torch.cuda.stream(torch.cuda.Stream(device)) if device.type == "cuda" else nullcontext()

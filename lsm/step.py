@@ -158,7 +158,9 @@ class GraphedTrainStep:
             return
         self.graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(self.graph):
+            # a capture stream of its own and thread-local capture: other threads' runs (ablate.streams) may launch,
+            # synchronise or capture while this one captures
+            with torch.cuda.graph(self.graph, stream=torch.cuda.Stream(self.ctx.device), capture_error_mode="thread_local"):
                 self.values = self._record()
         except RuntimeError as e:
             raise ConfigError(f"train.cuda_graph: the training step could not be captured as a CUDA graph "

@@ -43,7 +43,7 @@ from lsm.console import StepMeter, StepRow, device_peak_tflops, format_line, inf
 from lsm.data import build_data
 from lsm.evaluate import evaluate, summary
 from lsm.model import build_model
-from lsm.runtime import resolve_device, seed_everything
+from lsm.runtime import resolve_device, seeded
 from lsm.step import make_step
 
 
@@ -171,8 +171,8 @@ def _train(cfg: Config, ctx: distributed.DistContext, resume: bool, max_steps: i
     if resume and ckpt is None and main and not quiet:
         print(f"no checkpoint in {out_dir}: starting from step 0")
 
-    seed_everything(t.seed, threads=t.threads)
-    model = build_model(cfg).to(device)
+    with seeded(t.seed, threads=t.threads):   # other threads may be building models too (ablate.streams)
+        model = build_model(cfg).to(device)
     acc = account(model, config_seq_len(cfg))
     head_flops = head_flops_per_token(model)
     model = distributed.wrap_model(model, cfg)

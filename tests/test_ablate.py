@@ -88,6 +88,21 @@ def test_same_numbers_twice_and_with_two_workers(tmp_path):
     assert len(first) == 2 and first == again == two
 
 
+def test_streams_train_a_groups_cells_side_by_side_with_the_same_numbers(tmp_path):
+    """ablate.streams: a group's cells (here the 2 seeds of each variant) train at once in threads of one process, or
+    of each of 2 worker processes; every number equals the one-at-a-time sweep's (each model's init is its own
+    seed's, whatever the other threads draw meanwhile)."""
+    cfg = tiny(tmp_path, "ablate.variants=[single,mom]", "ablate.seeds=[0,1]")
+    assert [len(b) for b in ablate._batches(ablate.all_cells(cfg), 2)] == [2, 2]
+    assert [len(b) for b in ablate._batches(ablate.all_cells(cfg), 3)] == [2, 2]
+    one = key_numbers(ablate.run_sweep(cfg, quiet=True))
+    threads = key_numbers(ablate.run_sweep(with_overrides(cfg, {"ablate.streams": 2, "ablate.out_dir": str(tmp_path / "s")}),
+                                           quiet=True))
+    both = key_numbers(ablate.run_sweep(with_overrides(cfg, {"ablate.streams": 2, "ablate.jobs": 2,
+                                                             "ablate.out_dir": str(tmp_path / "s2")}), quiet=True))
+    assert len(one) == 4 and one == threads == both
+
+
 def test_killed_sweep_resumes_without_rerunning_finished_cells(tmp_path, monkeypatch):
     cfg = tiny(tmp_path, "ablate.variants=[single,mom]", "ablate.seeds=[0,1]")
     real, calls = ablate.run_cell, []
@@ -258,6 +273,7 @@ def test_failed_lr_ranks_below_a_complete_one():
     ("ablate.seeds=[]", "ablate.seeds: give at least one seed"),
     ("ablate.lrs=[-1e-3]", "ablate.lrs: must be > 0"),
     ("ablate.jobs=0", "ablate.jobs: must be > 0"),
+    ("ablate.streams=0", "ablate.streams: must be > 0"),
     ("ablate.grid.model.mixer.topq=[1,2]", "ablate.grid: unknown key model.mixer.topq; did you mean model.mixer.topk?"),
     ("train.target_accuracy=0.99", "train.eval_every: early stopping"),
 ])

@@ -28,3 +28,41 @@ def test_config_pruning(monkeypatch, env, expected):
     _gpu_module().configure_autotuning()
     tuner = types.SimpleNamespace(configs=list("abcd"), early_config_prune=None, perf_model=None)
     assert A.Autotuner.prune_configs(tuner, {}) == expected
+
+
+def test_tuned_kernels_launch_one_thread_at_a_time(monkeypatch):
+    """On a GPU, `_tune` wraps every autotuner's launch in `_Serialized` (triton's autotuner keeps a launch's arguments
+    on itself while it benchmarks; runs of one process on several threads, `ablate.streams`, launch the same kernels):
+    the wrapping on a stand-in kernel, and one caller at a time out of 4 threads."""
+    import threading
+    import time
+
+    import triton
+    import triton.language as tl
+
+    import lsm_kernels._common as C
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")     # _tune reads it when it decorates
+
+    @triton.jit
+    def kernel(x, N: tl.constexpr):
+        tl.store(x + tl.arange(0, N), tl.zeros([N], dtype=tl.float32))
+
+    tuner = C._tune(["N"])(kernel)
+    assert isinstance(tuner, A.Autotuner) and isinstance(tuner.run, C._Serialized)
+    inside, most = [0], [0]
+
+    def call(i):
+        inside[0] += 1
+        most[0] = max(most[0], inside[0])
+        time.sleep(0.01)
+        inside[0] -= 1
+        return i
+
+    serial = C._Serialized(call)
+    threads = [threading.Thread(target=serial, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert most[0] == 1 and serial(7) == 7
