@@ -99,12 +99,14 @@ for what in "$@"; do
       CMD=(timeout ${ZOO_S:-540} python3 -m lsm ablate configs/zoology_mqar.yaml ablate.rules=${ZOO_RULES}
            "ablate.grid={model.hidden_size: ${ZOO_WIDTHS:-[64,128]}}" ablate.jobs=${ZOO_JOBS:-8} ablate.out_dir=$Z
            ${ZOO_EXTRA:-} --shard ${ZOO_SHARD:-1/1})
-      if [ $what = zoobg ]; then setsid nohup "${CMD[@]}" > $Z/log_$TAG.txt 2>&1 < /dev/null & echo "started: ${CMD[*]}"
+      if [ $what = zoobg ]; then
+        setsid nohup "${CMD[@]}" > $Z/log_$TAG.txt 2>&1 < /dev/null & echo $! >> $Z/pids; echo "started: ${CMD[*]}"
       else "${CMD[@]}" 2>&1 | tee $Z/log_$TAG.txt | tail -30; fi ;;
     zoofetch)  # wait (ZOO_WAIT seconds at most) for the sweeps zoo/zoobg started, then pack what they finished
       end=$(( $(date +%s) + ${ZOO_WAIT:-0} ))
-      while pgrep -f "lsm ablate configs/zoology_mqar" > /dev/null && [ $(date +%s) -lt $end ]; do sleep 5; done
-      pgrep -f "lsm ablate configs/zoology_mqar" > /dev/null && echo "a sweep is still running (its finished rows come back)"
+      running() { for p in $(cat $Z/pids 2>/dev/null); do kill -0 $p 2>/dev/null && return 0; done; return 1; }
+      while running && [ $(date +%s) -lt $end ]; do sleep 5; done
+      running && echo "a sweep is still running (its finished rows come back)"
       # each shard's rows under a name of their own (rules, widths, shard), so no later fetch overwrites them here
       rm -rf /tmp/zoo_pack; mkdir -p /tmp/zoo_pack/shards
       while read -r tag S; do

@@ -91,16 +91,19 @@ def chunk_layout(B: int, T: int, cu_seqlens: torch.Tensor | None, BT: int, devic
     if cu_seqlens is None:  # depends on shapes only: built once per (B, T, BT, device, stream)
         # per CUDA stream: a stream that reads tensors another thread's stream is still writing would race
         # (lsm.ablate's streams train several runs of one process side by side, each on its own stream)
-        stream = torch.cuda.current_stream(device).stream_id if torch.device(device).type == "cuda" else 0
-        key = (B, T, BT, str(device), stream)
-        if key not in _DENSE_LAYOUTS:
-            nt = triton.cdiv(T, BT)
-            N, NT = B, B * nt
-            cu = torch.arange(B + 1, device=device, dtype=i32) * T
-            c = torch.arange(NT, device=device, dtype=i32)
-            _DENSE_LAYOUTS[key] = (cu, c // max(nt, 1), c % max(nt, 1), torch.arange(B, device=device, dtype=i32) * nt,
-                                   N, NT)
-        return _DENSE_LAYOUTS[key]
+        cuda = torch.device(device).type == "cuda"
+        key = (B, T, BT, str(device), torch.cuda.current_stream(device).stream_id if cuda else 0)
+        if key in _DENSE_LAYOUTS:
+            return _DENSE_LAYOUTS[key]
+        nt = triton.cdiv(T, BT)
+        N, NT = B, B * nt
+        cu = torch.arange(B + 1, device=device, dtype=i32) * T
+        c = torch.arange(NT, device=device, dtype=i32)
+        layout = (cu, c // max(nt, 1), c % max(nt, 1), torch.arange(B, device=device, dtype=i32) * nt, N, NT)
+        # built inside a graph capture, the tensors are filled only by the graph's replays: not for later launches
+        if not (cuda and torch.cuda.is_current_stream_capturing()):
+            _DENSE_LAYOUTS[key] = layout
+        return layout
     cu = cu_seqlens.to(device=device, dtype=i32)
     N = cu.numel() - 1
     nch = (cu[1:] - cu[:-1] + BT - 1) // BT                              # [N] chunks per sequence

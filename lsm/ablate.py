@@ -217,6 +217,7 @@ def run_cell(cell: Cell, provenance: dict | None = None) -> dict:
     t0 = time.perf_counter()
     try:
         result = train(cfg, quiet=True)
+        half = half_step(run_metrics({"run_dir": cfg.train.out_dir}))
     except Exception as e:  # a crashing cell is recorded, the sweep goes on
         error = f"{type(e).__name__}: {first_line(e)}" if str(e).strip() else type(e).__name__
         return {**row, "status": "failed", "error": error[:300],
@@ -226,7 +227,7 @@ def run_cell(cell: Cell, provenance: dict | None = None) -> dict:
     row.update({metric: test[metric], **{k: v for k, v in test.items() if k != metric and k != "loss"},
                 f"val_{metric}": val[metric], "status": "ok", "error": "",
                 "steps": result.step, "steps_to_target": result.steps_to_target if result.steps_to_target else "",
-                "half_step": _blank(half_step(run_metrics({"run_dir": cfg.train.out_dir}))),
+                "half_step": _blank(half),
                 "final_loss": result.losses[-1] if result.losses else "",
                 "train_s": round(time.perf_counter() - t0, 2), **_static_columns(cfg, provenance)})
     return row
@@ -279,12 +280,12 @@ def run_cells(cells: list[Cell], provenance: dict | None = None) -> list[dict]:
 
     from lsm.runtime import on_own_stream
 
-    def one(cell: Cell) -> dict:
-        with on_own_stream(_WORKER_DEVICE or cell.config.train.device):
+    def one(slot: int, cell: Cell) -> dict:
+        with on_own_stream(_WORKER_DEVICE or cell.config.train.device, slot):
             return run_cell(cell, provenance)
 
     with ThreadPoolExecutor(len(cells)) as pool:
-        return list(pool.map(one, cells))
+        return list(pool.map(one, range(len(cells)), cells))
 
 
 def _batches(cells: list[Cell], streams: int) -> list[list[Cell]]:

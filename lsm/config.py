@@ -477,6 +477,14 @@ def validate(cfg: Config) -> None:
     _choice("ablate.selection", a.selection, SELECTIONS)
     _positive("ablate.jobs", a.jobs)
     _positive("ablate.streams", a.streams)
+    if a.streams > 16:
+        raise ConfigError(f"ablate.streams: at most 16 runs side by side per process (their CUDA streams come from "
+                          f"torch's pool of 32 per device), got {a.streams}; raise ablate.jobs instead")
+    backends = {cfg.model.mixer.backend, *a.grid.get("model.mixer.backend", [])}
+    if a.streams > 1 and backends - {"triton", "torch"}:
+        raise ConfigError(f"ablate.streams: runs side by side in one process need model.mixer.backend triton or torch "
+                          f"(fla's autotuned kernels are not safe to launch from several threads at once), got "
+                          f"{', '.join(sorted(backends))}; set the backend or ablate.streams: 1")
     for dev in a.devices:
         if not (dev in ("cpu", "cuda", "mps") or dev.startswith("cuda:")):
             raise ConfigError(f"ablate.devices: unknown device {dev!r}; use cpu, cuda or cuda:N")

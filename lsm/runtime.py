@@ -55,8 +55,18 @@ def seeded(seed: int, threads: int = 0):
         yield
 
 
-def on_own_stream(device: str | torch.device):
-    """On a CUDA device, make a new CUDA stream the calling thread's current one for the block (kernels that threads
-    queue on different streams can overlap on the GPU); nothing elsewhere."""
+_STREAMS: dict[tuple[str, int], "torch.cuda.Stream"] = {}
+
+
+def on_own_stream(device: str | torch.device, slot: int):
+    """On a CUDA device, make this process's CUDA stream number `slot` the calling thread's current one for the block
+    (kernels that threads queue on different streams can overlap on the GPU); nothing elsewhere. One stream per slot
+    for the life of the process: threads that hold different slots never share a stream, whatever ran before."""
     device = resolve_device(device) if isinstance(device, str) else device
-    return torch.cuda.stream(torch.cuda.Stream(device)) if device.type == "cuda" else nullcontext()
+    if device.type != "cuda":
+        return nullcontext()
+    key = (str(device), slot)
+    with _SEEDED:
+        if key not in _STREAMS:
+            _STREAMS[key] = torch.cuda.Stream(device)
+    return torch.cuda.stream(_STREAMS[key])

@@ -19,6 +19,7 @@ static-buffer step without capture (CPU tests of everything but the capture).
 """
 from __future__ import annotations
 
+import threading
 from contextlib import nullcontext
 
 import torch
@@ -30,6 +31,7 @@ from lsm.data import labelled_positions
 from lsm.runtime import autocast_context
 
 StepValues = tuple[Tensor, Tensor, Tensor, int]   # lm loss, aux loss, grad norm (device tensors), tokens
+_CAPTURE = threading.Lock()                       # one graph capture at a time in a process
 
 
 class EagerStep:
@@ -157,10 +159,12 @@ class GraphedTrainStep:
             self.values = ()
             return
         self.graph = torch.cuda.CUDAGraph()
+        # Other threads' runs (ablate.streams) launch and synchronise meanwhile: thread-local capture, on this thread's
+        # own stream (lsm.runtime.on_own_stream; a fresh one off the default stream), one capture at a time
+        current = torch.cuda.current_stream(self.ctx.device)
+        stream = torch.cuda.Stream(self.ctx.device) if current == torch.cuda.default_stream(self.ctx.device) else current
         try:
-            # a capture stream of its own and thread-local capture: other threads' runs (ablate.streams) may launch,
-            # synchronise or capture while this one captures
-            with torch.cuda.graph(self.graph, stream=torch.cuda.Stream(self.ctx.device), capture_error_mode="thread_local"):
+            with _CAPTURE, torch.cuda.graph(self.graph, stream=stream, capture_error_mode="thread_local"):
                 self.values = self._record()
         except RuntimeError as e:
             raise ConfigError(f"train.cuda_graph: the training step could not be captured as a CUDA graph "

@@ -274,13 +274,16 @@ def test_failed_lr_ranks_below_a_complete_one():
     ("ablate.lrs=[-1e-3]", "ablate.lrs: must be > 0"),
     ("ablate.jobs=0", "ablate.jobs: must be > 0"),
     ("ablate.streams=0", "ablate.streams: must be > 0"),
+    ("ablate.streams=17", "ablate.streams: at most 16 runs side by side per process"),
+    ("ablate.streams=2 model.mixer.backend=fla", "ablate.streams: runs side by side in one process need "
+                                                 "model.mixer.backend triton or torch"),
     ("ablate.grid.model.mixer.topq=[1,2]", "ablate.grid: unknown key model.mixer.topq; did you mean model.mixer.topk?"),
     ("train.target_accuracy=0.99", "train.eval_every: early stopping"),
 ])
 def test_bad_sweep_config_is_one_line_exit_2(tmp_path, capsys, override, message):
     cfg_file = tmp_path / "s.yaml"
     cfg_file.write_text("name: s\n")
-    assert main(["ablate", str(cfg_file), *TINY, f"ablate.out_dir={tmp_path / 'o'}", override]) == 2
+    assert main(["ablate", str(cfg_file), *TINY, f"ablate.out_dir={tmp_path / 'o'}", *override.split()]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"lsm ablate: error: {message}") and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists()
