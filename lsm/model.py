@@ -142,9 +142,11 @@ class LanguageModel(nn.Module):
         caches. `temperature=0` is greedy decoding; `top_k` keeps the k likeliest tokens.
         `cuda_graph=True` (CUDA, models without attention blocks) captures the step once and
         replays it (`lsm.decoding.GraphedStep`): the same tokens, without per-kernel launch overhead.
-        `None` (the default) does so wherever it applies (`decodes_in_a_graph`); `False` decodes eagerly.
+        `None` (the default) does so wherever it applies (`decodes_in_a_graph`), and decodes eagerly if the step
+        cannot be captured; `False` decodes eagerly.
         """
-        if cuda_graph is None:
+        by_default = cuda_graph is None
+        if by_default:
             cuda_graph = self.decodes_in_a_graph(input_ids.device)
         out = self(input_ids, use_cache=True)
         tokens = [input_ids]
@@ -152,8 +154,12 @@ class LanguageModel(nn.Module):
         if cuda_graph and max_new_tokens > 1:
             from lsm.decoding import GraphedStep
             caches = out.caches
-            step = GraphedStep(lambda ids, c: (self(ids, caches=c, use_cache=True).logits, c),
-                               input_ids[:, -1:], caches)
+            try:   # the capture's warm-up runs on a copy of the caches: they are as the prefill left them if it fails
+                step = GraphedStep(lambda ids, c: (self(ids, caches=c, use_cache=True).logits, c),
+                                   input_ids[:, -1:], caches)
+            except (RuntimeError, ValueError):
+                if not by_default:
+                    raise
         for i in range(max_new_tokens):
             logits = out.logits[:, -1].float()                               # [B, vocab]
             if temperature == 0:

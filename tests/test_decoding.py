@@ -94,7 +94,8 @@ def test_errors_name_the_problem():
 # ----------------------------------------------------------------------------------------- GPU
 def test_generate_graphs_by_default_where_it_applies(monkeypatch):
     """generate(cuda_graph=None) replays the step on CUDA for models without attention blocks (whose caches keep their
-    shapes), decodes eagerly elsewhere; `lsm generate` keeps --cuda-graph and adds --no-cuda-graph."""
+    shapes), decodes eagerly elsewhere and where the capture fails (here: CPU tensors posing as a GPU's), while an
+    explicit cuda_graph=True raises; `lsm generate` keeps --cuda-graph and adds --no-cuda-graph."""
     from lsm.cli import build_parser
 
     rule = LanguageModel(ModelConfig(vocab_size=16, hidden_size=16, num_layers=2, mixer=MixerConfig(num_heads=2)))
@@ -104,6 +105,10 @@ def test_generate_graphs_by_default_where_it_applies(monkeypatch):
     assert not hybrid.decodes_in_a_graph(torch.device("cuda"))
     ids = torch.randint(0, 16, (1, 5))
     assert torch.equal(rule.generate(ids, 4, temperature=0), rule.generate(ids, 4, temperature=0, cuda_graph=False))
+    monkeypatch.setattr(LanguageModel, "decodes_in_a_graph", lambda self, device: True)   # as on a GPU
+    assert torch.equal(rule.generate(ids, 4, temperature=0), rule.generate(ids, 4, temperature=0, cuda_graph=False))
+    with pytest.raises(ValueError, match="CUDA graphs need"):   # asked for explicitly, a step that cannot be captured
+        rule.generate(ids, 4, temperature=0, cuda_graph=True)
     parse = lambda *a: build_parser().parse_args(["generate", "runs/x", *a]).cuda_graph
     assert (parse(), parse("--cuda-graph"), parse("--no-cuda-graph")) == (None, True, False)
 
