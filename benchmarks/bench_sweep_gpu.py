@@ -2,6 +2,7 @@
 
     python benchmarks/bench_sweep_gpu.py                                  # P = 1, 4, 8; single and MoM gated_deltanet
     python benchmarks/bench_sweep_gpu.py --procs 1 6 --variants mom --rule gla --width 64
+    python benchmarks/bench_sweep_gpu.py --procs 4 --streams 1 4 --graph on --variants single --width 64   # 4 vs 16 runs
     python benchmarks/bench_sweep_gpu.py --device cpu --tiny --procs 1 2 --windows 2 --window 2   # smoke test on CPU
 
 The models of `configs/zoology_mqar.yaml` are tiny (2 layers, d = 128, batch 64 x 256 tokens), so one
@@ -32,30 +33,37 @@ TINY = ["model.hidden_size=16", "model.mixer.num_heads=2", "model.mixer.backend=
         "data.mqar.num_val=8", "train.batch_size=4"]
 
 
-def run_row(args, variant: str, graph: str, procs: int, work: Path) -> dict:
-    """P concurrent `lsm train` runs of one variant, eager or graphed (`train.cuda_graph`); their per-process steps/s."""
+def run_row(args, variant: str, graph: str, procs: int, streams: int, work: Path) -> dict:
+    """P concurrent processes of one variant, eager or graphed (`train.cuda_graph`), each training `streams` runs at
+    once (`ablate.streams`: a thread and a CUDA stream each); their runs' steps/s."""
     from lsm.config import load_config
 
     steps = args.windows * args.window
-    overrides = [f"model.mixer.rule={args.rule}", f"model.mixer.type={'mom' if variant == 'mom' else 'rule'}",
-                 f"model.hidden_size={args.width}", f"train.batch_size={args.batch}", f"train.steps={steps}",
+    overrides = [f"model.hidden_size={args.width}", f"train.batch_size={args.batch}", f"train.steps={steps}",
                  f"train.log_every={args.window}", "train.eval_every=0", "train.target_accuracy=0",
                  "train.warmup_steps=0", "train.threads=1", "train.progress=false", "train.tensorboard=false",
                  f"train.device={args.device}", f"train.cuda_graph={graph == 'on'}", *(TINY if args.tiny else []),
                  *args.overrides]
-    cfg = load_config(args.config, overrides)
+    kind = [f"model.mixer.rule={args.rule}", f"model.mixer.type={'mom' if variant == 'mom' else 'rule'}"]
+    cfg = load_config(args.config, kind + overrides)
     seq_len = max(L for L, _ in cfg.data.mqar.train_cells) if cfg.data.mqar.train_cells else cfg.data.mqar.seq_len
     tokens_per_step = cfg.train.batch_size * seq_len
-    runs = []
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    for i in range(procs):
-        out = work / f"{variant}-{graph}-p{procs}-{i}"
-        cmd = [sys.executable, "-m", "lsm", "train", args.config, *overrides, f"train.seed={i}", f"data.seed={i}",
-               f"train.out_dir={out}"]
-        runs.append((out, subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                           text=True)))
-    rates, errors = [], []
-    for out, p in runs:
+    name = f"{variant}-{graph}-p{procs}-s{streams}"
+    if streams == 1:   # P `lsm train` processes, as `lsm ablate` starts its workers: one CPU thread each, own seeds
+        outs = [work / f"{name}-{i}" for i in range(procs)]
+        cmds = [[sys.executable, "-m", "lsm", "train", args.config, *kind, *overrides, f"train.seed={i}",
+                 f"data.seed={i}", f"train.out_dir={out}"] for i, out in enumerate(outs)]
+    else:              # one `lsm ablate`: P workers, each training `streams` seeds of the same cell at once
+        sweep = work / name
+        cmds = [[sys.executable, "-m", "lsm", "ablate", args.config, *overrides, f"ablate.rules=[{args.rule}]",
+                 f"ablate.variants=[{variant}]", "ablate.selection=mean", "ablate.grid={}",
+                 f"ablate.lrs=[{cfg.train.lr}]", f"ablate.seeds=[{','.join(map(str, range(procs * streams)))}]",
+                 f"ablate.jobs={procs}", f"ablate.streams={streams}", f"ablate.out_dir={sweep}"]]
+    runs = [subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            for cmd in cmds]
+    errors = []
+    for p in runs:
         try:
             _, err = p.communicate(timeout=args.timeout)
         except subprocess.TimeoutExpired:
@@ -66,25 +74,36 @@ def run_row(args, variant: str, graph: str, procs: int, work: Path) -> dict:
         if p.returncode != 0:
             lines = [ln for ln in err.strip().splitlines() if ln.strip()]
             errors.append(lines[-1] if lines else f"exit status {p.returncode}")
-            continue
-        records = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    if streams > 1:
+        outs = sorted((work / name / "cells").glob("*"))
+        errors += [r["error"] for r in _csv_rows(work / name / "runs.csv") if r.get("status") != "ok"]
+    rates = []
+    for out in outs:
+        path = out / "metrics.jsonl"
+        records = [json.loads(ln) for ln in path.read_text().splitlines()] if path.is_file() else []
         windows = [r["tok_per_s"] for r in records if "tok_per_s" in r][1:]   # the first window is the warm-up
         if windows:
             rates.append(statistics.fmean(windows) / tokens_per_step)
     row = {"variant": variant, "graph": graph, "rule": args.rule, "width": cfg.model.hidden_size, "procs": procs,
-           "ok": len(rates), "error": errors[0] if errors else ""}
+           "streams": streams, "ok": len(rates), "error": errors[0] if errors else ""}
     if rates:
-        total = sum(rates) * procs / len(rates)   # a failed process would have shared the GPU too
+        total = sum(rates) * procs * streams / len(rates)   # a failed run would have shared the GPU too
         row.update(per_proc_mean=statistics.fmean(rates), per_proc_min=min(rates), total=total,
                    runs_per_gpu_hour=total * 3600 / (args.run_steps or cfg.train.steps))
     return row
 
 
+def _csv_rows(path: Path) -> list[dict]:
+    import csv
+
+    return list(csv.DictReader(path.open())) if path.is_file() else []
+
+
 def table(rows: list[dict], run_steps: int) -> str:
-    lines = [f"| rule | variant | CUDA graph | width | processes | steps/s per process (mean, min) | steps/s in all | "
-             f"runs/GPU-hour at {run_steps} steps |", "|---|---|---|---:|---:|---:|---:|---:|"]
+    lines = [f"| rule | variant | CUDA graph | width | processes | runs per process | steps/s per run (mean, min) | "
+             f"steps/s in all | runs/GPU-hour at {run_steps} steps |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        head = f"| {r['rule']} | {r['variant']} | {r['graph']} | {r['width']} | {r['procs']} | "
+        head = f"| {r['rule']} | {r['variant']} | {r['graph']} | {r['width']} | {r['procs']} | {r.get('streams', 1)} | "
         if "total" in r:
             lines.append(head + f"{r['per_proc_mean']:.1f}, {r['per_proc_min']:.1f} | {r['total']:.1f} | "
                                 f"{r['runs_per_gpu_hour']:.0f} |")
@@ -102,10 +121,12 @@ def plot(rows: list[dict], path: Path) -> None:
         return
     fig, ax = plt.subplots(figsize=(6, 4))
     for variant, graph in dict.fromkeys((r["variant"], r["graph"]) for r in rows):
-        pts = [(r["procs"], r["total"]) for r in rows if (r["variant"], r["graph"]) == (variant, graph) and "total" in r]
+        pts = [(r["procs"] * r.get("streams", 1), r["total"]) for r in rows
+               if (r["variant"], r["graph"]) == (variant, graph) and "total" in r]
         if pts:
             ax.plot(*zip(*pts), marker="o", label=f"{variant}, CUDA graph {graph}")
-    ax.set(xlabel="processes sharing the GPU", ylabel="training steps/s in all", title="sweep throughput, one GPU")
+    ax.set(xlabel="runs sharing the GPU (processes x runs per process)", ylabel="training steps/s in all",
+           title="sweep throughput, one GPU")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -125,6 +146,8 @@ def main() -> None:
     ap.add_argument("--width", type=int, default=128)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--procs", type=int, nargs="+", default=[1, 4, 8])
+    ap.add_argument("--streams", type=int, nargs="+", default=[1],
+                    help="runs per process (ablate.streams: a thread and a CUDA stream each); 1 = one run per process")
     ap.add_argument("--window", type=int, default=100, help="steps per log window")
     ap.add_argument("--windows", type=int, default=3, help="log windows per run (the first is the warm-up)")
     ap.add_argument("--run-steps", type=int, default=0, help="steps of a sweep run for runs/GPU-hour; 0 = train.steps")
@@ -147,7 +170,8 @@ def main() -> None:
         for variant in args.variants:
             for graph in args.graph:
                 for procs in args.procs:
-                    rows.append(run_row(args, variant, graph, procs, Path(work)))
+                    for streams in args.streams:
+                        rows.append(run_row(args, variant, graph, procs, streams, Path(work)))
                     print(table(rows[-1:], run_steps).splitlines()[-1], flush=True)
     text = table(rows, run_steps)
     print("\n" + text, end="")
