@@ -5,7 +5,7 @@
         ...
     with seeded(cfg.train.seed, threads=cfg.train.threads):   # one thread at a time: its model's init is its seed's
         model = build_model(cfg)
-    with on_own_stream(device):                                # this thread's CUDA work on a stream of its own
+    with on_own_stream(device, slot):                          # this thread's CUDA work on stream number `slot`
         ...
 """
 from __future__ import annotations
