@@ -56,6 +56,7 @@ def seeded(seed: int, threads: int = 0):
 
 
 _STREAMS: dict[tuple[str, int], "torch.cuda.Stream"] = {}
+_STREAMS_LOCK = threading.Lock()
 
 
 def on_own_stream(device: str | torch.device, slot: int):
@@ -66,7 +67,7 @@ def on_own_stream(device: str | torch.device, slot: int):
     if device.type != "cuda":
         return nullcontext()
     key = (str(device), slot)
-    with _SEEDED:
+    with _STREAMS_LOCK:
         if key not in _STREAMS:
             _STREAMS[key] = torch.cuda.Stream(device)
     return torch.cuda.stream(_STREAMS[key])
