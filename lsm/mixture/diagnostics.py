@@ -46,25 +46,26 @@ def dead_memories(load: Tensor) -> Tensor:
     return (load < 1 / (10 * load.shape[-1])).sum()
 
 
-def write_read_shared(index: Tensor, write_pos: Tensor) -> tuple[Tensor, Tensor]:
-    """Queries whose read and their pair's write share a routed memory.
+def _at_write(index: Tensor, write_pos: Tensor) -> tuple[Tensor, Tensor]:
+    """(queries `[B, T]` bool, the routed memories `[B, T, K]` at each position's pair's write; meaningful at queries).
 
     index: `[B, T, K]` the routed memories of every token. write_pos: `[B, T]` long, at a query (read)
-    position the position of its pair's write, -1 elsewhere (`lsm.data.mqar_write_positions`).
-    Returns (queries sharing at least one memory, queries): two `[]` tensors.
-    """
-    query = write_pos >= 0                                                           # [B, T]
-    K = index.shape[-1]
-    at_write = index.gather(1, write_pos.clamp(min=0)[..., None].expand(-1, -1, K))  # [B, T, K]
+    position the position of its pair's write, -1 elsewhere (`lsm.data.mqar_write_positions`)."""
+    return write_pos >= 0, index.gather(1, write_pos.clamp(min=0)[..., None].expand(-1, -1, index.shape[-1]))
+
+
+def write_read_shared(index: Tensor, write_pos: Tensor) -> tuple[Tensor, Tensor]:
+    """Queries whose read and their pair's write share a routed memory (index, write_pos: `_at_write`'s).
+    Returns (queries sharing at least one memory, queries): two `[]` tensors."""
+    query, at_write = _at_write(index, write_pos)
     share = (index[..., :, None] == at_write[..., None, :]).flatten(-2).any(-1)      # [B, T]
     return (share & query).sum(), query.sum()
 
 
 def write_counts(index: Tensor, write_pos: Tensor, num_memories: int) -> Tensor:
-    """Routed memories of every queried pair's write: index `[B, T, K]`, write_pos as in `write_read_shared` ->
-    `[M]` float32 counts (each pair is queried once in MQAR, so each write counts once)."""
-    query = write_pos >= 0
-    at_write = index.gather(1, write_pos.clamp(min=0)[..., None].expand(-1, -1, index.shape[-1]))  # [B, T, K]
+    """Routed memories of every queried pair's write (index, write_pos: `_at_write`'s) -> `[M]` float32 counts
+    (each pair is queried once in MQAR, so each write counts once)."""
+    query, at_write = _at_write(index, write_pos)
     weights = query[..., None].expand_as(at_write).reshape(-1).float()
     return torch.zeros(num_memories, device=index.device).index_add_(0, at_write.reshape(-1), weights)
 
