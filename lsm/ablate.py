@@ -102,10 +102,34 @@ def variant_config(cfg: Config, rule: str, variant: str) -> Config:
 
 def config_hash(cfg: Config) -> str:
     """Identity of a run: a hash of every setting that can change its numbers (not its name, output folder,
-    progress bar or the sweep section)."""
-    neutral = replace(cfg, name="", ablate=AblateConfig(),
-                      train=replace(cfg.train, out_dir="", progress=False, tensorboard=False))
-    return "c" + hashlib.sha256(to_yaml(neutral).encode()).hexdigest()[:11]
+    progress bar or the sweep section: the `ablate:` block is left out of the hashed YAML, so a sweep option added
+    later leaves every cell's id as it was)."""
+    neutral = replace(cfg, name="", train=replace(cfg.train, out_dir="", progress=False, tensorboard=False))
+    return "c" + hashlib.sha256(to_yaml(neutral, without=("ablate",)).encode()).hexdigest()[:11]
+
+
+def rekey(rows: list[dict], ids: set[str], out: Path) -> list[dict]:
+    """Rows whose cell id is not in `ids` (ids from an earlier hash, or from a config before a setting was added at
+    a default that keeps its numbers), re-identified from the config their run stored (`<run_dir>/config.yaml`, or
+    `out/cells/<its folder name>/config.yaml` for rows from another host), loaded and hashed as today: a match takes
+    today's id. Rows without a stored config, or whose config no longer loads or matches, stay as they were."""
+    from lsm.config import load_config
+
+    fixed = []
+    for r in rows:
+        run_dir = Path(r.get("run_dir") or "")
+        if r["cell"] not in ids and run_dir.name:
+            for path in (run_dir / "config.yaml", out / "cells" / run_dir.name / "config.yaml"):
+                if path.is_file():
+                    try:
+                        cid = config_hash(load_config(path))
+                    except ConfigError:
+                        break
+                    if cid in ids:
+                        r = {**r, "cell": cid}
+                    break
+        fixed.append(r)
+    return fixed
 
 
 def _fmt(value: Any) -> str:
@@ -360,10 +384,11 @@ def _exclusive(runs_path: Path):
 
 
 def _run_sweep(cfg: Config, rerun: bool, shard, quiet: bool, out: Path, runs_path: Path) -> list[dict]:
-    mine = {r["cell"]: r for r in read_runs(runs_path)}
-    merged = {r["cell"]: r for r in read_runs(out / "runs.csv")} if shard is not None else {}
-    ran: set[str] = set()
     every = all_cells(cfg)  # once: resolving and hashing hundreds of configs takes seconds
+    ids = {c.id for c in every}
+    mine = {r["cell"]: r for r in rekey(read_runs(runs_path), ids, out)}
+    merged = {r["cell"]: r for r in rekey(read_runs(out / "runs.csv"), ids, out)} if shard is not None else {}
+    ran: set[str] = set()
     fresh = {c.id for c in every if in_shard(c, shard)} if rerun else set()  # --rerun: run these again
     t0 = time.perf_counter()
 
@@ -388,7 +413,6 @@ def _run_sweep(cfg: Config, rerun: bool, shard, quiet: bool, out: Path, runs_pat
             print(f"{len(todo)} cells to run ({len(cells) - len(todo)} of this plan finished before), "
                   f"{min(cfg.ablate.jobs, len(todo))} at a time", flush=True)
         _run_cells(todo, cfg, record)
-    ids = {c.id for c in every}
     rows = [r for r in {**merged, **mine}.values() if r["cell"] in ids]
     if shard is None:
         write_results(rows, cfg)
@@ -411,9 +435,9 @@ def merge(cfg: Config, quiet: bool = False) -> list[dict]:
     the same cell), then write results and plots. Returns the sweep's rows."""
     out = Path(cfg.ablate.out_dir)
     sources = [out / "runs.csv"] + sorted(out.glob("shards/*/runs.csv"))
-    rows = merge_rows([read_runs(p) for p in sources])
-    write_runs(rows, out / "runs.csv")
     ids = {c.id for c in all_cells(cfg)}
+    rows = merge_rows([rekey(read_runs(p), ids, out) for p in sources])
+    write_runs(rows, out / "runs.csv")
     mine = [r for r in rows if r["cell"] in ids]
     write_results(mine, cfg)
     if not quiet:

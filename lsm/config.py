@@ -233,9 +233,12 @@ def from_dict(data: Any) -> Config:
     return cfg
 
 
-def to_yaml(cfg: Config) -> str:
-    """The resolved config as YAML (what checkpoints store)."""
-    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+def to_yaml(cfg: Config, without: tuple[str, ...] = ()) -> str:
+    """The resolved config as YAML (what checkpoints store); `without`: top-level sections left out."""
+    if not without:
+        return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+    data = OmegaConf.to_container(OmegaConf.structured(cfg))
+    return OmegaConf.to_yaml({k: v for k, v in data.items() if k not in without})
 
 
 def with_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:

@@ -2,6 +2,7 @@
 after a kill, shards + merge, failing cells, early stopping on the validation stream, the statistics and
 the tie rule, and bad sweep configs as one-line CLI errors."""
 import math
+from pathlib import Path
 
 import pytest
 
@@ -77,6 +78,33 @@ def test_config_hash_changes_with_settings_not_with_names(tmp_path):
     assert ablate.config_hash(with_overrides(cfg, {"name": "other", "train.out_dir": "x", "ablate.seeds": [5]})) == h
     for key, value in (("model.mixer.topk", 2), ("train.steps", 4), ("data.mqar.num_test", 9), ("train.lr", 1e-2)):
         assert ablate.config_hash(with_overrides(cfg, {key: value})) != h, key
+    # the whole sweep section is left out, whatever it holds
+    assert ablate.config_hash(with_overrides(cfg, {"ablate.streams": 4, "ablate.jobs": 3, "ablate.lrs": [1.0]})) == h
+
+
+def test_rows_of_an_older_cell_id_are_found_by_their_stored_config(tmp_path, monkeypatch):
+    """Rows written under another cell id (an earlier hash: here every id prefixed with `old`), from this host or
+    another (run_dir elsewhere, config under out_dir/cells), are re-identified from their run's config.yaml: a merge
+    keeps them as cells of the config, and a resumed sweep runs none of them again. A row whose config is gone stays
+    as it was."""
+    import shutil
+
+    cfg = tiny(tmp_path, "ablate.variants=[single,mom]", "ablate.seeds=[0]")
+    out = tmp_path / "sweep"
+    rows = ablate.run_sweep(cfg, shard=(1, 1), quiet=True)
+    ids = {r["cell"] for r in rows}
+    stale = [{**r, "cell": "old" + r["cell"]} for r in rows]
+    moved = stale[0]["run_dir"]
+    stale[0]["run_dir"] = "/elsewhere/cells/" + Path(moved).name   # rows from another host: config under out/cells
+    lost = {**stale[1], "cell": "oldgone", "run_dir": "/elsewhere/cells/gone"}
+    ablate.write_runs(stale + [lost], out / "shards" / "1of1" / "runs.csv")
+    merged = ablate.merge(cfg, quiet=True)
+    assert {r["cell"] for r in merged} == ids
+    assert "oldgone" in {r["cell"] for r in ablate.read_runs(out / "runs.csv")}
+    shutil.rmtree(out / "shards")
+    ablate.write_runs(stale, out / "runs.csv")
+    monkeypatch.setattr(ablate, "run_cells", lambda *a, **k: pytest.fail("a finished cell ran again"))
+    assert {r["cell"] for r in ablate.run_sweep(cfg, quiet=True)} == ids
 
 
 def test_same_numbers_twice_and_with_two_workers(tmp_path):
@@ -101,6 +129,27 @@ def test_streams_train_a_groups_cells_side_by_side_with_the_same_numbers(tmp_pat
     both = key_numbers(ablate.run_sweep(with_overrides(cfg, {"ablate.streams": 2, "ablate.jobs": 2,
                                                              "ablate.out_dir": str(tmp_path / "s2")}), quiet=True))
     assert len(one) == 4 and one == threads == both
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("graph", [False, True])
+def test_streams_on_gpu_train_like_one_at_a_time(tmp_path, graph):
+    """On a GPU (triton backend, bf16 autocast, eager or CUDA-graphed steps): 4 runs of one process, each on a thread
+    and a CUDA stream of its own, give the losses and scores of the same runs trained one at a time (bf16 tolerances:
+    kernels may pick other autotuned configs across streams)."""
+    cfg = tiny(tmp_path, "ablate.variants=[single,mom]", "ablate.seeds=[0,1]", "model.mixer.backend=triton",
+               "model.hidden_size=64", "train.device=cuda", "train.steps=8", f"train.cuda_graph={graph}",
+               "model.mixer.num_memories=4", "model.mixer.topk=2", "ablate.rules=[gated_deltanet]")
+    one = ablate.run_sweep(cfg, quiet=True)
+    side = ablate.run_sweep(with_overrides(cfg, {"ablate.streams": 4, "ablate.out_dir": str(tmp_path / "s")}),
+                            quiet=True)
+    assert len(one) == len(side) == 4 and all(r["status"] == "ok" for r in one + side)
+    by_cell = {r["cell"]: r for r in side}
+    for r in one:
+        s = by_cell[r["cell"]]
+        assert s["steps"] == r["steps"]
+        assert math.isclose(s["final_loss"], r["final_loss"], rel_tol=2e-2, abs_tol=1e-3), (r["cell"], s, r)
+        assert abs(s["accuracy"] - r["accuracy"]) <= 0.1
 
 
 def test_killed_sweep_resumes_without_rerunning_finished_cells(tmp_path, monkeypatch):
