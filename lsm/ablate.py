@@ -677,12 +677,13 @@ def _mom_diagnostics(lines: list[dict], swept: list[str]) -> str:
     layers = sorted({k.split("/")[1] for ln in moms for k in ln if k.startswith("route/")}, key=lambda x: int(x[1:]))
     variants = [v for v in ("mom", "single", *STATE_MATCHED) if any(ln["variant"] == v for ln in lines)]
     cols = ["rule", *[k.split(".")[-1] for k in swept], "half-way step: " + " / ".join(VARIANT_LABELS[v] for v in variants),
-            *[f"{layer} {what}" for layer in layers for what in ("share", "busiest memory", "dead")]]
+            *[f"{layer} {what}" for layer in layers for what in ("share", "busiest memory", "write spread", "dead")]]
     out = ["", "MoM's diagnostics (means over seeds at the selected LR): half-way steps of every variant; per MoM layer the "
            "fraction of queries that read a memory their pair was written to (share), the busiest memory's fraction of "
-           "the pairs' writes (of all tokens' routing when there are no pairs; 1 / num_memories is a fair share), and "
-           "dead memories.", "", "| " + " | ".join(cols) + " |",
-           "|" + "|".join(["---"] * (2 + len(swept)) + ["---:"] * 3 * len(layers)) + "|"]
+           "the pairs' writes (of all tokens' routing when there are no pairs; 1 / num_memories is a fair share), the "
+           "number of memories the pairs' writes spread over (exp of their entropy: top-k of M gives k when every pair "
+           "goes to the same k memories, M when evenly; blank without pair counts), and dead memories.", "",
+           "| " + " | ".join(cols) + " |", "|" + "|".join(["---"] * (2 + len(swept)) + ["---:"] * 4 * len(layers)) + "|"]
     for ln in moms:
         at = [json.dumps(ln.get(k)) for k in swept]
         same = {o["variant"]: o for o in lines if o["rule"] == ln["rule"] and [json.dumps(o.get(k)) for k in swept] == at}
@@ -690,7 +691,7 @@ def _mom_diagnostics(lines: list[dict], swept: list[str]) -> str:
         diag = []
         for layer in layers:
             diag += [_num(ln.get(f"route/{layer}/share")), _num(ln.get(f"route/{layer}/busiest"), ".2f"),
-                     _num(ln.get(f"route/{layer}/dead"), ".2f")]
+                     _num(ln.get(f"route/{layer}/spread"), ".2f"), _num(ln.get(f"route/{layer}/dead"), ".2f")]
         out.append("| " + " | ".join([ln["rule"], *[_fmt(ln.get(k)) for k in swept], halves, *diag]) + " |")
     return "\n".join(out) + "\n"
 
@@ -759,14 +760,18 @@ def half_step(records: list[dict], floor: float = 0.1) -> int | None:
 
 def busiest_memory(row: dict) -> dict:
     """route/<layer>/busiest of a MoM row: the largest share of the pairs' writes one memory took (write<m>), or of all
-    routed tokens (load<m>) where no pairs were counted; per run, so a mean over seeds does not average memories
-    whose numbering differs between seeds."""
+    routed tokens (load<m>) where no pairs were counted; and route/<layer>/spread, the number of memories the pairs'
+    writes spread over, exp(entropy of the write shares): top-k routing of M memories gives k (every pair into the
+    same k) to M (evenly), blank without pair counts. Per run, so a mean over seeds does not average memories whose
+    numbering differs between seeds."""
     out = {}
     for layer in sorted({k.split("/")[1] for k in row if k.startswith("route/")}):
         for kind in ("write", "load"):
             shares = [v for k, v in row.items() if k.startswith(f"route/{layer}/{kind}") and v not in ("", None)]
             if shares:
                 out[f"route/{layer}/busiest"] = max(shares)
+                if kind == "write":
+                    out[f"route/{layer}/spread"] = math.exp(-sum(x * math.log(x) for x in shares if x > 0))
                 break
     return out
 

@@ -417,7 +417,8 @@ def test_recall_study_report_per_rule_figure_and_answer(tmp_path):
 def test_mom_diagnostics_table_averages_each_runs_busiest_memory(tmp_path):
     """The busiest memory is taken per run (memory numbers differ between seeds) before the mean over seeds: two seeds
     whose pairs crowd into memory 0 and memory 1 give 0.7, where the mean loads would give 0.45; rows without pairs
-    fall back to the all-token load; the diagnostics table names every variant's half-way step."""
+    fall back to the all-token load (and have no write spread); the diagnostics table names every variant's half-way
+    step."""
     assert ablate.busiest_memory({"route/L0/load0": 0.2, "route/L0/load1": 0.8, "route/L0/share": 0.5}) == \
         {"route/L0/busiest": 0.8}
     rows = [r for r in _study_rows() if r["rule"] == "deltanet" and r["model.hidden_size"] == 16]
@@ -433,7 +434,11 @@ def test_mom_diagnostics_table_averages_each_runs_busiest_memory(tmp_path):
     mom = next(ln for ln in lines if ln["variant"] == "mom")
     assert mom["route/L1/busiest"] == pytest.approx(0.7) and mom["route/L1/share"] == pytest.approx(0.9)
     md = (tmp_path / "results.md").read_text()
-    assert "| deltanet | 16 | 200 / 200 / 200 / 200 | 0.900 | 0.70 | 0.00 |" in md
+    spread = math.exp(-sum(x * math.log(x) for x in (0.7, 0.2, 0.1)))   # 2.23 memories of 3
+    assert mom["route/L1/spread"] == pytest.approx(spread)
+    assert f"| deltanet | 16 | 200 / 200 / 200 / 200 | 0.900 | 0.70 | {spread:.2f} | 0.00 |" in md
+    even = ablate.busiest_memory({f"route/L0/write{m}": 0.25 for m in range(4)})
+    assert even["route/L0/spread"] == pytest.approx(4) and even["route/L0/busiest"] == 0.25
 
 
 def test_zoology_points_sit_where_zoology_counts_state():
