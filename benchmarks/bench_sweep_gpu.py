@@ -25,6 +25,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -63,9 +64,10 @@ def run_row(args, variant: str, graph: str, procs: int, streams: int, work: Path
     runs = [subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
             for cmd in cmds]
     errors = []
+    deadline = time.monotonic() + args.timeout   # one limit for the row, not one per process
     for p in runs:
         try:
-            _, err = p.communicate(timeout=args.timeout)
+            _, err = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             p.kill()
             _, err = p.communicate()
@@ -153,7 +155,8 @@ def main() -> None:
     ap.add_argument("--run-steps", type=int, default=0, help="steps of a sweep run for runs/GPU-hour; 0 = train.steps")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--tiny", action="store_true", help="a tiny model on CPU-sized data (smoke test)")
-    ap.add_argument("--timeout", type=int, default=540, help="seconds per row")
+    ap.add_argument("--timeout", type=int, default=540, help="seconds per row (all its processes together); the "
+                    "first row on a cold machine compiles every kernel in every process at once: allow minutes")
     ap.add_argument("--out", default=os.environ.get("OUT") or "runs/bench_sweep_gpu")
     ap.add_argument("overrides", nargs="*", help="config overrides (key=value) for every run")
     args = ap.parse_args()

@@ -11,10 +11,13 @@
 #   mom      benchmarks/bench_mom.py (issue table: MoM vs single layer vs fla, decode, syncs)
 #   kernels* benchmarks/bench_kernels.py (ours vs fla vs SDPA, every rule), T = 2048 and/or 8192
 #   sweep    benchmarks/bench_sweep_gpu.py: steps/s of the recall study's model, SWEEP_PROCS processes sharing the GPU
+#   mps      start the CUDA MPS control daemon (see start_mps)
 #   zoo      a shard of the recall study (configs/zoology_mqar.yaml) into $ZOO_DIR (/tmp/zoology_mqar: a later call on
-#            the warm machine sees its finished runs and plans the second stage from them): ZOO_RULES ("[deltanet,gla]"),
-#            ZOO_WIDTHS ("[64]"), ZOO_SHARD ("1/1"), ZOO_JOBS, ZOO_EXTRA (more overrides), ZOO_S (time limit; a cut
-#            sweep keeps its finished rows).
+#            the warm machine sees its finished runs and plans the second stage from them; a fresh machine starts from
+#            docs/zoology_mqar/runs.csv): ZOO_RULES ("[deltanet,gla]"), ZOO_WIDTHS ("[64]"), ZOO_SHARD ("1/1"), ZOO_JOBS
+#            (default: the preset's ablate.jobs), ZOO_GRID (the whole ablate.grid, in place of ZOO_WIDTHS's; spaces
+#            allowed), ZOO_EXTRA (more overrides, split at spaces), ZOO_S (time limit; a cut sweep keeps its
+#            finished rows), ZOO_MPS (1: start MPS first, the default; 0: time slices).
 #   zoobg    the same in a process session of its own: it runs on after the call returns, while the machine is held
 #   zoofetch waits up to ZOO_WAIT s for the sweeps, then packs every shard's rows (shards/<rules_widths_shard>/runs.csv),
 #            each cell's metrics.jsonl and config.yaml, and the sweep logs into $OUT/zoo.tgz. Here: unpack it into
@@ -42,6 +45,15 @@ export LSM_TUNE_MS=${LSM_TUNE_MS:-5,25}
 python3 -c "import torch, triton, fla; print('torch', torch.__version__, 'triton', triton.__version__, 'fla', fla.__version__, torch.cuda.get_device_name())"
 RULES="linear_attention retnet lightning gla hgrn2 mamba2 deltanet gated_deltanet ttt"
 Z=${ZOO_DIR:-/tmp/zoology_mqar}   # the study's sweep folder, outside the tree that every call copies afresh
+# CUDA MPS: one server runs every process's kernels, so the tiny kernels of several training processes can overlap on
+# the SMs instead of taking turns (time slices). The control daemon is a process of this user (device settings stay as
+# they are); processes started after it use it, until the machine goes back. Started once per machine.
+start_mps() {
+  if ! command -v nvidia-cuda-mps-control > /dev/null; then
+    echo "no nvidia-cuda-mps-control in this image: processes share the GPU by time slices"
+  elif pgrep -x nvidia-cuda-mps-control > /dev/null; then echo "MPS control daemon already running"
+  else nvidia-cuda-mps-control -d && sleep 1 && echo "MPS control daemon started"; fi
+}
 for what in "$@"; do
   t0=$(date +%s)
   case $what in
@@ -85,19 +97,19 @@ for what in "$@"; do
       n_sweep=$(( ${n_sweep:-0} + 1 )); mkdir -p "$OUT/sweep_$n_sweep"
       timeout ${SWEEP_S:-560} python3 benchmarks/bench_sweep_gpu.py --procs ${SWEEP_PROCS:-1 4 8} ${SWEEP_ARGS:-} \
         --out "$OUT/sweep_$n_sweep" 2>&1 | tee "$OUT/sweep_$n_sweep/bench_sweep_gpu.log" | tail -20 ;;
-    mps)     # CUDA MPS: one server runs every process's kernels, so the tiny kernels of several training processes can
-             # overlap on the SMs instead of taking turns (time slices). The control daemon is a process of this user
-             # (device settings stay as they are); processes started after it use it, until the machine goes back.
-             # Compare: `SWEEP_PROCS="1 8 16" bash benchmarks/gpu_session.sh sweep mps sweep`.
-      if command -v nvidia-cuda-mps-control > /dev/null; then
-        nvidia-cuda-mps-control -d && sleep 1 && echo "MPS control daemon started"
-      else echo "no nvidia-cuda-mps-control in this image: processes share the GPU by time slices"; fi ;;
+    mps)     start_mps ;;
     zoo|zoobg)  # zoobg: the same sweep in its own process session, so it outlives this call (see zoofetch)
       mkdir -p $Z
-      TAG=$(echo "${ZOO_RULES:?set ZOO_RULES, e.g. [deltanet]}_${ZOO_WIDTHS:-all}_${ZOO_SHARD:-1/1}" | tr -c 'a-z0-9\n' '_')
+      # the study's finished rows (tracked, re-keyed by `lsm ablate --merge`): the sweep skips their cells and plans
+      # its second stage from them, so a shard picks up where the last session's left off
+      [ -f $Z/runs.csv ] || cp docs/zoology_mqar/runs.csv $Z/runs.csv
+      [ "${ZOO_MPS:-1}" = 1 ] && start_mps
+      GRID=${ZOO_GRID:-"{model.hidden_size: ${ZOO_WIDTHS:-[64,128]}}"}
+      TAG=$(echo "${ZOO_RULES:?set ZOO_RULES, e.g. [deltanet]}_${ZOO_WIDTHS:-all}${ZOO_GRID:+_$ZOO_GRID}_${ZOO_SHARD:-1/1}" \
+            | tr -c 'a-z0-9\n' '_')
       echo "$TAG ${ZOO_SHARD:-1/1}" >> $Z/tags
       CMD=(timeout ${ZOO_S:-540} python3 -m lsm ablate configs/zoology_mqar.yaml ablate.rules=${ZOO_RULES}
-           "ablate.grid={model.hidden_size: ${ZOO_WIDTHS:-[64,128]}}" ablate.jobs=${ZOO_JOBS:-8} ablate.out_dir=$Z
+           "ablate.grid=$GRID" ${ZOO_JOBS:+ablate.jobs=$ZOO_JOBS} ablate.out_dir=$Z
            ${ZOO_EXTRA:-} --shard ${ZOO_SHARD:-1/1})
       if [ $what = zoobg ]; then
         setsid nohup "${CMD[@]}" > $Z/log_$TAG.txt 2>&1 < /dev/null & echo $! >> $Z/pids; echo "started: ${CMD[*]}"
