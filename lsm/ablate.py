@@ -108,26 +108,30 @@ def config_hash(cfg: Config) -> str:
     return "c" + hashlib.sha256(to_yaml(neutral, without=("ablate",)).encode()).hexdigest()[:11]
 
 
-def rekey(rows: list[dict], ids: set[str], out: Path) -> list[dict]:
+def rekey(rows: list[dict], ids: set[str], out: Path, seen: dict | None = None) -> list[dict]:
     """Rows whose cell id is not in `ids` (ids from an earlier hash, or from a config before a setting was added at
     a default that keeps its numbers), re-identified from the config their run stored (`<run_dir>/config.yaml`, or
     `out/cells/<its folder name>/config.yaml` for rows from another host), loaded and hashed as today: a match takes
-    today's id. Rows without a stored config, or whose config no longer loads or matches, stay as they were."""
+    today's id. Rows without a stored config, or whose config no longer loads or matches, stay as they were.
+    `seen`: a run folder -> id memo to share between calls (several tables often hold the same runs)."""
     from lsm.config import load_config
 
+    seen = {} if seen is None else seen
     fixed = []
     for r in rows:
         run_dir = Path(r.get("run_dir") or "")
         if r["cell"] not in ids and run_dir.name:
-            for path in (run_dir / "config.yaml", out / "cells" / run_dir.name / "config.yaml"):
-                if path.is_file():
-                    try:
-                        cid = config_hash(load_config(path))
-                    except ConfigError:
+            if run_dir not in seen:
+                seen[run_dir] = None
+                for path in (run_dir / "config.yaml", out / "cells" / run_dir.name / "config.yaml"):
+                    if path.is_file():
+                        try:
+                            seen[run_dir] = config_hash(load_config(path))
+                        except ConfigError:
+                            pass
                         break
-                    if cid in ids:
-                        r = {**r, "cell": cid}
-                    break
+            if seen[run_dir] in ids:
+                r = {**r, "cell": seen[run_dir]}
         fixed.append(r)
     return fixed
 
@@ -436,7 +440,8 @@ def merge(cfg: Config, quiet: bool = False) -> list[dict]:
     out = Path(cfg.ablate.out_dir)
     sources = [out / "runs.csv"] + sorted(out.glob("shards/*/runs.csv"))
     ids = {c.id for c in all_cells(cfg)}
-    rows = merge_rows([rekey(read_runs(p), ids, out) for p in sources])
+    seen: dict = {}
+    rows = merge_rows([rekey(read_runs(p), ids, out, seen) for p in sources])
     write_runs(rows, out / "runs.csv")
     mine = [r for r in rows if r["cell"] in ids]
     write_results(mine, cfg)
