@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -61,15 +62,16 @@ def run_row(args, variant: str, graph: str, procs: int, streams: int, work: Path
                  f"ablate.variants=[{variant}]", "ablate.selection=mean", "ablate.grid={}",
                  f"ablate.lrs=[{cfg.train.lr}]", f"ablate.seeds=[{','.join(map(str, range(procs * streams)))}]",
                  f"ablate.jobs={procs}", f"ablate.streams={streams}", f"ablate.out_dir={sweep}"]]
-    runs = [subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-            for cmd in cmds]
+    # each in a session of its own: a timed-out `lsm ablate` is killed with the workers it spawned
+    runs = [subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                             start_new_session=True) for cmd in cmds]
     errors = []
     deadline = time.monotonic() + args.timeout   # one limit for the row, not one per process
     for p in runs:
         try:
             _, err = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            p.kill()
+            os.killpg(p.pid, signal.SIGKILL)
             _, err = p.communicate()
             errors.append(f"timed out after {args.timeout} s")
             continue
@@ -130,7 +132,8 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.set(xlabel="runs sharing the GPU (processes x runs per process)", ylabel="training steps/s in all",
            title="sweep throughput, one GPU")
     ax.grid(alpha=0.3)
-    ax.legend()
+    if ax.lines:
+        ax.legend()
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=120)

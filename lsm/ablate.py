@@ -46,6 +46,7 @@ import itertools
 import json
 import math
 import os
+import re
 import statistics
 import subprocess
 import time
@@ -102,36 +103,44 @@ def variant_config(cfg: Config, rule: str, variant: str) -> Config:
 
 def config_hash(cfg: Config) -> str:
     """Identity of a run: a hash of every setting that can change its numbers (not its name, output folder,
-    progress bar or the sweep section: the `ablate:` block is left out of the hashed YAML, so a sweep option added
-    later leaves every cell's id as it was)."""
-    neutral = replace(cfg, name="", train=replace(cfg.train, out_dir="", progress=False, tensorboard=False))
+    progress bar, GPU index (`cuda:1` is `cuda`: `ablate.devices` places cells) or the sweep section: the `ablate:`
+    block is left out of the hashed YAML, so a sweep option added later leaves every cell's id as it was)."""
+    device = re.sub(r"^cuda:\d+$", "cuda", cfg.train.device)
+    neutral = replace(cfg, name="", train=replace(cfg.train, out_dir="", progress=False, tensorboard=False,
+                                                  device=device))
     return "c" + hashlib.sha256(to_yaml(neutral, without=("ablate",)).encode()).hexdigest()[:11]
 
 
-def rekey(rows: list[dict], ids: set[str], out: Path, seen: dict | None = None) -> list[dict]:
-    """Rows whose cell id is not in `ids` (ids from an earlier hash, or from a config before a setting was added at
-    a default that keeps its numbers), re-identified from the config their run stored (`<run_dir>/config.yaml`, or
-    `out/cells/<its folder name>/config.yaml` for rows from another host), loaded and hashed as today: a match takes
-    today's id. Rows without a stored config, or whose config no longer loads or matches, stay as they were.
-    `seen`: a run folder -> id memo to share between calls (several tables often hold the same runs)."""
+def identify(rows: list[dict], cells: list[Cell], out: Path, seen: dict | None = None) -> list[dict]:
+    """`rows` (of runs.csv tables) as rows of `cells` where they are: a row under another cell id (an earlier hash,
+    or a config from before a setting was added at a default that keeps its numbers) is re-identified from the
+    config its run stored (`<run_dir>/config.yaml`, or `out/cells/<its folder name>/config.yaml` for rows from
+    another host), loaded and hashed as today; and a row of one of `cells` gets that cell's swept values as its
+    grid columns (a row that ran under another grid lacks a key swept now, or has one that is not). Rows of other
+    rules or variants are left alone unread; so are rows without a stored config, or whose config no longer loads
+    or matches. `seen`: a run folder -> id memo to share between calls (tables often hold the same runs)."""
     from lsm.config import load_config
 
+    by_id = {c.id: c for c in cells}
+    kinds = {(c.rule, c.variant) for c in cells}
     seen = {} if seen is None else seen
     fixed = []
     for r in rows:
         run_dir = Path(r.get("run_dir") or "")
-        if r["cell"] not in ids and run_dir.name:
+        if r["cell"] not in by_id and run_dir.name and (r.get("rule"), r.get("variant")) in kinds:
             if run_dir not in seen:
                 seen[run_dir] = None
                 for path in (run_dir / "config.yaml", out / "cells" / run_dir.name / "config.yaml"):
                     if path.is_file():
                         try:
                             seen[run_dir] = config_hash(load_config(path))
-                        except ConfigError:
+                        except Exception:   # noqa: BLE001 - one unreadable run must not stop a merge
                             pass
                         break
-            if seen[run_dir] in ids:
+            if seen[run_dir] in by_id:
                 r = {**r, "cell": seen[run_dir]}
+        if r["cell"] in by_id:
+            r = {**{k: v for k, v in r.items() if "." not in k}, **dict(by_id[r["cell"]].swept)}
         fixed.append(r)
     return fixed
 
@@ -390,14 +399,16 @@ def _exclusive(runs_path: Path):
 def _run_sweep(cfg: Config, rerun: bool, shard, quiet: bool, out: Path, runs_path: Path) -> list[dict]:
     every = all_cells(cfg)  # once: resolving and hashing hundreds of configs takes seconds
     ids = {c.id for c in every}
-    mine = {r["cell"]: r for r in rekey(read_runs(runs_path), ids, out)}
-    merged = {r["cell"]: r for r in rekey(read_runs(out / "runs.csv"), ids, out)} if shard is not None else {}
+    seen: dict = {}
+    by_cell = lambda *tables: {r["cell"]: r for r in merge_rows(list(tables))}   # a finished row wins
+    mine = by_cell(identify(read_runs(runs_path), every, out, seen))
+    merged = by_cell(identify(read_runs(out / "runs.csv"), every, out, seen)) if shard is not None else {}
     ran: set[str] = set()
     fresh = {c.id for c in every if in_shard(c, shard)} if rerun else set()  # --rerun: run these again
     t0 = time.perf_counter()
 
     def finished() -> dict:
-        rows = {**merged, **mine}
+        rows = by_cell(list(mine.values()), list(merged.values()))
         return {k: r for k, r in rows.items() if r.get("status") == "ok" and (k not in fresh or k in ran)}
 
     def record(row: dict) -> None:
@@ -417,7 +428,7 @@ def _run_sweep(cfg: Config, rerun: bool, shard, quiet: bool, out: Path, runs_pat
             print(f"{len(todo)} cells to run ({len(cells) - len(todo)} of this plan finished before), "
                   f"{min(cfg.ablate.jobs, len(todo))} at a time", flush=True)
         _run_cells(todo, cfg, record)
-    rows = [r for r in {**merged, **mine}.values() if r["cell"] in ids]
+    rows = [r for r in by_cell(list(mine.values()), list(merged.values())).values() if r["cell"] in ids]
     if shard is None:
         write_results(rows, cfg)
     return rows
@@ -439,9 +450,10 @@ def merge(cfg: Config, quiet: bool = False) -> list[dict]:
     the same cell), then write results and plots. Returns the sweep's rows."""
     out = Path(cfg.ablate.out_dir)
     sources = [out / "runs.csv"] + sorted(out.glob("shards/*/runs.csv"))
-    ids = {c.id for c in all_cells(cfg)}
+    every = all_cells(cfg)
+    ids = {c.id for c in every}
     seen: dict = {}
-    rows = merge_rows([rekey(read_runs(p), ids, out, seen) for p in sources])
+    rows = merge_rows([identify(read_runs(p), every, out, seen) for p in sources])
     write_runs(rows, out / "runs.csv")
     mine = [r for r in rows if r["cell"] in ids]
     write_results(mine, cfg)
@@ -687,7 +699,7 @@ def _mom_diagnostics(lines: list[dict], swept: list[str]) -> str:
            "fraction of queries that read a memory their pair was written to (share), the busiest memory's fraction of "
            "the pairs' writes (of all tokens' routing when there are no pairs; 1 / num_memories is a fair share), the "
            "number of memories the pairs' writes spread over (exp of their entropy: top-k of M gives k when every pair "
-           "goes to the same k memories, M when evenly; blank without pair counts), and dead memories.", "",
+           "goes to the same k memories, M when evenly; – without pair counts), and dead memories.", "",
            "| " + " | ".join(cols) + " |", "|" + "|".join(["---"] * (2 + len(swept)) + ["---:"] * 4 * len(layers)) + "|"]
     for ln in moms:
         at = [json.dumps(ln.get(k)) for k in swept]
