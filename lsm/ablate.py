@@ -139,8 +139,10 @@ def identify(rows: list[dict], cells: list[Cell], out: Path, seen: dict | None =
                         break
             if seen[run_dir] in by_id:
                 r = {**r, "cell": seen[run_dir]}
-        if r["cell"] in by_id:
-            r = {**{k: v for k, v in r.items() if "." not in k}, **dict(by_id[r["cell"]].swept)}
+        if r["cell"] in by_id:   # the grid columns right after the variant, as run_cell writes them
+            swept, r = dict(by_id[r["cell"]].swept), {k: v for k, v in r.items() if "." not in k}
+            at = list(r).index("variant") + 1 if "variant" in r else len(r)
+            r = {**dict(list(r.items())[:at]), **swept, **dict(list(r.items())[at:])}
         fixed.append(r)
     return fixed
 
