@@ -18,7 +18,9 @@
 #            (default: the preset's ablate.jobs), ZOO_GRID (the whole ablate.grid, in place of ZOO_WIDTHS's; spaces
 #            allowed), ZOO_EXTRA (more overrides, split at spaces), ZOO_S (time limit; a cut sweep keeps its
 #            finished rows), ZOO_MPS (1: start MPS first, the default; 0: time slices).
-#   zoobg    the same in a process session of its own: it runs on after the call returns, while the machine is held
+#   zoobg    the same in a process session of its own: it runs on after the call returns, while the machine is held;
+#            several zoobg steps (one per call or several in one) queue: each starts when the ones before it end, and
+#            its ZOO_S counts from its start
 #   zoofetch waits up to ZOO_WAIT s for the sweeps, then packs every shard's rows (shards/<rules_widths_shard>/runs.csv),
 #            each cell's metrics.jsonl and config.yaml, and the sweep logs into $OUT/zoo.tgz. Here: unpack it into
 #            runs/zoology_mqar, then `lsm ablate configs/zoology_mqar.yaml --merge` (with ZOO_EXTRA's overrides, if any:
@@ -111,8 +113,11 @@ for what in "$@"; do
       CMD=(timeout ${ZOO_S:-540} python3 -m lsm ablate configs/zoology_mqar.yaml ablate.rules=${ZOO_RULES}
            "ablate.grid=$GRID" ${ZOO_JOBS:+ablate.jobs=$ZOO_JOBS} ablate.out_dir=$Z
            ${ZOO_EXTRA:-} --shard ${ZOO_SHARD:-1/1})
-      if [ $what = zoobg ]; then
-        setsid nohup "${CMD[@]}" > $Z/log_$TAG.txt 2>&1 < /dev/null & echo $! >> $Z/pids; echo "started: ${CMD[*]}"
+      if [ $what = zoobg ]; then   # queued behind the sweeps still running: shards of one index share a runs.csv
+        prev=$(cat $Z/pids 2>/dev/null | tr '\n' ' ')
+        setsid nohup bash -c 'for p in $0; do while kill -0 $p 2>/dev/null; do sleep 5; done; done; exec "$@"' \
+          "$prev" "${CMD[@]}" > $Z/log_$TAG.txt 2>&1 < /dev/null &
+        echo $! >> $Z/pids; echo "queued behind [${prev}]: ${CMD[*]}"
       else "${CMD[@]}" 2>&1 | tee $Z/log_$TAG.txt | tail -30; fi ;;
     zoofetch)  # wait (ZOO_WAIT seconds at most) for the sweeps zoo/zoobg started, then pack what they finished
       end=$(( $(date +%s) + ${ZOO_WAIT:-0} ))
