@@ -8,7 +8,8 @@ What is counted (per sequence, summed over blocks):
 
   params_total        every parameter (a tied head counts once).
   params_active       parameters a token uses: in a MoM layer the per-memory projections (keys, values,
-                      gates and their convolutions) count (K + shared) / (M + shared) of their size.
+                      gates and their convolutions; the output projection with `readout: per_memory`) count
+                      (K + shared) / (M + shared) of their size.
   memory_floats       the matrix memories S alone: blocks x memories x H x K x V.
   state_floats        everything the decode cache holds (float32): the rule's decode state (ttt also
                       keeps the mini-batch's starting memory and its position) and the short-conv tails.
@@ -107,6 +108,8 @@ def _mixer_account(mixer: nn.Module, seq_len: int) -> dict[str, float]:
             if mod is not None:
                 per_memory.update(id(p) for p in mod.parameters())
         per_memory.update(id(p) for p in mixer.gates.parameters())
+        if getattr(mixer, "readout_mode", "sum") == "per_memory":   # a slice of the output projection per memory
+            per_memory.update(id(p) for p in mixer.o_proj.parameters())
         for name in ("k", "v"):
             if name in mixer.convs:
                 per_memory.update(id(p) for p in mixer.convs[name].parameters())

@@ -57,6 +57,8 @@ class MixerConfig:
     router_conv: int = 0               # > 1: the router reads a causal depthwise conv of x over this many tokens; 0 = x_t
     router_temperature: float = 1.0    # router scores are softmax(logits / temperature)
     router_init_std: Optional[float] = None  # std of the router's init; None = model.init_std
+    readout: str = "sum"               # "sum": memories' reads summed before the output projection; "per_memory":
+                                       # each read normed, gated and projected through its own slice of it
     # softmax attention (type: attention, and the attention layers of hybrids)
     rope_theta: float = 10000.0        # RoPE base
 
@@ -361,6 +363,7 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"model.mixer.router_conv: must be >= 0 (0 or 1 = the router reads x_t alone), "
                               f"got {mx.router_conv}")
         _positive("model.mixer.router_temperature", mx.router_temperature)
+        _choice("model.mixer.readout", mx.readout, ("sum", "per_memory"))
         if mx.router_init_std is not None and mx.router_init_std < 0:
             raise ConfigError(f"model.mixer.router_init_std: must be >= 0 (None = model.init_std), got {mx.router_init_std}")
     if m.attention_every < 0:

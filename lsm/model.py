@@ -35,7 +35,7 @@ def build_mixer(cfg: MixerConfig, hidden_size: int, norm_eps: float, attention: 
         return MixtureOfMemories(cfg.rule, hidden_size, cfg.num_heads, num_memories=cfg.num_memories, topk=cfg.topk,
                                  shared_memory=cfg.shared_memory, aux_loss_weight=cfg.aux_loss_weight,
                                  router_conv=cfg.router_conv, router_temperature=cfg.router_temperature,
-                                 router_init_std=cfg.router_init_std, **kwargs)
+                                 router_init_std=cfg.router_init_std, readout=cfg.readout, **kwargs)
     return RuleLayer(cfg.rule, hidden_size, cfg.num_heads, **kwargs)
 
 

@@ -79,6 +79,7 @@ def test_other_values():
     assert _error([*mom, "model.mixer.router_conv=-1"]).startswith("model.mixer.router_conv: must be >= 0")
     assert _error([*mom, "model.mixer.router_temperature=0"]).startswith("model.mixer.router_temperature: must be > 0")
     assert _error([*mom, "model.mixer.router_init_std=-1"]).startswith("model.mixer.router_init_std: must be >= 0")
+    assert "did you mean 'per_memory'" in _error([*mom, "model.mixer.readout=per_mem"])
     assert _error(["data.mqar.train_cells=[[16,8]]"]).startswith("data.mqar.train_cells: cell [16, 8]")
 
 

@@ -28,6 +28,7 @@ from lsm.rules._chunking import ChunkLayout
 from lsm.rules.base import UpdateRule
 
 RULES = R.names()
+READOUTS = ["sum", "per_memory"]   # how the memories' reads reach the output projection (MixtureOfMemories)
 D, H = 16, 2
 FLOAT64_TOL = dict(atol=1e-9, rtol=1e-7)
 # rules whose gate modules compute in float32: (state tolerance, output tolerance)
@@ -67,13 +68,14 @@ def close(a, b, name, what, kind):
     torch.testing.assert_close(a, b, **tol, msg=lambda m: f"{name} {what}: {m}")
 
 
+@pytest.mark.parametrize("readout", READOUTS)
 @pytest.mark.parametrize("name", RULES)
 @settings(max_examples=5)
 @given(B=st.integers(1, 2), T=st.integers(1, 14), topk=st.integers(1, 3), shared=st.booleans(),
        with_state=st.booleans(), seed=st.integers(0, 2**16))
-def test_equals_dense_reference(name, B, T, topk, shared, with_state, seed):
+def test_equals_dense_reference(name, readout, B, T, topk, shared, with_state, seed):
     """The packed wrapper (chunk path; the step path when T = 1 with a cache) equals the dense reference."""
-    layer = make_layer(name, seed, topk=topk, shared_memory=shared)
+    layer = make_layer(name, seed, topk=topk, shared_memory=shared, readout=readout)
     x = rand_x(B, T, seed)
     cache = random_cache(layer, B, seed) if with_state else None
     h0 = None if cache is None else cache.state
@@ -83,12 +85,13 @@ def test_equals_dense_reference(name, B, T, topk, shared, with_state, seed):
     close(memory(layer, out.cache.state), memory(layer, state_ref), name, "final memories", "state")
 
 
+@pytest.mark.parametrize("readout", READOUTS)
 @pytest.mark.parametrize("name", RULES)
 @settings(max_examples=3)
 @given(T=st.integers(1, 12), seed=st.integers(0, 2**16))
-def test_decoding_token_by_token_equals_forward(name, T, seed):
+def test_decoding_token_by_token_equals_forward(name, readout, T, seed):
     """From an empty cache, T calls with one token each equal one forward over all T tokens."""
-    layer = make_layer(name, seed)
+    layer = make_layer(name, seed, readout=readout)
     x = rand_x(2, T, seed)
     full = layer(x, use_cache=True)
     cache, ys = None, []
@@ -101,15 +104,16 @@ def test_decoding_token_by_token_equals_forward(name, T, seed):
     assert cache.seen == T
 
 
+@pytest.mark.parametrize("readout", READOUTS)
 @pytest.mark.parametrize("name", RULES)
 @settings(max_examples=3)
 @given(T=st.integers(2, 14), split=st.floats(0.1, 0.9), seed=st.integers(0, 2**16))
-def test_prefix_then_continuation_equals_forward(name, T, split, seed):
+def test_prefix_then_continuation_equals_forward(name, readout, T, split, seed):
     """A prefill with a cache, then the rest (chunked, from the cached per-memory states), equals one forward."""
     # ttt's decode state carries the position inside the current mini-batch, but a chunked prefill
     # returns only the memory S, and a continuation from an initial state starts a fresh mini-batch
     # (DESIGN: an initial state starts one). With mini-batches of one token the two agree exactly.
-    layer = make_layer(name, seed, options={"mini_batch_size": 1} if name == "ttt" else None)
+    layer = make_layer(name, seed, options={"mini_batch_size": 1} if name == "ttt" else None, readout=readout)
     x = rand_x(2, T, seed)
     t0 = min(max(int(T * split), 1), T - 1)
     full = layer(x, use_cache=True)
@@ -176,12 +180,13 @@ def test_cpu_layout_equals_static_layout(name, lens, packed, with_state, seed):
             close(a, b, name, f"gradient of parameter {n}", "output")
 
 
+@pytest.mark.parametrize("readout", READOUTS)
 @pytest.mark.parametrize("name", RULES)
 @settings(max_examples=3)
 @given(lens=st.lists(st.integers(1, 9), min_size=1, max_size=4), seed=st.integers(0, 2**16))
-def test_varlen_equals_separate_runs(name, lens, seed):
+def test_varlen_equals_separate_runs(name, readout, lens, seed):
     """A packed batch (B = 1, cu_seqlens; segments are (sequence, memory) pairs) equals separate runs."""
-    layer = make_layer(name, seed)
+    layer = make_layer(name, seed, readout=readout)
     x = rand_x(1, sum(lens), seed)
     cu = torch.tensor([0] + lens).cumsum(0)
     packed = layer(x, cu_seqlens=cu).output
@@ -232,6 +237,30 @@ def test_gradients_reach_router_every_memory_and_shared(name):
             kind = "shared memory" if m == layer.num_memories else f"memory {m}"
             assert bool(per_memory[m].abs().sum() > 0), f"{name}: no gradient reaches {pname} of {kind}"
     assert x.grad is not None and bool(x.grad.abs().sum() > 0)
+
+
+@pytest.mark.parametrize("name", ["gla", "deltanet"])
+def test_per_memory_readout_keeps_memories_apart(name):
+    """readout: per_memory: the output projection is Ms slices wide; the slice of a memory no token reads gets no
+    gradient, every read one does; the router learns through the reads alone (aux loss off); bad values name
+    the parameter."""
+    layer = make_layer(name, 3, readout="per_memory", aux_loss_weight=0.0)
+    Ms, HV = layer.num_states, H * layer.value_dim
+    assert layer.o_proj.weight.shape == (D, Ms * HV)
+    with torch.no_grad():  # as in test_unrouted_memory_keeps_its_initial_state: memory 0 is never picked
+        layer.router.proj.weight[0] = 0.0
+        layer.router.proj.weight[0, 0] = -100.0
+    x = rand_x(2, 12, 3)
+    x[..., 0] = 1.0
+    out = layer(x)
+    w = torch.randn(out.output.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    (out.output * w).sum().backward()
+    slices = layer.o_proj.weight.grad.view(D, Ms, HV)
+    assert torch.equal(slices[:, 0], torch.zeros_like(slices[:, 0]))
+    assert all(bool(slices[:, m].abs().sum() > 0) for m in range(1, Ms))
+    assert bool(layer.router.proj.weight.grad.abs().sum() > 0)
+    with pytest.raises(ValueError, match="readout"):
+        make_layer(name, readout="concat")
 
 
 # the MoM-side options together: routing from a causal conv window of x, a router temperature, a router init std
@@ -360,10 +389,10 @@ def test_bad_input_names_the_parameter():
 TRITON_RULES = [n for n in RULES if type(R.get(n))._chunk_triton is not UpdateRule._chunk_triton]
 
 
-def forced_pair(name, backend, device="cpu"):
+def forced_pair(name, backend, device="cpu", **kw):
     """A float32 layer whose router never picks memory 0, an input, and two equal random caches."""
     torch.manual_seed(0)
-    layer = MixtureOfMemories(name, D, H, num_memories=3, topk=2, chunk_size=16, backend=backend).to(device)
+    layer = MixtureOfMemories(name, D, H, num_memories=3, topk=2, chunk_size=16, backend=backend, **kw).to(device)
     with torch.no_grad():
         layer.router.proj.weight[0] = 0.0
         layer.router.proj.weight[0, 0] = -100.0
@@ -390,6 +419,19 @@ def test_triton_backend_matches_torch(name):
 
 
 STEP_RULES = [n for n in RULES if R.get(n).has_triton_step]
+
+
+def test_per_memory_readout_on_triton_matches_torch():
+    """readout: per_memory with backend="triton" (TRITON_INTERPRET on CPU): a prefill from per-memory states, then
+    decoding steps (the gathered step: the fused kernel returns mixed reads only), equal backend="torch";
+    float32, atol 1e-5."""
+    layer, x, cache, twin = forced_pair("gated_deltanet", "triton", "cuda" if torch.cuda.is_available() else "cpu",
+                                        readout="per_memory")
+    ys = [layer(x[:, :8], cache=cache).output, *[layer(x[:, t:t + 1], cache=cache).output for t in range(8, 11)]]
+    layer.backend = "torch"
+    ys_ref = [layer(x[:, :8], cache=twin).output, *[layer(x[:, t:t + 1], cache=twin).output for t in range(8, 11)]]
+    torch.testing.assert_close(torch.cat(ys, 1), torch.cat(ys_ref, 1), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(memory(layer, cache.state), memory(layer, twin.state), atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("grad", [False, True])

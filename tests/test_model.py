@@ -12,6 +12,8 @@ BASE = ["model.hidden_size=16", "model.num_layers=2", "model.mixer.num_heads=2",
 VARIANTS = {
     "rule": ["model.mixer.rule=gated_deltanet"],
     "mom": ["model.mixer.rule=gated_deltanet", "model.mixer.type=mom", "model.mixer.num_memories=3"],
+    "mom_per_memory": ["model.mixer.rule=gla", "model.mixer.type=mom", "model.mixer.num_memories=3",
+                       "model.mixer.readout=per_memory"],
     "hybrid": ["model.mixer.rule=mamba2", "model.attention_every=2"],
     "attention": ["model.mixer.type=attention"],
 }
@@ -36,7 +38,7 @@ def test_decoding_with_cache_equals_full_prefix(name):
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("name", ["rule", "hybrid"])
+@pytest.mark.parametrize("name", ["rule", "hybrid", "mom_per_memory"])
 def test_greedy_generate_equals_rerunning(name):
     model = _model(name)
     prompt = torch.randint(0, 32, (2, 4))

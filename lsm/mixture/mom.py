@@ -22,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from lsm.dtypes import at_least_float32
 from lsm.layers import MixerOutput, RuleLayer
@@ -63,6 +63,11 @@ class MixtureOfMemories(RuleLayer):
             read (at the query key) can then pick the same memory. 0 (default) or 1: x_t.
         router_temperature: router scores are softmax(logits / temperature) (default 1).
         router_init_std: std of the router weight's normal init (default None: the model's `init_std`).
+        readout: "sum" (default, the MoM paper's): the token's K routed memories' reads, weighted, and the shared
+            memory's are summed into one `[H, V]` output before the single layer's norm, gate and projection.
+            "per_memory": each memory's read is normed and gated on its own, weighted, and reaches a slice of
+            the output projection of its own (Ms x wider: like an MoE expert's output matrix), so memories do
+            not meet in one head-width sum. Decoding then steps the routed memories without the fused kernel.
         Routing diagnostics (load, entropy, dead memories, write/read sharing) are in `lsm.mixture.diagnostics`.
 
     Dtypes as in `RuleLayer` (the same `lsm.modules.rule_inputs`): q, k, v in the activation dtype, gates
@@ -84,11 +89,12 @@ class MixtureOfMemories(RuleLayer):
     def __init__(self, rule, hidden_size: int, num_heads: int, head_dim: int | None = None,
                  value_dim: int | None = None, num_memories: int = 4, topk: int = 2, shared_memory: bool = True,
                  aux_loss_weight: float = 0.01, router_conv: int = 0, router_temperature: float = 1.0,
-                 router_init_std: float | None = None, conv_size: int = 4, use_short_conv: bool = True,
+                 router_init_std: float | None = None, readout: str = "sum", conv_size: int = 4,
+                 use_short_conv: bool = True,
                  use_output_gate: bool = True, norm_eps: float = 1e-5, chunk_size: int = 64,
                  backend: str = "auto", rule_options: dict | None = None):
         _check_mixture_args(num_memories, topk, shared_memory, aux_loss_weight, router_conv, router_temperature,
-                            router_init_std)
+                            router_init_std, readout)
         super().__init__(rule, hidden_size, num_heads, head_dim, value_dim, conv_size=conv_size,
                          use_short_conv=use_short_conv, use_output_gate=use_output_gate, norm_eps=norm_eps,
                          chunk_size=chunk_size, backend=backend, rule_options=rule_options,
@@ -99,6 +105,9 @@ class MixtureOfMemories(RuleLayer):
         self.router = Router(hidden_size, num_memories, topk, router_temperature, router_init_std)
         # the router's view of the token window: linear, so at init it is a random mix of the last W tokens
         self.router_conv = ShortConv(hidden_size, router_conv, activation=False) if router_conv > 1 else None
+        self.readout_mode = readout
+        if readout == "per_memory":   # a slice of the output projection per memory (memory-major input channels)
+            self.o_proj = nn.Linear(self.num_states * self.num_heads * self.value_dim, hidden_size, bias=False)
 
     @property
     def config(self) -> dict:
@@ -155,18 +164,32 @@ class MixtureOfMemories(RuleLayer):
         if use_cache and cache is None:
             cache = self.init_cache(B, x.device, at_least_float32(x.dtype))
         routing = self.router(self.router_input(x, cache, cu_seqlens))
+        mix = self.readout_mode == "sum"
         if cache is not None and T == 1:
             # a decoding step: the balancing loss is a training signal, not computed here
-            o, aux_loss = self._step(*self.project(x, cache, cu_seqlens), routing, cache), x.new_zeros(())
+            o, aux_loss = self._step(*self.project(x, cache, cu_seqlens), routing, cache, mix), x.new_zeros(())
         else:
             aux_loss = self.aux_loss_weight * load_balancing_loss(routing, self.num_memories)
-            o = self._chunk(x, *self.slots(routing), cache, cu_seqlens)
+            o = self._chunk(x, *self.slots(routing), cache, cu_seqlens, mix)
         if cache is not None:
             cache.seen += T
-        return MixerOutput(self.readout(o, x), cache, aux_loss)
+        y = self.readout(o, x) if mix else self.readout_per_memory(o, *self.slots(routing), x)
+        return MixerOutput(y, cache, aux_loss)
 
-    def _chunk(self, x, sel, w, cache, cu_seqlens) -> Tensor:
-        """Training / prefill: one packed call of `rule.chunk`. Returns o `[B, T, H, V]`."""
+    def readout_per_memory(self, o: Tensor, sel: Tensor, w: Tensor, x: Tensor) -> Tensor:
+        """`readout: per_memory`: o `[B, T, S, H, V]` (each slot's read), sel / w `[B, T, S]` -> `[B, T, D]`: each
+        read normed and gated on its own, weighted, placed at its memory's channels (zeros for the memories a
+        token does not read) and projected (a gather-backward scatter: no sync, no atomics)."""
+        B, T, S, H, V = o.shape
+        gate = None if self.g_proj is None else self.g_proj(x).unflatten(-1, (H, V))[:, :, None].expand_as(o)
+        n = self.o_norm(o, gate, backend=self.backend)
+        n = n * w.to(n.dtype)[..., None, None]
+        full = n.new_zeros(B, T, self.num_states, H, V).scatter(2, sel[..., None, None].expand_as(n), n)
+        return self.o_proj(full.flatten(-3))
+
+    def _chunk(self, x, sel, w, cache, cu_seqlens, mix: bool = True) -> Tensor:
+        """Training / prefill: one packed call of `rule.chunk`. Returns o `[B, T, H, V]` mixed over the slots, or
+        `[B, T, S, H, V]` per slot (`mix=False`)."""
         B, T, _ = x.shape
         Ms, H = self.num_states, self.num_heads
         d = dispatch(sel, Ms, cu_seqlens)
@@ -183,15 +206,18 @@ class MixtureOfMemories(RuleLayer):
         if cache is not None:
             cache.state = tuple(s.unflatten(0, (B, Ms)) for s in S)
         o = take_rows(o[0], d.dest.flatten()).unflatten(0, d.dest.shape)           # [B*T, S, H, V]
+        if not mix:
+            return o.unflatten(0, (B, T))
         return mix_slots(o, w.flatten(0, 1)).view(B, T, H, -1)
 
-    def _step(self, q, k, v, gates, routing: Routing, cache: MoMCache) -> Tensor:
-        """Decoding (T = 1): update only the K selected memories and the shared one. Returns `[B, 1, H, V]`.
+    def _step(self, q, k, v, gates, routing: Routing, cache: MoMCache, mix: bool = True) -> Tensor:
+        """Decoding (T = 1): update only the K selected memories and the shared one. Returns `[B, 1, H, V]`
+        (`[B, 1, S, H, V]` per slot with `mix=False`).
 
         `routed_step` reads the selected memories' rows of k, v and gates; with the Triton
-        backend it is one fused kernel updating the cache in place."""
+        backend (and mixed reads) it is one fused kernel updating the cache in place."""
         o, cache.state = routed_step(self.rule, q[:, 0], k[:, 0], v[:, 0], cache.state, routing.index[:, 0],
-                                     routing.weight[:, 0], self.shared_memory, backend=self.backend,
+                                     routing.weight[:, 0], self.shared_memory, backend=self.backend, mix=mix,
                                      **{n: g[:, 0] for n, g in gates.items()}, **self.rule_options)
         return o[:, None]
 
@@ -236,7 +262,7 @@ class _RoutedRows:
 
 
 def _check_mixture_args(num_memories, topk, shared_memory, aux_loss_weight, router_conv, router_temperature,
-                        router_init_std) -> None:
+                        router_init_std, readout="sum") -> None:
     for n, val in (("num_memories", num_memories), ("topk", topk)):
         if not isinstance(val, int) or isinstance(val, bool) or val < 1:
             raise ValueError(f"`{n}` must be a positive int, got {val!r}")
@@ -252,3 +278,5 @@ def _check_mixture_args(num_memories, topk, shared_memory, aux_loss_weight, rout
         raise ValueError(f"`router_temperature` must be a float > 0, got {router_temperature!r}")
     if router_init_std is not None and (not isinstance(router_init_std, (int, float)) or router_init_std < 0):
         raise ValueError(f"`router_init_std` must be None or a float >= 0, got {router_init_std!r}")
+    if readout not in ("sum", "per_memory"):
+        raise ValueError(f"`readout` must be 'sum' or 'per_memory', got {readout!r}")

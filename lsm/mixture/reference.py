@@ -3,8 +3,9 @@
 Every memory runs the rule's own recurrence (`rule.step`) over *all* tokens, and a token that is
 not routed to memory m keeps the old state (`torch.where` on the routing mask), so S_m changes
 only at its routed tokens. Outputs are mixed with the router weights (the shared memory with
-weight 1), then go through the layer's readout. It shares every parameter with the layer it is
-given and is slow by design: O(Ms * T) Python steps.
+weight 1), then go through the layer's readout; with `readout: per_memory` each memory's read goes
+through the norm and gate alone, is weighted, and meets its own columns of the output projection.
+It shares every parameter with the layer it is given and is slow by design: O(Ms * T) Python steps.
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ def mom_reference(layer: MixtureOfMemories, x: Tensor, state: DecodeState | None
     weight = torch.zeros(B, T, Ms, dtype=ct).scatter_(2, sel, w.to(ct))             # [B, T, Ms]
     q, k, v, gates = layer.project(x, None, None)
     out = torch.zeros(B, T, H, V, dtype=ct)
+    reads = torch.zeros(B, T, Ms, H, V, dtype=ct)                                   # every memory's read
     finals = []
     for m in range(Ms):
         st = (tuple(s[:, m] for s in state) if state is not None
@@ -39,6 +41,15 @@ def mom_reference(layer: MixtureOfMemories, x: Tensor, state: DecodeState | None
             keep = routed[:, t, m]
             st = tuple(torch.where(keep.view(B, *([1] * (s.dim() - 1))), n.to(s.dtype), s) for s, n in zip(st, new))
             out[:, t] += weight[:, t, m, None, None] * o.to(ct)
+            reads[:, t, m] = o.to(ct)
         finals.append(st)
     final = tuple(torch.stack([f[i] for f in finals], 1) for i in range(len(finals[0])))
-    return layer.readout(out.to(v.dtype), x), final
+    if layer.readout_mode == "sum":
+        return layer.readout(out.to(v.dtype), x), final
+    # per_memory: memory m's read, normed and gated, weighted (0 where not routed), into its slice of o_proj
+    gate = None if layer.g_proj is None else layer.g_proj(x).unflatten(-1, (H, V))
+    y = torch.zeros(B, T, layer.hidden_size, dtype=ct)
+    for m in range(Ms):
+        n = layer.o_norm(reads[:, :, m].to(v.dtype), gate).to(ct) * weight[:, :, m, None, None]
+        y += n.flatten(-2) @ layer.o_proj.weight[:, m * H * V:(m + 1) * H * V].T.to(ct)
+    return y.to(v.dtype), final

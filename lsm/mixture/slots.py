@@ -27,14 +27,16 @@ def mix_slots(o: Tensor, w: Tensor) -> Tensor:
 
 
 def routed_step(rule: UpdateRule, q: Tensor, k: Tensor, v: Tensor, state: DecodeState, index: Tensor, weight: Tensor,
-                shared: bool, scale=None, backend: backends.Backend = "auto", **gates) -> tuple[Tensor, DecodeState]:
+                shared: bool, scale=None, backend: backends.Backend = "auto", mix: bool = True,
+                **gates) -> tuple[Tensor, DecodeState]:
     """One decoding step of a Mixture-of-Memories layer: update only the routed memories (and the shared one).
 
     q `[B, H, K]` (the shared query); every memory's inputs k `[B, Ms, H, K]`, v `[B, Ms, H, V]`,
     gates `[B, Ms, H(, K)]`; state: the rule's decode-state tuple, every tensor `[B, Ms, H, ...]`
     (Ms = M routed memories + the shared one, last, when `shared`); index `[B, topk]` distinct
     memories < M and weight `[B, topk]`. Returns (o `[B, H, V]` = sum_s w_s o_s with the shared
-    memory's weight 1, the new state). The memories not selected keep their state exactly.
+    memory's weight 1, the new state). The memories not selected keep their state exactly. `mix=False`: o
+    `[B, S, H, V]`, each slot's read unweighted (slots: the routed memories in `index` order, then the shared one).
 
     With the Triton backend, a float32 state and no autograd graph to record, one fused kernel
     updates the selected memories in place (`lsm_kernels.decode.mom_step`); otherwise the
@@ -42,7 +44,7 @@ def routed_step(rule: UpdateRule, q: Tensor, k: Tensor, v: Tensor, state: Decode
     """
     B, Ms = state[0].shape[:2]
     backend = backends.resolve_step(rule, backend, q, k, v, state, gates)
-    fused = (backend == "triton" and rule.has_triton_step and len(state) == 1 and state[0].dtype == torch.float32
+    fused = (mix and backend == "triton" and rule.has_triton_step and len(state) == 1 and state[0].dtype == torch.float32
              and state[0].is_contiguous() and not backends.requires_grad(q, k, v, state[0], weight, *gates.values()))
     if fused:
         from lsm_kernels.decode import mom_step
@@ -62,4 +64,5 @@ def routed_step(rule: UpdateRule, q: Tensor, k: Tensor, v: Tensor, state: Decode
     o, new = rule.step(q[:, None].expand(B, S, H, K).flatten(0, 1), pick(k), pick(v), tuple(pick(s) for s in state),
                        scale=scale, backend=backend, **per_memory, **fixed)
     state = tuple(s.scatter(1, at(s), n.unflatten(0, (B, S)).to(s.dtype)) for s, n in zip(state, new))
-    return mix_slots(o.unflatten(0, (B, S)), w), state
+    o = o.unflatten(0, (B, S))
+    return (mix_slots(o, w) if mix else o), state
