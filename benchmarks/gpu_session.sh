@@ -105,6 +105,9 @@ for what in "$@"; do
       # the study's finished rows (tracked, re-keyed by `lsm ablate --merge`): the sweep skips their cells and plans
       # its second stage from them, so a shard picks up where the last session's left off
       [ -f $Z/runs.csv ] || cp docs/zoology_mqar/runs.csv $Z/runs.csv
+      # and the configs their runs stored: rows of an older cell id (a config key added since) are re-identified
+      # from them (lsm.ablate.identify)
+      [ -d $Z/cells ] || for f in docs/zoology_mqar/shards/*.tgz; do tar -xzf $f -C $Z ./cells; done
       [ "${ZOO_MPS:-1}" = 1 ] && start_mps
       GRID=${ZOO_GRID:-"{model.hidden_size: ${ZOO_WIDTHS:-[64,128]}}"}
       TAG=$(echo "${ZOO_RULES:?set ZOO_RULES, e.g. [deltanet]}_${ZOO_WIDTHS:-all}${ZOO_GRID:+_$ZOO_GRID}_${ZOO_SHARD:-1/1}" \
