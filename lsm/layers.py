@@ -153,10 +153,13 @@ class RuleLayer(nn.Module):
             gates[name] = g.unflatten(2, (Ms, H))                                   # [B, T, Ms, H(, K)]
         return gates
 
+    def output_gate(self, x: Tensor) -> Tensor | None:
+        """The readout's gate `[B, T, H, V]` from x (None without `use_output_gate`)."""
+        return None if self.g_proj is None else self.g_proj(x).unflatten(-1, (self.num_heads, self.value_dim))
+
     def readout(self, o: Tensor, x: Tensor) -> Tensor:
         """o `[B, T, H, V]` -> `[B, T, D]`: per-head norm, output gate, projection."""
-        gate = None if self.g_proj is None else self.g_proj(x).unflatten(-1, (self.num_heads, self.value_dim))
-        return self.o_proj(self.o_norm(o, gate, backend=self.backend).flatten(-2))
+        return self.o_proj(self.o_norm(o, self.output_gate(x), backend=self.backend).flatten(-2))
 
     def forward(self, x: Tensor, cache: RuleCache | None = None, cu_seqlens: Tensor | None = None,
                 use_cache: bool = False) -> MixerOutput:

@@ -165,15 +165,16 @@ class MixtureOfMemories(RuleLayer):
             cache = self.init_cache(B, x.device, at_least_float32(x.dtype))
         routing = self.router(self.router_input(x, cache, cu_seqlens))
         mix = self.readout_mode == "sum"
+        sel, w = self.slots(routing)
         if cache is not None and T == 1:
             # a decoding step: the balancing loss is a training signal, not computed here
             o, aux_loss = self._step(*self.project(x, cache, cu_seqlens), routing, cache, mix), x.new_zeros(())
         else:
             aux_loss = self.aux_loss_weight * load_balancing_loss(routing, self.num_memories)
-            o = self._chunk(x, *self.slots(routing), cache, cu_seqlens, mix)
+            o = self._chunk(x, sel, w, cache, cu_seqlens, mix)
         if cache is not None:
             cache.seen += T
-        y = self.readout(o, x) if mix else self.readout_per_memory(o, *self.slots(routing), x)
+        y = self.readout(o, x) if mix else self.readout_per_memory(o, sel, w, x)
         return MixerOutput(y, cache, aux_loss)
 
     def readout_per_memory(self, o: Tensor, sel: Tensor, w: Tensor, x: Tensor) -> Tensor:
@@ -181,8 +182,8 @@ class MixtureOfMemories(RuleLayer):
         read normed and gated on its own, weighted, placed at its memory's channels (zeros for the memories a
         token does not read) and projected (a gather-backward scatter: no sync, no atomics)."""
         B, T, S, H, V = o.shape
-        gate = None if self.g_proj is None else self.g_proj(x).unflatten(-1, (H, V))[:, :, None].expand_as(o)
-        n = self.o_norm(o, gate, backend=self.backend)
+        gate = self.output_gate(x)
+        n = self.o_norm(o, None if gate is None else gate[:, :, None].expand_as(o), backend=self.backend)
         n = n * w.to(n.dtype)[..., None, None]
         full = n.new_zeros(B, T, self.num_states, H, V).scatter(2, sel[..., None, None].expand_as(n), n)
         return self.o_proj(full.flatten(-3))

@@ -47,7 +47,7 @@ def mom_reference(layer: MixtureOfMemories, x: Tensor, state: DecodeState | None
     if layer.readout_mode == "sum":
         return layer.readout(out.to(v.dtype), x), final
     # per_memory: memory m's read, normed and gated, weighted (0 where not routed), into its slice of o_proj
-    gate = None if layer.g_proj is None else layer.g_proj(x).unflatten(-1, (H, V))
+    gate = layer.output_gate(x)
     y = torch.zeros(B, T, layer.hidden_size, dtype=ct)
     for m in range(Ms):
         n = layer.o_norm(reads[:, :, m].to(v.dtype), gate).to(ct) * weight[:, :, m, None, None]
