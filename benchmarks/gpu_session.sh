@@ -21,7 +21,8 @@
 #   zoobg    the same in a process session of its own: it runs on after the call returns, while the machine is held;
 #            several zoobg steps (one per call or several in one) queue: each starts when the ones before it end, and
 #            its ZOO_S counts from its start
-#   zoofetch waits up to ZOO_WAIT s for the sweeps, then packs every shard's rows (shards/<rules_widths_shard>/runs.csv),
+#            Sweeps in different ZOO_DIRs run side by side (each folder's queue is its own).
+#   zoofetch waits up to ZOO_WAIT s for the sweeps (of every folder in ZOO_DIRS, default ZOO_DIR's), then packs every shard's rows (shards/<rules_widths_shard>/runs.csv),
 #            each cell's metrics.jsonl and config.yaml, and the sweep logs into $OUT/zoo.tgz. Here: unpack it into
 #            runs/zoology_mqar, then `lsm ablate configs/zoology_mqar.yaml --merge` (with ZOO_EXTRA's overrides, if any:
 #            cells are hashed from their resolved config, ablate.* aside).
@@ -123,19 +124,24 @@ for what in "$@"; do
         echo $! >> $Z/pids; echo "queued behind [${prev}]: ${CMD[*]}"
       else "${CMD[@]}" 2>&1 | tee $Z/log_$TAG.txt | tail -30; fi ;;
     zoofetch)  # wait (ZOO_WAIT seconds at most) for the sweeps zoo/zoobg started, then pack what they finished
+      dirs=${ZOO_DIRS:-$Z}   # sweeps side by side in folders of their own: ZOO_DIRS lists them all
       end=$(( $(date +%s) + ${ZOO_WAIT:-0} ))
-      running() { for p in $(cat $Z/pids 2>/dev/null); do kill -0 $p 2>/dev/null && return 0; done; return 1; }
+      running() { for p in $(cat ${dirs// //pids }/pids 2>/dev/null); do kill -0 $p 2>/dev/null && return 0; done; return 1; }
       while running && [ $(date +%s) -lt $end ]; do sleep 5; done
       running && echo "a sweep is still running (its finished rows come back)"
       # each shard's rows under a name of their own (rules, widths, shard), so no later fetch overwrites them here
       rm -rf /tmp/zoo_pack; mkdir -p /tmp/zoo_pack/shards
-      while read -r tag S; do
-        f=$Z/shards/${S%/*}of${S#*/}/runs.csv
-        [ -f $f ] && mkdir -p /tmp/zoo_pack/shards/$tag && cp $f /tmp/zoo_pack/shards/$tag/runs.csv
-      done < $Z/tags
-      cp $Z/log_*.txt /tmp/zoo_pack/ 2>/dev/null
-      (cd $Z && find cells -name metrics.jsonl -o -name config.yaml | grep -v checkpoints | tar -cf - -T - | tar -xf - -C /tmp/zoo_pack)
-      tar -czf "$OUT/zoo.tgz" -C /tmp/zoo_pack . && tail -q -n 4 $Z/log_*.txt
+      for d in $dirs; do
+        while read -r tag S; do
+          f=$d/shards/${S%/*}of${S#*/}/runs.csv
+          [ -f $f ] && mkdir -p /tmp/zoo_pack/shards/$tag && cp $f /tmp/zoo_pack/shards/$tag/runs.csv
+        done < $d/tags
+        cp $d/log_*.txt /tmp/zoo_pack/ 2>/dev/null
+        (cd $d && find cells -name metrics.jsonl -o -name config.yaml | grep -v checkpoints | tar -cf - -T - \
+          | tar -xf - -C /tmp/zoo_pack)
+        tail -q -n 4 $d/log_*.txt
+      done
+      tar -czf "$OUT/zoo.tgz" -C /tmp/zoo_pack .
       echo "$OUT/zoo.tgz: $(cat /tmp/zoo_pack/shards/*/runs.csv 2>/dev/null | grep -c ',ok,') finished rows" ;;
   esac
   echo "# step $what took $(( $(date +%s) - t0 )) s"

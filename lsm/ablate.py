@@ -337,39 +337,62 @@ def _batches(cells: list[Cell], streams: int) -> list[list[Cell]]:
     return out
 
 
-def _run_cells(cells: list[Cell], cfg: Config, on_row) -> None:
+def _run_cells(cells: list[Cell], cfg: Config, on_row, more=lambda: []) -> None:
     """Run `cells` (in this process for jobs = 1, else in `ablate.jobs` spawned workers), `ablate.streams` cells of a
-    group at a time per process (`run_cells`); `on_row(row)` as each ends."""
+    group at a time per process (`run_cells`); `on_row(row)` as each ends. `more()`, asked after every batch, names
+    cells that became runnable meanwhile (two_stage: a group's seeds once its LR grid is in); they join the queue
+    at once, so no worker idles while one group's grid waits for another's."""
     a = cfg.ablate
     if not cells:
         return
-    from lsm.accounting import account_config
-
-    # the costliest batches first, so that the last to finish is a short one (order changes no number)
-    cost = lambda batch: -account_config(batch[0].config).train_flops_per_token * batch[0].config.train.steps
-    batches = sorted(_batches(cells, a.streams), key=cost)
-    jobs = min(a.jobs, len(batches))
-    if jobs == 1 and not a.devices:
+    if a.jobs == 1 and not a.devices:   # one at a time: the caller plans again once these are done
         prov = provenance_of(cells[0].config)
-        for batch in batches:
+        for batch in _ordered_batches(cells, a.streams):
             for row in run_cells(batch, prov):
                 on_row(row)
         return
     import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from concurrent.futures import ProcessPoolExecutor
 
     ctx = mp.get_context("spawn")  # a fresh interpreter per worker: no forked torch thread pools
     devices = ctx.Queue()
-    for i in range(jobs):
+    for i in range(a.jobs):
         devices.put(a.devices[i % len(a.devices)] if a.devices else None)
-    pool = ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_init_worker, initargs=(devices,))
+    # spawned workers start on demand: no more processes than there are batches queued
+    pool = ProcessPoolExecutor(a.jobs, mp_context=ctx, initializer=_init_worker, initargs=(devices,))
     try:
-        futures = [pool.submit(run_cells, batch) for batch in batches]
-        for f in as_completed(futures):
-            for row in f.result():
-                on_row(row)
+        drain(pool, run_cells, cells, a.streams, on_row, more)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _ordered_batches(cells: list[Cell], streams: int) -> list[list[Cell]]:
+    """`_batches`, the costliest first, so that the last to finish is a short one (order changes no number)."""
+    from lsm.accounting import account_config
+
+    cost = lambda batch: -account_config(batch[0].config).train_flops_per_token * batch[0].config.train.steps
+    return sorted(_batches(cells, streams), key=cost)
+
+
+def drain(pool, run, cells: list[Cell], streams: int, on_row, more=lambda: []) -> None:
+    """Submit `cells` to `pool` in batches (`run(batch)` -> rows); as each batch ends, hand its rows to `on_row`
+    and submit the cells of `more()` not submitted before. Returns when nothing is running or left."""
+    from concurrent.futures import FIRST_COMPLETED, wait
+
+    submitted: set[str] = set()
+
+    def submit(new: list[Cell]) -> set:
+        new = [c for c in new if c.id not in submitted]
+        submitted.update(c.id for c in new)
+        return {pool.submit(run, batch) for batch in _ordered_batches(new, streams)} if new else set()
+
+    pending = submit(cells)
+    while pending:
+        done, pending = wait(pending, return_when=FIRST_COMPLETED)
+        for f in done:
+            for row in f.result():
+                on_row(row)
+        pending |= submit(more())
 
 
 def run_sweep(cfg: Config, rerun: bool = False, shard: tuple[int, int] | None = None, quiet: bool = False) -> list[dict]:
@@ -429,7 +452,9 @@ def _run_sweep(cfg: Config, rerun: bool, shard, quiet: bool, out: Path, runs_pat
         if not quiet:
             print(f"{len(todo)} cells to run ({len(cells) - len(todo)} of this plan finished before), "
                   f"{min(cfg.ablate.jobs, len(todo))} at a time", flush=True)
-        _run_cells(todo, cfg, record)
+        _run_cells(todo, cfg, record, more=lambda: [c for c in plan(cfg, list(finished().values()), every)
+                                                    if in_shard(c, shard) and c.id not in finished()
+                                                    and c.id not in ran])
     rows = [r for r in by_cell(list(mine.values()), list(merged.values())).values() if r["cell"] in ids]
     if shard is None:
         write_results(rows, cfg)

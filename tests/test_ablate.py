@@ -126,6 +126,46 @@ def test_same_numbers_twice_and_with_two_workers(tmp_path):
     assert len(first) == 2 and first == again == two
 
 
+def test_a_groups_seeds_start_while_another_groups_lr_grid_runs(tmp_path):
+    """two_stage with workers (`ablate.drain`): the seeds of a group whose LR grid is in are queued at once, not after
+    every group's grid: here mom's grid cells wait until single's second seed has run (a barrier between the stages
+    would leave them waiting, and the test would fail on the timeout)."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    cfg = tiny(tmp_path, "ablate.variants=[single,mom]", "ablate.seeds=[0,1]", "ablate.lrs=[1e-3,3e-3]",
+               "ablate.selection=two_stage")
+    every = ablate.all_cells(cfg)
+    single_seed1 = threading.Event()
+    rows, order, ended = {}, [], []
+
+    def run(batch):
+        out = []
+        for c in batch:
+            if c.variant == "mom" and c.seed == 0:
+                assert single_seed1.wait(timeout=20), "mom's grid waited on a stage barrier"
+            ended.append((c.variant, c.seed))
+            if c.variant == "single" and c.seed == 1:
+                single_seed1.set()
+            out.append({"cell": c.id, "status": "ok", "seed": c.seed, "lr": c.lr, "val_accuracy": c.lr * 100})
+        return out
+
+    def on_row(row):
+        rows[row["cell"]] = row
+        order.append(row["cell"])
+
+    first = ablate.plan(cfg, [], every)
+    assert {c.seed for c in first} == {0} and len(first) == 4
+    with ThreadPoolExecutor(4) as pool:
+        ablate.drain(pool, run, first, 1, on_row,
+                     more=lambda: [c for c in ablate.plan(cfg, list(rows.values()), every) if c.id not in rows])
+    by_id = {c.id: c for c in every}
+    ran = [by_id[i] for i in order]
+    assert len(ran) == 6 and {(c.variant, c.seed, c.lr) for c in ran if c.seed == 1} == {("single", 1, 3e-3),
+                                                                                          ("mom", 1, 3e-3)}
+    assert ended.index(("single", 1)) < ended.index(("mom", 0))
+
+
 def test_streams_train_a_groups_cells_side_by_side_with_the_same_numbers(tmp_path):
     """ablate.streams: a group's cells (here the 2 seeds of each variant) train at once in threads of one process, or
     of each of 2 worker processes; every number equals the one-at-a-time sweep's (each model's init is its own

@@ -27,6 +27,8 @@ def layers(device="cpu", dtype=torch.float64, backend="torch"):
         "gdn": RuleLayer("gated_deltanet", D, H, backend=backend).to(device, dtype),
         "mom": MixtureOfMemories("gated_deltanet", D, H, num_memories=3, topk=2, backend=backend).to(device, dtype),
         "mom-gla": MixtureOfMemories("gla", D, H, num_memories=4, topk=1, backend=backend).to(device, dtype),
+        "mom-pm": MixtureOfMemories("gated_deltanet", D, H, num_memories=3, topk=2, readout="per_memory",
+                                    backend=backend).to(device, dtype),
         # ttt's decode state (S0, S, n) holds one tensor twice after a prefill: the static buffers must not alias
         "ttt": RuleLayer("ttt", D, H, backend=backend, rule_options={"mini_batch_size": 3}).to(device, dtype),
     }
@@ -45,7 +47,7 @@ def run_pair(layer, graph, device="cpu", dtype=torch.float64, steps=5):
     return cache, twin, torch.cat(ys, 1), torch.cat(refs, 1)
 
 
-@pytest.mark.parametrize("name", ["gdn", "mom", "mom-gla", "ttt"])
+@pytest.mark.parametrize("name", ["gdn", "mom", "mom-gla", "mom-pm", "ttt"])
 def test_static_step_equals_eager_decoding(name):
     layer = layers()[name]
     cache, twin, y, ref = run_pair(layer, graph=False)
@@ -116,7 +118,7 @@ def test_generate_graphs_by_default_where_it_applies(monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-@pytest.mark.parametrize("name", ["gdn", "mom", "mom-gla"])
+@pytest.mark.parametrize("name", ["gdn", "mom", "mom-gla", "mom-pm"])
 def test_cuda_graph_equals_eager_on_gpu(name, backend):
     """The captured and replayed step equals eager decoding (float32, atol 1e-5)."""
     layer = layers("cuda", torch.float32, backend)[name]

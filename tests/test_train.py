@@ -160,12 +160,13 @@ def test_cuda_graph_config_errors_and_cpu_fallback(tmp_path):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("mixer,rule", [("rule", "gated_deltanet")] + [
-    ("mom", r) for r in ("linear_attention", "retnet", "gla", "mamba2", "deltanet", "gated_deltanet", "ttt")])
-def test_cuda_graph_step_trains_like_eager(tmp_path, monkeypatch, mixer, rule):
-    """On a GPU (triton backend, bf16 autocast), every rule of the recall study: the replayed graph gives the eager
-    run's losses and scores, with validation and checkpoints between replays, and the graph's learning rate follows
-    the schedule."""
+@pytest.mark.parametrize("mixer,rule,readout", [("rule", "gated_deltanet", "sum")] + [
+    ("mom", r, "sum") for r in ("linear_attention", "retnet", "gla", "mamba2", "deltanet", "gated_deltanet", "ttt")]
+    + [("mom", r, "per_memory") for r in ("gla", "gated_deltanet")])
+def test_cuda_graph_step_trains_like_eager(tmp_path, monkeypatch, mixer, rule, readout):
+    """On a GPU (triton backend, bf16 autocast), every rule of the recall study and MoM's per-memory readout: the
+    replayed graph gives the eager run's losses and scores, with validation and checkpoints between replays, and the
+    graph's learning rate follows the schedule."""
     import lsm.train as lt
 
     made = []
@@ -174,7 +175,7 @@ def test_cuda_graph_step_trains_like_eager(tmp_path, monkeypatch, mixer, rule):
     extra = [f"model.mixer.type={mixer}", f"model.mixer.rule={rule}", "model.mixer.backend=triton", "train.device=cuda",
              "train.steps=12", "train.eval_every=4", "train.ckpt_every=6", "model.mixer.num_memories=4",
              "model.mixer.topk=2", "data.mqar.seq_len=64", "train.loss_positions=labelled",
-             "model.hidden_size=64"]  # head_dim 32: the Triton kernels need >= 16
+             "model.hidden_size=64", f"model.mixer.readout={readout}"]  # head_dim 32: the Triton kernels need >= 16
     eager = train(_cfg(tmp_path, "eager", *extra), quiet=True)
     graphed = train(_cfg(tmp_path, "graphed", *extra, "train.cuda_graph=true"), quiet=True)
     assert made[-1].graph is not None and made[-1].calls == 12
