@@ -254,13 +254,15 @@ def run_cell(cell: Cell, provenance: dict | None = None) -> dict:
     row: dict = {"cell": cell.id, "rule": cell.rule, "variant": cell.variant, **dict(cell.swept),
                  "lr": cell.lr, "seed": cell.seed}
     t0 = time.perf_counter()
+    static: dict = {}
     try:
+        static = _static_columns(cfg, provenance)   # before training: what fails here fails before the GPU time
         result = train(cfg, quiet=True)
         half = half_step(run_metrics({"run_dir": cfg.train.out_dir}))
     except Exception as e:  # a crashing cell is recorded, the sweep goes on
         error = f"{type(e).__name__}: {first_line(e)}" if str(e).strip() else type(e).__name__
-        return {**row, "status": "failed", "error": error[:300],
-                "train_s": round(time.perf_counter() - t0, 2), **_static_columns(cfg, provenance)}
+        return {**row, "status": "failed", "error": error[:300], "train_s": round(time.perf_counter() - t0, 2),
+                **static}
     test, val = summary(result.eval), summary(result.val)
     metric = "accuracy" if "accuracy" in test else "bpb"
     row.update({metric: test[metric], **{k: v for k, v in test.items() if k != metric and k != "loss"},
@@ -268,7 +270,7 @@ def run_cell(cell: Cell, provenance: dict | None = None) -> dict:
                 "steps": result.step, "steps_to_target": result.steps_to_target if result.steps_to_target else "",
                 "half_step": _blank(half),
                 "final_loss": result.losses[-1] if result.losses else "",
-                "train_s": round(time.perf_counter() - t0, 2), **_static_columns(cfg, provenance)})
+                "train_s": round(time.perf_counter() - t0, 2), **static})
     return row
 
 
@@ -346,7 +348,10 @@ def _run_cells(cells: list[Cell], cfg: Config, on_row, more=lambda: []) -> None:
     if not cells:
         return
     if a.jobs == 1 and not a.devices:   # one at a time: the caller plans again once these are done
-        prov = provenance_of(cells[0].config)
+        try:
+            prov = provenance_of(cells[0].config)
+        except Exception:   # each cell's row then says why (run_cell)
+            prov = None
         for batch in _ordered_batches(cells, a.streams):
             for row in run_cells(batch, prov):
                 on_row(row)

@@ -296,6 +296,19 @@ def test_failing_cell_is_recorded_and_the_others_finish(tmp_path, monkeypatch):
     assert "2 (+1 failed)" in (tmp_path / "sweep" / "results.md").read_text()
 
 
+def test_a_cell_whose_provenance_fails_is_recorded_before_it_trains(tmp_path, monkeypatch):
+    """The row's static columns (accounting, provenance) are taken before training: a failure there is a failed row
+    that cost no training, and the sweep goes on."""
+    import lsm.train
+
+    trained = []
+    monkeypatch.setattr(lsm.train, "train", lambda cfg, **kw: trained.append(cfg))
+    monkeypatch.setattr(ablate, "provenance_of", lambda cfg: (_ for _ in ()).throw(AttributeError("no dtype")))
+    rows = ablate.run_sweep(tiny(tmp_path, "ablate.variants=[single]", "ablate.seeds=[0,1]"), quiet=True)
+    assert [(r["status"], r["error"]) for r in rows] == [("failed", "AttributeError: no dtype")] * 2
+    assert trained == []
+
+
 def test_early_stopping_looks_at_validation_only(tmp_path, monkeypatch):
     import lsm.evaluate
     import lsm.train

@@ -394,6 +394,25 @@ def test_auto_backend_policy(monkeypatch):
         assert R.get(name).resolve_backend("auto", torch.zeros(1)) == "torch"
 
 
+@pytest.mark.parametrize("name", R.names())
+def test_backend_resolves_from_q_alone(name, monkeypatch):
+    """`resolve_backend(backend, q)` with k, v and gates unknown (what a run's provenance asks before any batch):
+    every rule answers for every backend with a name or a ValueError that says why, on CPU and on a (stub) GPU."""
+    import types
+
+    import lsm.rules.backends as backends
+    rule = R.get(name)
+    q = torch.zeros(1, requires_grad=True)
+    for backend in ("torch", "triton", "auto"):
+        assert rule.resolve_backend(backend, q) in ("torch", "triton")
+    cuda_q = types.SimpleNamespace(is_cuda=True, device="cuda:0", requires_grad=True, dtype=torch.bfloat16,
+                                   shape=(1, 1, 1, 64))
+    monkeypatch.setattr(backends, "capability", lambda device: (9, 0))
+    monkeypatch.setattr(backends, "has_fla", lambda: False)
+    for backend in ("triton", "auto"):
+        assert rule.resolve_backend(backend, cuda_q) in ("triton", "torch")
+
+
 def test_triton_first_table_agrees_with_its_benchmark_file():
     """Every entry of the "auto" table is what its benchmark result says: a rule is listed for training
     (inference) exactly when our fwd+bwd (forward) time is at most fla's at every measured size."""

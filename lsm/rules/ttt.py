@@ -362,11 +362,12 @@ class TTT(UpdateRule):
             return (f"{self.name}: backend='triton' needs `mini_batch_size` <= {self.triton_max_mini_batch} "
                     f"(a mini-batch is one tile of the kernel), got {b}: {fix} or a smaller `mini_batch_size`")
         kernel_dtypes = (torch.float32, torch.bfloat16, torch.float16)
-        if q.dtype not in kernel_dtypes or v.dtype not in kernel_dtypes:
-            return (f"{self.name}: backend='triton' takes float32/bfloat16/float16 q, k, v, got {q.dtype}: "
+        dtypes = [t.dtype for t in (q, k, v) if t is not None]   # k and v may be unknown yet (resolve_backend)
+        if any(d not in kernel_dtypes for d in dtypes):
+            return (f"{self.name}: backend='triton' takes float32/bfloat16/float16 q, k, v, got {dtypes}: "
                     f"{fix}, or cast the inputs to float32")
         ln = gates.get("ln_weight") is not None or gates.get("ln_bias") is not None
-        if auto and ln and v.shape[-1] > self.triton_auto_max_ln_dim:
+        if auto and ln and v is not None and v.shape[-1] > self.triton_auto_max_ln_dim:
             return (f"{self.name}: backend='auto' keeps the LayerNorm form at V={v.shape[-1]} > "
                     f"{self.triton_auto_max_ln_dim} on the torch form (the kernel's state tile spills registers)")
         return None
