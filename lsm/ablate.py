@@ -65,7 +65,7 @@ STATE_MATCHED = ("single_active_state", "single_same_state")  # the baselines Mo
 SELECTION_LABELS = {"mean": "best LR by mean validation score over all seeds",
                     "two_stage": "two-stage: best LR by validation score at the first seed, other seeds at that LR"}
 # columns of runs.csv kept as text when read back (the rest are numbers, or JSON for swept values)
-_TEXT_COLUMNS = {"cell", "rule", "variant", "status", "error", "run_dir", "commit", "torch", "triton", "lsm",
+_TEXT_COLUMNS = {"cell", "rule", "variant", "status", "error", "run_dir", "commit", "torch", "triton", "lsm", "recovered",
                  "device", "backend"}
 
 
@@ -145,6 +145,48 @@ def identify(rows: list[dict], cells: list[Cell], out: Path, seen: dict | None =
             r = {**dict(list(r.items())[:at]), **swept, **dict(list(r.items())[at:])}
         fixed.append(r)
     return fixed
+
+
+def recover(out: Path, cells: list[Cell], rows: list[dict], seen: dict | None = None) -> list[dict]:
+    """Rows for the finished runs under `out/cells/` that `rows` lack (a sweep ended before it recorded them: killed,
+    or a crash elsewhere in it), rebuilt from what each run stored: its config (hashed as today: the cell) and its
+    metrics stream, whose last `eval/` record is written once training has ended. The test and validation numbers,
+    steps, steps to target, half-way step and accounting are the run's; the wall time, last step's loss and
+    provenance are not in the stream and stay blank; `recovered` says where the row came from."""
+    from lsm.accounting import account_config
+    from lsm.config import load_config
+
+    by_id = {c.id: c for c in cells}
+    have = {r["cell"] for r in rows if r.get("status") == "ok"}
+    seen = {} if seen is None else seen
+    out_rows = []
+    for folder in sorted(p for p in (out / "cells").glob("*") if (p / "metrics.jsonl").is_file()):
+        key = folder.resolve()
+        if key not in seen:
+            try:
+                seen[key] = config_hash(load_config(folder / "config.yaml"))
+            except Exception:   # noqa: BLE001 - one unreadable run must not stop a merge
+                seen[key] = None
+        cell = by_id.get(seen[key])
+        if cell is None or cell.id in have:
+            continue
+        records = run_metrics({"run_dir": str(folder)})
+        final = next((r for r in reversed(records) if "eval/accuracy" in r), None)
+        val = [r for r in records if "val/accuracy" in r and final is not None and r["step"] == final["step"]]
+        if not val:   # stopped before its test evaluation (or its stream lacks the final validation): no result
+            continue
+        target = cell.config.train.target_accuracy
+        test = {k[len("eval/"):]: v for k, v in final.items() if k.startswith("eval/") and k != "eval/loss"}
+        stored = load_config(folder / "config.yaml")
+        out_rows.append({
+            "cell": cell.id, "rule": cell.rule, "variant": cell.variant, **dict(cell.swept), "lr": cell.lr,
+            "seed": cell.seed, **test, "val_accuracy": val[-1]["val/accuracy"], "status": "ok",
+            "error": "", "steps": final["step"],
+            "steps_to_target": final["step"] if target and val[-1]["val/accuracy"] >= target else "",
+            "half_step": _blank(half_step(records)), "final_loss": "", "train_s": "",
+            **account_config(stored).as_dict(), "run_dir": stored.train.out_dir, "recovered": "metrics.jsonl"})
+        have.add(cell.id)
+    return out_rows
 
 
 def _fmt(value: Any) -> str:
@@ -251,8 +293,7 @@ def run_cell(cell: Cell, provenance: dict | None = None) -> dict:
     cfg = cell.config
     if _WORKER_DEVICE is not None:
         cfg = replace(cfg, train=replace(cfg.train, device=_WORKER_DEVICE))
-    row: dict = {"cell": cell.id, "rule": cell.rule, "variant": cell.variant, **dict(cell.swept),
-                 "lr": cell.lr, "seed": cell.seed}
+    row = _row_head(cell)
     t0 = time.perf_counter()
     static: dict = {}
     try:
@@ -260,8 +301,7 @@ def run_cell(cell: Cell, provenance: dict | None = None) -> dict:
         result = train(cfg, quiet=True)
         half = half_step(run_metrics({"run_dir": cfg.train.out_dir}))
     except Exception as e:  # a crashing cell is recorded, the sweep goes on
-        error = f"{type(e).__name__}: {first_line(e)}" if str(e).strip() else type(e).__name__
-        return {**row, "status": "failed", "error": error[:300], "train_s": round(time.perf_counter() - t0, 2),
+        return {**row, "status": "failed", "error": _error_text(e), "train_s": round(time.perf_counter() - t0, 2),
                 **static}
     test, val = summary(result.eval), summary(result.val)
     metric = "accuracy" if "accuracy" in test else "bpb"
@@ -272,6 +312,16 @@ def run_cell(cell: Cell, provenance: dict | None = None) -> dict:
                 "final_loss": result.losses[-1] if result.losses else "",
                 "train_s": round(time.perf_counter() - t0, 2), **static})
     return row
+
+
+def _row_head(cell: Cell) -> dict:
+    """A runs.csv row's first columns: the cell, its rule, variant, grid values, lr and seed."""
+    return {"cell": cell.id, "rule": cell.rule, "variant": cell.variant, **dict(cell.swept), "lr": cell.lr,
+            "seed": cell.seed}
+
+
+def _error_text(e: BaseException) -> str:
+    return (f"{type(e).__name__}: {first_line(e)}" if str(e).strip() else type(e).__name__)[:300]
 
 
 def _static_columns(cfg: Config, provenance: dict | None) -> dict:
@@ -385,17 +435,27 @@ def drain(pool, run, cells: list[Cell], streams: int, on_row, more=lambda: []) -
     from concurrent.futures import FIRST_COMPLETED, wait
 
     submitted: set[str] = set()
+    batch_of: dict = {}
 
     def submit(new: list[Cell]) -> set:
         new = [c for c in new if c.id not in submitted]
         submitted.update(c.id for c in new)
-        return {pool.submit(run, batch) for batch in _ordered_batches(new, streams)} if new else set()
+        fresh = set()
+        for batch in _ordered_batches(new, streams) if new else []:
+            f = pool.submit(run, batch)
+            batch_of[f] = batch
+            fresh.add(f)
+        return fresh
 
     pending = submit(cells)
     while pending:
         done, pending = wait(pending, return_when=FIRST_COMPLETED)
         for f in done:
-            for row in f.result():
+            try:
+                rows = f.result()
+            except Exception as e:   # the worker itself failed (run_cell records a cell's own errors): the rest goes on
+                rows = [{**_row_head(c), "status": "failed", "error": _error_text(e)} for c in batch_of[f]]
+            for row in rows:
                 on_row(row)
         pending |= submit(more())
 
@@ -486,12 +546,15 @@ def merge(cfg: Config, quiet: bool = False) -> list[dict]:
     ids = {c.id for c in every}
     seen: dict = {}
     rows = merge_rows([identify(read_runs(p), every, out, seen) for p in sources])
+    found = recover(out, every, rows)
+    rows = merge_rows([rows, found])
     write_runs(rows, out / "runs.csv")
     mine = [r for r in rows if r["cell"] in ids]
     write_results(mine, cfg)
     if not quiet:
-        print(f"merged {len(rows)} rows from {len([p for p in sources if p.exists()])} files into {out / 'runs.csv'}; "
-              f"{len(mine)} of them are cells of this config")
+        print(f"merged {len(rows)} rows from {len([p for p in sources if p.exists()])} files into {out / 'runs.csv'}"
+              + (f" and {len(found)} finished runs under {out / 'cells'} that no table held (lsm.ablate.recover)"
+                 if found else "") + f"; {len(mine)} of them are cells of this config")
         if rows and not mine:
             print("none of the merged rows is a cell of this config (cells are hashed from their resolved config): "
                   "merge with the overrides the shards ran with (ablate.rules, ablate.grid, and any others)")
@@ -626,7 +689,9 @@ def summarize(rows: list[dict], selection: str = "mean", seeds: list[int] | None
                 "half_step_mean": statistics.fmean(halves) if (halves := [r["half_step"] for r in ok
                                                                            if r.get("half_step") not in ("", None)])
                 else math.nan, "half_step_n": len(halves),
-                "train_s_mean": statistics.fmean(r["train_s"] for r in ok) if ok else math.nan}
+                "train_s_mean": statistics.fmean(times) if (times := [r["train_s"] for r in ok
+                                                                      if r.get("train_s") not in ("", None)])
+                else math.nan}   # rows rebuilt from a run's metrics (recover) have no wall time
         for k in ("params_total", "params_active", "state_floats", "memory_floats", "state_rw_floats"):
             if members[0].get(k) is not None:
                 line[k] = members[0][k]

@@ -242,8 +242,10 @@ def _train(cfg: Config, ctx: distributed.DistContext, resume: bool, max_steps: i
             stop = result.steps_to_target is not None
             do_eval = stop or (last and end == t.steps)
             if do_eval:
-                if not do_val:
+                if not do_val:   # the validation a sweep's row reports, in the metrics stream too (lsm.ablate.recover)
                     result.val = evaluate(model, cfg, data, device, split="val")
+                    if main:
+                        logger.log({"step": step + 1, **{f"val/{k}": v for k, v in summary(result.val).items()}})
                 result.eval = evaluate(model, cfg, data, device)
                 model.train()
                 if main:

@@ -164,6 +164,12 @@ def test_a_groups_seeds_start_while_another_groups_lr_grid_runs(tmp_path):
     assert len(ran) == 6 and {(c.variant, c.seed, c.lr) for c in ran if c.seed == 1} == {("single", 1, 3e-3),
                                                                                           ("mom", 1, 3e-3)}
     assert ended.index(("single", 1)) < ended.index(("mom", 0))
+    # a batch whose worker fails (not the cell: run_cell records those) is a failed row each; the others go on
+    rows.clear()
+    with ThreadPoolExecutor(2) as pool:
+        ablate.drain(pool, lambda batch: 1 / 0 if batch[0].variant == "mom" else run(batch), first, 1, on_row)
+    assert sorted((by_id[r["cell"]].variant, r["status"], r.get("error", "")) for r in rows.values()) == [
+        ("mom", "failed", "ZeroDivisionError: division by zero")] * 2 + [("single", "ok", "")] * 2
 
 
 def test_streams_train_a_groups_cells_side_by_side_with_the_same_numbers(tmp_path):
@@ -261,6 +267,26 @@ def test_half_way_step_from_the_curve_and_from_curves_merged_from_another_host(t
     assert [r["half_step"] for r in rows] == [300, ""]
     assert lines[0]["half_step_mean"] == 300 and lines[0]["half_step_n"] == 1
     assert "| 300 (1/2) |" in (out / "results.md").read_text()
+
+
+def test_merge_recovers_finished_runs_that_no_table_holds(tmp_path):
+    """A sweep that ended before recording its rows (killed, or a crash elsewhere in it) leaves its finished runs'
+    config and metrics under cells/: `merge` rebuilds their rows (lsm.ablate.recover) with the same test and
+    validation numbers, steps and accounting; a run cut before its test evaluation is not a result."""
+    cfg = tiny(tmp_path, "ablate.variants=[single,mom]")
+    rows = {r["cell"]: r for r in ablate.run_sweep(cfg, quiet=True)}
+    out = tmp_path / "sweep"
+    (out / "runs.csv").unlink()
+    cut = Path(rows[next(c for c in rows if rows[c]["variant"] == "mom")]["run_dir"]) / "metrics.jsonl"
+    cut.write_text("".join(ln + "\n" for ln in cut.read_text().splitlines() if "eval/accuracy" not in ln))
+    merged = {r["cell"]: r for r in ablate.merge(cfg, quiet=True)}
+    assert len(merged) == 1 and set(merged) < set(rows)
+    (cid, got), = merged.items()
+    want = rows[cid]
+    for k in ("accuracy", "acc@2", "acc@4", "val_accuracy", "steps", "state_floats", "params_total", "lr", "seed"):
+        assert got[k] == want[k], k
+    assert got["status"] == "ok" and got["recovered"] == "metrics.jsonl" and got["train_s"] in ("", None)
+    assert ablate.merge(cfg, quiet=True)[0]["accuracy"] == want["accuracy"]   # a second merge reads it back
 
 
 def test_merge_from_the_cli_names_a_config_mismatch(tmp_path, capsys):
