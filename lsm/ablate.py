@@ -659,11 +659,13 @@ def verdict(diffs: list[float], higher: bool = True) -> str:
     return "tie"
 
 
-def summarize(rows: list[dict], selection: str = "mean", seeds: list[int] | None = None) -> list[dict]:
+def summarize(rows: list[dict], selection: str = "mean", seeds: list[int] | None = None,
+              grid_base: dict | None = None) -> list[dict]:
     """One line per (rule, variant, swept values): selected lr and the statistics over seeds at that lr.
 
     The paired difference is against the `single` variant of the same rule and swept values, on the
-    seeds both finished, each at its own selected lr."""
+    seeds both finished, each at its own selected lr; and, for each grid key of `grid_base` (key -> its first
+    value), against the line that differs from this one in that key only, at that first value (`_grid_prefix`)."""
     higher = _higher_is_better(rows)
     metric = _metric(rows)
     swept_keys = [k for k in _columns(rows) if "." in k]
@@ -708,6 +710,10 @@ def summarize(rows: list[dict], selection: str = "mean", seeds: list[int] | None
         if line["variant"] == "mom":  # MoM against the single memories of its active and of its total state
             for baseline in STATE_MATCHED:
                 line.update(_paired(per_seed.get(key(baseline)), mine, higher, f"vs_{baseline}_"))
+        for k, first in (grid_base or {}).items():   # a grid value against the grid's first value of that key
+            if k in swept_keys and line.get(k) != first:
+                at = tuple(json.dumps(first if j == k else line.get(j)) for j in swept_keys)
+                line.update(_paired(per_seed.get((line["rule"], line["variant"], at)), mine, higher, _grid_prefix(k)))
     return out
 
 
@@ -752,7 +758,33 @@ def markdown_table(lines: list[dict], cfg: Config, metric: str = "accuracy") -> 
                  f"{ln.get('params_total', 0) / 1e3:.0f}k", _num(ln["steps_mean"], ".0f"), _half(ln), vs,
                  ln.get("verdict", "")]
         out.append("| " + " | ".join(cells) + " |")
-    return head + "\n".join(out) + "\n" + _state_matched_table(lines, swept) + mom_answer(lines) + _mom_diagnostics(lines, swept)
+    return (head + "\n".join(out) + "\n" + _grid_table(lines, swept) + _state_matched_table(lines, swept)
+            + mom_answer(lines) + _mom_diagnostics(lines, swept))
+
+
+def _grid_prefix(key: str) -> str:
+    """The summary columns of a grid key's paired comparison: vs_grid/model/mixer/readout/diff_mean, ... (no dots:
+    a dotted column is a grid key)."""
+    return "vs_grid/" + key.replace(".", "/") + "/"
+
+
+def _grid_table(lines: list[dict], swept: list[str]) -> str:
+    """Each grid value against the key's first grid value, all else equal (summarize's `_grid_prefix` columns)."""
+    out = []
+    for ln in lines:
+        for k in swept:
+            p = _grid_prefix(k)
+            if p + "diff_mean" in ln:
+                others = ", ".join(f"{j.split('.')[-1]}={_fmt(ln.get(j))}" for j in swept if j != k)
+                out.append(f"| {ln['rule']} | {VARIANT_LABELS[ln['variant']]} | {others} | {k.split('.')[-1]} = "
+                           f"{_fmt(ln.get(k))} | {_num(ln['mean'])} ± {_num(ln['std'])} | {ln[p + 'diff_mean']:+.3f} ± "
+                           f"{_num(ln[p + 'diff_se'])} ({ln[p + 'wins']}/{ln[p + 'paired']}) | {ln[p + 'verdict']} |")
+    if not out:
+        return ""
+    return ("\nEach grid value against the first value of its key in `ablate.grid`, everything else equal: paired "
+            "per-seed difference (each side at its own selected LR), mean ± SE (wins/seeds), verdict.\n\n"
+            "| rule | variant | at | value | mean ± std | vs the key's first value | verdict |\n"
+            "|---|---|---|---|---:|---:|---|\n" + "\n".join(out) + "\n")
 
 
 def _half(line: dict) -> str:
@@ -908,7 +940,8 @@ def write_results(rows: list[dict], cfg: Config) -> list[dict]:
         if r.get("status") == "ok" and r.get("half_step") in (None, ""):
             r["half_step"] = _blank(half_step(run_metrics(r, out)))
         r.update(busiest_memory(r))
-    lines = sorted(summarize(rows, a.selection, list(a.seeds)), key=order)  # the config's order, not the finishing order
+    grid_base = {k: list(v)[0] for k, v in a.grid.items() if len(v) > 1}
+    lines = sorted(summarize(rows, a.selection, list(a.seeds), grid_base), key=order)  # the config's order
     metric = _metric(rows)
     write_atomic(out / "results.md", markdown_table(lines, cfg, metric))
     write_atomic(out / "results.csv", _csv_text(lines))

@@ -395,6 +395,27 @@ def test_statistics_selection_and_tie_rule_on_a_hand_made_table(tmp_path):
     assert "| gla | +0.000 ± 0.104 (2/3) tie |" in table and "MoM vs single, MoM-size state" in table
 
 
+def test_grid_values_against_the_keys_first_value_on_a_hand_made_table():
+    """summarize(grid_base=...): each line against the line that differs in that grid key only, at the key's first
+    grid value, paired per seed (each at its own selected LR); markdown_table lists them under the main table."""
+    key = "model.mixer.readout"
+    rows = [{**_row("mom", 1e-3, s, a, a), "cell": f"sum{s}", key: "sum", "model.hidden_size": 64}
+            for s, a in enumerate([0.5, 0.6, 0.7])]
+    rows += [{**_row("mom", lr, s, a, v), "cell": f"pm{lr}{s}", key: "per_memory", "model.hidden_size": 64}
+             for lr, accs in ((1e-3, [0.1, 0.1, 0.1]), (3e-3, [0.6, 0.8, 0.75])) for s, a in enumerate(accs)
+             for v in [a]]
+    lines = ablate.summarize(rows, "two_stage", [0, 1, 2], {key: "sum"})
+    pm = next(ln for ln in lines if ln[key] == "per_memory")
+    p = ablate._grid_prefix(key)
+    assert "." not in p and pm["lr"] == 3e-3
+    assert pm[p + "diff_mean"] == pytest.approx(0.35 / 3) and pm[p + "wins"] == 3 and pm[p + "verdict"] == "win"
+    assert not any(k.startswith(p) for k in next(ln for ln in lines if ln[key] == "sum"))
+    cfg = load_config(None, ["ablate.seeds=[0,1,2]", "ablate.lrs=[1e-3,3e-3]"])
+    table = ablate.markdown_table(lines, cfg)
+    assert "| gla | MoM | hidden_size=64 | readout = per_memory | 0.717 ± 0.104 | +0.117 ± 0.044 (3/3) | win |" in table
+    assert table.count("| readout |") == 1   # the comparison's columns are not taken for grid keys
+
+
 def test_verdict_rule():
     assert ablate.verdict([0.1]) == "tie"                              # one seed decides nothing
     assert ablate.verdict([-0.1, -0.2]) == "loss"
