@@ -111,7 +111,7 @@ for what in "$@"; do
       [ -d $Z/cells ] || for f in docs/zoology_mqar/shards/*.tgz; do tar -xzf $f -C $Z ./cells; done
       [ "${ZOO_MPS:-1}" = 1 ] && start_mps
       GRID=${ZOO_GRID:-"{model.hidden_size: ${ZOO_WIDTHS:-[64,128]}}"}
-      TAG=$(echo "${ZOO_RULES:?set ZOO_RULES, e.g. [deltanet]}_${ZOO_WIDTHS:-all}${ZOO_GRID:+_$ZOO_GRID}_${ZOO_SHARD:-1/1}" \
+      TAG=$(echo "${ZOO_RULES:?set ZOO_RULES, e.g. [deltanet]}_${ZOO_WIDTHS:-all}${ZOO_GRID:+_$ZOO_GRID}${ZOO_EXTRA:+_$ZOO_EXTRA}_${ZOO_SHARD:-1/1}" \
             | tr -c 'a-z0-9\n' '_')
       echo "$TAG ${ZOO_SHARD:-1/1}" >> $Z/tags
       CMD=(timeout ${ZOO_S:-540} python3 -m lsm ablate configs/zoology_mqar.yaml ablate.rules=${ZOO_RULES}
@@ -126,7 +126,8 @@ for what in "$@"; do
     zoofetch)  # wait (ZOO_WAIT seconds at most) for the sweeps zoo/zoobg started, then pack what they finished
       dirs=${ZOO_DIRS:-$Z}   # sweeps side by side in folders of their own: ZOO_DIRS lists them all
       end=$(( $(date +%s) + ${ZOO_WAIT:-0} ))
-      running() { for p in $(cat ${dirs// //pids }/pids 2>/dev/null); do kill -0 $p 2>/dev/null && return 0; done; return 1; }
+      running() { for p in $(for d in $dirs; do cat $d/pids; done 2>/dev/null); do kill -0 $p 2>/dev/null && return 0; done
+                  return 1; }
       while running && [ $(date +%s) -lt $end ]; do sleep 5; done
       running && echo "a sweep is still running (its finished rows come back)"
       # each shard's rows under a name of their own (rules, widths, shard), so no later fetch overwrites them here

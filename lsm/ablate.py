@@ -161,6 +161,8 @@ def recover(out: Path, cells: list[Cell], rows: list[dict], seen: dict | None = 
     seen = {} if seen is None else seen
     out_rows = []
     for folder in sorted(p for p in (out / "cells").glob("*") if (p / "metrics.jsonl").is_file()):
+        if folder.name.rsplit("-", 1)[-1] in have:   # a cell's folder is named by its id when it ran
+            continue
         key = folder.resolve()
         if key not in seen:
             try:
@@ -170,21 +172,27 @@ def recover(out: Path, cells: list[Cell], rows: list[dict], seen: dict | None = 
         cell = by_id.get(seen[key])
         if cell is None or cell.id in have:
             continue
-        records = run_metrics({"run_dir": str(folder)})
-        final = next((r for r in reversed(records) if "eval/accuracy" in r), None)
-        val = [r for r in records if "val/accuracy" in r and final is not None and r["step"] == final["step"]]
+        try:
+            records = run_metrics({"run_dir": str(folder)})
+        except ValueError:   # a torn stream (json.JSONDecodeError): not a result
+            continue
+        final = next((r for r in reversed(records) if "eval/accuracy" in r or "eval/bpb" in r), None)
+        metric = "accuracy" if final is not None and "eval/accuracy" in final else "bpb"
+        val = [r for r in records if f"val/{metric}" in r and final is not None and r["step"] == final["step"]]
         if not val:   # stopped before its test evaluation (or its stream lacks the final validation): no result
             continue
-        target = cell.config.train.target_accuracy
+        t = cell.config.train
+        # as the trainer counts it: a periodic validation at or above the target (which then stops the run)
+        reached = (metric == "accuracy" and t.target_accuracy and t.eval_every and final["step"] % t.eval_every == 0
+                   and val[-1]["val/accuracy"] >= t.target_accuracy)
         test = {k[len("eval/"):]: v for k, v in final.items() if k.startswith("eval/") and k != "eval/loss"}
-        stored = load_config(folder / "config.yaml")
         out_rows.append({
             "cell": cell.id, "rule": cell.rule, "variant": cell.variant, **dict(cell.swept), "lr": cell.lr,
-            "seed": cell.seed, **test, "val_accuracy": val[-1]["val/accuracy"], "status": "ok",
-            "error": "", "steps": final["step"],
-            "steps_to_target": final["step"] if target and val[-1]["val/accuracy"] >= target else "",
+            "seed": cell.seed, **test, f"val_{metric}": val[-1][f"val/{metric}"], "status": "ok",
+            "error": "", "steps": final["step"], "steps_to_target": final["step"] if reached else "",
             "half_step": _blank(half_step(records)), "final_loss": "", "train_s": "",
-            **account_config(stored).as_dict(), "run_dir": stored.train.out_dir, "recovered": "metrics.jsonl"})
+            **account_config(cell.config).as_dict(), "run_dir": load_config(folder / "config.yaml").train.out_dir,
+            "recovered": "metrics.jsonl"})
         have.add(cell.id)
     return out_rows
 
@@ -356,8 +364,12 @@ def provenance_of(cfg: Config) -> dict:
     device = resolve_device(cfg.train.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     q = torch.zeros(1, device=device, requires_grad=True)
-    backend = "" if cfg.model.mixer.type == "attention" else rules.get(cfg.model.mixer.rule).resolve_backend(
-        cfg.model.mixer.backend, q)
+    backend = ""
+    if cfg.model.mixer.type != "attention":
+        try:   # from q alone (float32, no gates): provenance, which must never decide whether a cell runs
+            backend = rules.get(cfg.model.mixer.rule).resolve_backend(cfg.model.mixer.backend, q)
+        except ValueError as e:   # a kernel that refuses float32 q (fla's delta rule) may take the run's bf16 inputs
+            backend = f"{cfg.model.mixer.backend} (unresolved from float32 q: {first_line(e)})"
     return {"commit": commit, "torch": torch.__version__, "triton": triton_version, "lsm": lsm.__version__,
             "device": f"{device} ({name})", "backend": backend}
 
@@ -431,18 +443,29 @@ def _ordered_batches(cells: list[Cell], streams: int) -> list[list[Cell]]:
 
 def drain(pool, run, cells: list[Cell], streams: int, on_row, more=lambda: []) -> None:
     """Submit `cells` to `pool` in batches (`run(batch)` -> rows); as each batch ends, hand its rows to `on_row`
-    and submit the cells of `more()` not submitted before. Returns when nothing is running or left."""
+    and submit the cells of `more()` not submitted before. Returns when nothing is running or left.
+
+    A batch whose worker raised is a failed row per cell. A process pool breaks as a whole when a worker dies
+    (killed: out of memory, say): every batch still in it is then a failed row saying so, nothing more is
+    submitted, and the caller plans again with a fresh pool; running the sweep again retries the failed cells."""
     from concurrent.futures import FIRST_COMPLETED, wait
+    from concurrent.futures.process import BrokenProcessPool
 
     submitted: set[str] = set()
     batch_of: dict = {}
+    broken = False
 
     def submit(new: list[Cell]) -> set:
+        nonlocal broken
         new = [c for c in new if c.id not in submitted]
-        submitted.update(c.id for c in new)
         fresh = set()
-        for batch in _ordered_batches(new, streams) if new else []:
-            f = pool.submit(run, batch)
+        for batch in _ordered_batches(new, streams) if new and not broken else []:
+            try:
+                f = pool.submit(run, batch)
+            except BrokenProcessPool:
+                broken = True
+                break
+            submitted.update(c.id for c in batch)
             batch_of[f] = batch
             fresh.add(f)
         return fresh
@@ -453,6 +476,11 @@ def drain(pool, run, cells: list[Cell], streams: int, on_row, more=lambda: []) -
         for f in done:
             try:
                 rows = f.result()
+            except BrokenProcessPool:
+                broken = True
+                rows = [{**_row_head(c), "status": "failed", "error": "BrokenProcessPool: a worker process died "
+                         "(killed: out of memory?) before this cell finished; run the sweep again to retry it"}
+                        for c in batch_of[f]]
             except Exception as e:   # the worker itself failed (run_cell records a cell's own errors): the rest goes on
                 rows = [{**_row_head(c), "status": "failed", "error": _error_text(e)} for c in batch_of[f]]
             for row in rows:
@@ -517,9 +545,11 @@ def _run_sweep(cfg: Config, rerun: bool, shard, quiet: bool, out: Path, runs_pat
         if not quiet:
             print(f"{len(todo)} cells to run ({len(cells) - len(todo)} of this plan finished before), "
                   f"{min(cfg.ablate.jobs, len(todo))} at a time", flush=True)
-        _run_cells(todo, cfg, record, more=lambda: [c for c in plan(cfg, list(finished().values()), every)
-                                                    if in_shard(c, shard) and c.id not in finished()
-                                                    and c.id not in ran])
+        def more() -> list[Cell]:   # cells runnable now that were not before (asked after every batch)
+            done = finished()
+            return [c for c in plan(cfg, list(done.values()), every)
+                    if in_shard(c, shard) and c.id not in done and c.id not in ran]
+        _run_cells(todo, cfg, record, more)
     rows = [r for r in by_cell(list(mine.values()), list(merged.values())).values() if r["cell"] in ids]
     if shard is None:
         write_results(rows, cfg)
@@ -546,7 +576,7 @@ def merge(cfg: Config, quiet: bool = False) -> list[dict]:
     ids = {c.id for c in every}
     seen: dict = {}
     rows = merge_rows([identify(read_runs(p), every, out, seen) for p in sources])
-    found = recover(out, every, rows)
+    found = recover(out, every, rows, seen)
     rows = merge_rows([rows, found])
     write_runs(rows, out / "runs.csv")
     mine = [r for r in rows if r["cell"] in ids]
@@ -897,8 +927,10 @@ def run_metrics(row: dict, out: Path | None = None) -> list[dict]:
 def half_step(records: list[dict], floor: float = 0.1) -> int | None:
     """The first validation step whose accuracy reached half of the run's last validation accuracy: how long a run
     sat on a plateau (MQAR's) before it learned. None without a validation accuracy, or when the last is below
-    `floor` (a run that never left chance has no half-way point)."""
-    curve = [(r["step"], r["val/accuracy"]) for r in records if "val/accuracy" in r]
+    `floor` (a run that never left chance has no half-way point). The periodic validations only: the one a run
+    adds at its end when that is not a validation step (`final`) would make a run without them look half-way there
+    at its last step."""
+    curve = [(r["step"], r["val/accuracy"]) for r in records if "val/accuracy" in r and not r.get("final")]
     if not curve or curve[-1][1] < floor:
         return None
     return next(step for step, acc in curve if acc >= curve[-1][1] / 2)

@@ -116,7 +116,7 @@ class MetricsLogger:
             f.write(json.dumps(record) + "\n")
         if self.tb is not None:
             for k, v in record.items():
-                if k != "step" and isinstance(v, (int, float)):
+                if k not in ("step", "final") and isinstance(v, (int, float)):
                     self.tb.add_scalar(k, v, record["step"])
 
     def close(self) -> None:
@@ -245,7 +245,8 @@ def _train(cfg: Config, ctx: distributed.DistContext, resume: bool, max_steps: i
                 if not do_val:   # the validation a sweep's row reports, in the metrics stream too (lsm.ablate.recover)
                     result.val = evaluate(model, cfg, data, device, split="val")
                     if main:
-                        logger.log({"step": step + 1, **{f"val/{k}": v for k, v in summary(result.val).items()}})
+                        logger.log({"step": step + 1, "final": True,
+                                    **{f"val/{k}": v for k, v in summary(result.val).items()}})
                 result.eval = evaluate(model, cfg, data, device)
                 model.train()
                 if main:

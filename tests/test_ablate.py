@@ -172,6 +172,36 @@ def test_a_groups_seeds_start_while_another_groups_lr_grid_runs(tmp_path):
         ("mom", "failed", "ZeroDivisionError: division by zero")] * 2 + [("single", "ok", "")] * 2
 
 
+def test_a_broken_process_pool_fails_its_batches_and_submits_no_more(tmp_path):
+    """When a worker process dies the pool breaks: the batches in it become failed rows that say so, no more cells
+    are submitted to it (`drain` returns; the sweep plans again with a fresh pool), and nothing raises."""
+    from concurrent.futures import Future
+    from concurrent.futures.process import BrokenProcessPool
+
+    class DeadPool:   # a pool whose first batch's worker died: it and the pool are broken
+        def __init__(self):
+            self.calls = 0
+
+        def submit(self, fn, batch):
+            self.calls += 1
+            if self.calls > 2:
+                raise BrokenProcessPool("pool is broken")
+            f = Future()
+            f.set_exception(BrokenProcessPool("a process terminated abruptly"))
+            return f
+
+    cfg = tiny(tmp_path, "ablate.variants=[single,mom]", "ablate.seeds=[0,1]", "ablate.lrs=[1e-3,3e-3]",
+               "ablate.selection=two_stage")
+    every = ablate.all_cells(cfg)
+    first = ablate.plan(cfg, [], every)
+    rows = []
+    pool = DeadPool()
+    ablate.drain(pool, None, first, 1, rows.append, more=lambda: every)
+    assert len(rows) == 2 and pool.calls == 3      # two batches in the pool, the third submit refused
+    assert all(r["status"] == "failed" and r["error"].startswith("BrokenProcessPool: a worker process died")
+               for r in rows)
+
+
 def test_streams_train_a_groups_cells_side_by_side_with_the_same_numbers(tmp_path):
     """ablate.streams: a group's cells (here the 2 seeds of each variant) train at once in threads of one process, or
     of each of 2 worker processes; every number equals the one-at-a-time sweep's (each model's init is its own
@@ -286,7 +316,30 @@ def test_merge_recovers_finished_runs_that_no_table_holds(tmp_path):
     for k in ("accuracy", "acc@2", "acc@4", "val_accuracy", "steps", "state_floats", "params_total", "lr", "seed"):
         assert got[k] == want[k], k
     assert got["status"] == "ok" and got["recovered"] == "metrics.jsonl" and got["train_s"] in ("", None)
+    # no periodic validation here (train.eval_every 0): the end's own validation is in the stream, marked `final`,
+    # and gives no half-way step
+    assert got["half_step"] in ("", None) and want["half_step"] in ("", None) and got["steps_to_target"] == ""
     assert ablate.merge(cfg, quiet=True)[0]["accuracy"] == want["accuracy"]   # a second merge reads it back
+    # a torn stream (a partial copy) is skipped, and the merge goes on
+    (out / "runs.csv").unlink()
+    torn = Path(want["run_dir"]) / "metrics.jsonl"
+    torn.write_text(torn.read_text() + '{"step": 3, "eval/acc')
+    assert ablate.merge(cfg, quiet=True) == []
+
+
+def test_provenance_never_decides_whether_a_cell_runs():
+    """The backend in a row's provenance is resolved from a float32 q alone; a kernel that refuses that (fla on
+    CPU, fla's delta rule on float32) is recorded as unresolved, not raised."""
+    cfg = load_config(None, ["model.mixer.rule=deltanet", "model.mixer.backend=fla", "train.device=cpu"])
+    assert ablate.provenance_of(cfg)["backend"].startswith("fla (unresolved from float32 q: deltanet: ")
+    assert ablate.provenance_of(load_config(None, ["model.mixer.backend=torch"]))["backend"] == "torch"
+
+
+def test_half_step_reads_the_periodic_validations_only():
+    curve = [{"step": 100, "val/accuracy": 0.01}, {"step": 200, "val/accuracy": 0.5}, {"step": 300, "val/accuracy": 0.8}]
+    assert ablate.half_step(curve) == 200
+    assert ablate.half_step(curve + [{"step": 310, "final": True, "val/accuracy": 0.4}]) == 200
+    assert ablate.half_step([{"step": 310, "final": True, "val/accuracy": 0.9}]) is None
 
 
 def test_merge_from_the_cli_names_a_config_mismatch(tmp_path, capsys):
