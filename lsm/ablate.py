@@ -119,7 +119,6 @@ def identify(rows: list[dict], cells: list[Cell], out: Path, seen: dict | None =
     grid columns (a row that ran under another grid lacks a key swept now, or has one that is not). Rows of other
     rules or variants are left alone unread; so are rows without a stored config, or whose config no longer loads
     or matches. `seen`: a run folder -> id memo to share between calls (tables often hold the same runs)."""
-    from lsm.config import load_config
 
     by_id = {c.id: c for c in cells}
     kinds = {(c.rule, c.variant) for c in cells}
@@ -129,14 +128,9 @@ def identify(rows: list[dict], cells: list[Cell], out: Path, seen: dict | None =
         run_dir = Path(r.get("run_dir") or "")
         if r["cell"] not in by_id and run_dir.name and (r.get("rule"), r.get("variant")) in kinds:
             if run_dir not in seen:
-                seen[run_dir] = None
-                for path in (run_dir / "config.yaml", out / "cells" / run_dir.name / "config.yaml"):
-                    if path.is_file():
-                        try:
-                            seen[run_dir] = config_hash(load_config(path))
-                        except Exception:   # noqa: BLE001 - one unreadable run must not stop a merge
-                            pass
-                        break
+                seen[run_dir] = next((_stored_id(p) for p in (run_dir / "config.yaml",
+                                                               out / "cells" / run_dir.name / "config.yaml")
+                                      if p.is_file()), None)
             if seen[run_dir] in by_id:
                 r = {**r, "cell": seen[run_dir]}
         if r["cell"] in by_id:   # the grid columns right after the variant, as run_cell writes them
@@ -145,6 +139,16 @@ def identify(rows: list[dict], cells: list[Cell], out: Path, seen: dict | None =
             r = {**dict(list(r.items())[:at]), **swept, **dict(list(r.items())[at:])}
         fixed.append(r)
     return fixed
+
+
+def _stored_id(path: Path) -> str | None:
+    """The cell id of a run's stored config, hashed as today; None when it no longer loads."""
+    from lsm.config import load_config
+
+    try:
+        return config_hash(load_config(path))
+    except Exception:   # noqa: BLE001 - one unreadable run must not stop a merge
+        return None
 
 
 def recover(out: Path, cells: list[Cell], rows: list[dict], seen: dict | None = None) -> list[dict]:
@@ -165,10 +169,7 @@ def recover(out: Path, cells: list[Cell], rows: list[dict], seen: dict | None = 
             continue
         key = folder.resolve()
         if key not in seen:
-            try:
-                seen[key] = config_hash(load_config(folder / "config.yaml"))
-            except Exception:   # noqa: BLE001 - one unreadable run must not stop a merge
-                seen[key] = None
+            seen[key] = _stored_id(folder / "config.yaml")
         cell = by_id.get(seen[key])
         if cell is None or cell.id in have:
             continue
@@ -459,7 +460,7 @@ def drain(pool, run, cells: list[Cell], streams: int, on_row, more=lambda: []) -
         nonlocal broken
         new = [c for c in new if c.id not in submitted]
         fresh = set()
-        for batch in _ordered_batches(new, streams) if new and not broken else []:
+        for batch in [] if broken else _ordered_batches(new, streams):
             try:
                 f = pool.submit(run, batch)
             except BrokenProcessPool:
