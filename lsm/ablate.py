@@ -405,8 +405,8 @@ def _batches(cells: list[Cell], streams: int) -> list[list[Cell]]:
 def _run_cells(cells: list[Cell], cfg: Config, on_row, more=lambda: []) -> None:
     """Run `cells` (in this process for jobs = 1, else in `ablate.jobs` spawned workers), `ablate.streams` cells of a
     group at a time per process (`run_cells`); `on_row(row)` as each ends. `more()`, asked after every batch, names
-    cells that became runnable meanwhile (two_stage: a group's seeds once its LR grid is in); they join the queue
-    at once, so no worker idles while one group's grid waits for another's."""
+    cells that became runnable meanwhile (two_stage: a group's seeds once its LR grid is in); they go to the
+    queue's front (`drain`), so no worker idles while one group's grid waits for another's, and groups end whole."""
     a = cfg.ablate
     if not cells:
         return
@@ -429,7 +429,7 @@ def _run_cells(cells: list[Cell], cfg: Config, on_row, more=lambda: []) -> None:
     # spawned workers start on demand: no more processes than there are batches queued
     pool = ProcessPoolExecutor(a.jobs, mp_context=ctx, initializer=_init_worker, initargs=(devices,))
     try:
-        drain(pool, run_cells, cells, a.streams, on_row, more)
+        drain(pool, run_cells, cells, a.streams, on_row, more, slots=a.jobs)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 
@@ -442,9 +442,14 @@ def _ordered_batches(cells: list[Cell], streams: int) -> list[list[Cell]]:
     return sorted(_batches(cells, streams), key=cost)
 
 
-def drain(pool, run, cells: list[Cell], streams: int, on_row, more=lambda: []) -> None:
+def drain(pool, run, cells: list[Cell], streams: int, on_row, more=lambda: [], slots: int | None = None) -> None:
     """Submit `cells` to `pool` in batches (`run(batch)` -> rows); as each batch ends, hand its rows to `on_row`
-    and submit the cells of `more()` not submitted before. Returns when nothing is running or left.
+    and queue the cells of `more()` not queued before. Returns when nothing is running or left.
+
+    `slots` bounds the batches in the pool at once (the pool's workers: `ablate.jobs`); the rest wait here, and
+    `more()`'s cells go to the front of that queue, so a group whose LR grid is in gets its seeds before the next
+    group's grid starts: a sweep cut short leaves whole groups (seeds included), not many grids without seeds.
+    None submits everything at once.
 
     A batch whose worker raised is a failed row per cell. A process pool breaks as a whole when a worker dies
     (killed: out of memory, say): every batch still in it is then a failed row saying so, nothing more is
@@ -452,26 +457,33 @@ def drain(pool, run, cells: list[Cell], streams: int, on_row, more=lambda: []) -
     from concurrent.futures import FIRST_COMPLETED, wait
     from concurrent.futures.process import BrokenProcessPool
 
-    submitted: set[str] = set()
+    queued: set[str] = set()
+    waiting: list[list[Cell]] = []
     batch_of: dict = {}
     broken = False
 
-    def submit(new: list[Cell]) -> set:
+    def queue(new: list[Cell], front: bool) -> None:
+        new = [c for c in new if c.id not in queued]
+        queued.update(c.id for c in new)
+        batches = _ordered_batches(new, streams) if new else []
+        waiting[:0 if front else len(waiting)] = batches
+
+    def submit(running: set) -> set:
         nonlocal broken
-        new = [c for c in new if c.id not in submitted]
         fresh = set()
-        for batch in [] if broken else _ordered_batches(new, streams):
+        while waiting and not broken and (slots is None or len(running) + len(fresh) < slots):
+            batch = waiting.pop(0)
             try:
                 f = pool.submit(run, batch)
             except BrokenProcessPool:
                 broken = True
                 break
-            submitted.update(c.id for c in batch)
             batch_of[f] = batch
             fresh.add(f)
         return fresh
 
-    pending = submit(cells)
+    queue(cells, front=False)
+    pending = submit(set())
     while pending:
         done, pending = wait(pending, return_when=FIRST_COMPLETED)
         for f in done:
@@ -486,7 +498,8 @@ def drain(pool, run, cells: list[Cell], streams: int, on_row, more=lambda: []) -
                 rows = [{**_row_head(c), "status": "failed", "error": _error_text(e)} for c in batch_of[f]]
             for row in rows:
                 on_row(row)
-        pending |= submit(more())
+        queue(more(), front=True)
+        pending |= submit(pending)
 
 
 def run_sweep(cfg: Config, rerun: bool = False, shard: tuple[int, int] | None = None, quiet: bool = False) -> list[dict]:

@@ -172,6 +172,39 @@ def test_a_groups_seeds_start_while_another_groups_lr_grid_runs(tmp_path):
         ("mom", "failed", "ZeroDivisionError: division by zero")] * 2 + [("single", "ok", "")] * 2
 
 
+def test_a_groups_seeds_go_before_the_next_groups_lr_grid(tmp_path):
+    """drain with `slots` (the sweep's workers): cells wait in drain's queue, and a group's seeds, runnable once its
+    LR grid is in, go to the queue's front: with one slot, mom's seed runs before single's grid (a sweep cut short
+    leaves whole groups); with no bound every cell is in the pool at once, and the seed runs last."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    cfg = tiny(tmp_path, "ablate.variants=[single,mom]", "ablate.seeds=[0,1]", "ablate.lrs=[1e-3,3e-3]",
+               "ablate.selection=two_stage")
+    every = ablate.all_cells(cfg)
+    by_id = {c.id: c for c in every}
+
+    def order(slots):
+        rows = {}
+
+        def run(batch):
+            return [{"cell": c.id, "status": "ok", "seed": c.seed, "lr": c.lr, "val_accuracy": c.lr * 100}
+                    for c in batch]
+
+        with ThreadPoolExecutor(1) as pool:
+            ablate.drain(pool, run, ablate.plan(cfg, [], every), 1, lambda r: rows.setdefault(r["cell"], r),
+                         more=lambda: [c for c in ablate.plan(cfg, list(rows.values()), every) if c.id not in rows],
+                         slots=slots)
+        return [(by_id[i].variant, by_id[i].seed) for i in rows]
+
+    # one slot: each group's seed runs right after the last cell of its grid, before the other group's grid ends
+    bounded = order(1)
+    for v in ("single", "mom"):
+        last = max(i for i, x in enumerate(bounded) if x == (v, 0))
+        assert bounded[last + 1] == (v, 1)
+    assert bounded[2][1] == 1 and sorted(bounded) == sorted(order(None))
+    assert [s for _, s in order(None)] == [0, 0, 0, 0, 1, 1]   # unbounded: every grid cell was in the pool first
+
+
 def test_a_broken_process_pool_fails_its_batches_and_submits_no_more(tmp_path):
     """When a worker process dies the pool breaks: the batches in it become failed rows that say so, no more cells
     are submitted to it (`drain` returns; the sweep plans again with a fresh pool), and nothing raises."""
