@@ -508,7 +508,7 @@ def run_sweep(cfg: Config, rerun: bool = False, shard: tuple[int, int] | None = 
     Returns the rows of the sweep's cells."""
     out = Path(cfg.ablate.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    runs_path = out / "runs.csv" if shard is None else out / "shards" / f"{shard[0]}of{shard[1]}" / "runs.csv"
+    runs_path = _runs_path(out, shard)
     with _exclusive(runs_path):
         return _run_sweep(cfg, rerun, shard, quiet, out, runs_path)
 
@@ -528,19 +528,62 @@ def _exclusive(runs_path: Path):
         yield
 
 
+def _runs_path(out: Path, shard) -> Path:
+    """A sweep's runs.csv: out_dir's, or its shard's under out_dir/shards/."""
+    return out / "runs.csv" if shard is None else out / "shards" / f"{shard[0]}of{shard[1]}" / "runs.csv"
+
+
+def _by_cell(*tables: list[dict]) -> dict:
+    """One row per cell id (a finished row wins: merge_rows)."""
+    return {r["cell"]: r for r in merge_rows(list(tables))}
+
+
+def _sweep_rows(every: list[Cell], out: Path, shard) -> tuple[dict, dict]:
+    """The rows a sweep starts from: its own runs.csv (the shard's, for a shard) and, for a shard, the merged table
+    beside it; each by cell id, rows of an older id re-identified (identify)."""
+    seen: dict = {}
+    mine = _by_cell(identify(read_runs(_runs_path(out, shard)), every, out, seen))
+    merged = _by_cell(identify(read_runs(out / "runs.csv"), every, out, seen)) if shard is not None else {}
+    return mine, merged
+
+
+def plan_text(cfg: Config, shard: tuple[int, int] | None = None) -> str:
+    """What `lsm ablate` would run now, without running it (`--plan`): the sweep's cells, those finished in its
+    runs.csv, the cells to run now by group (learning rates x seeds), and, for two_stage, how many seed runs wait
+    for their group's LR grid."""
+    out = Path(cfg.ablate.out_dir)
+    every = [c for c in all_cells(cfg) if in_shard(c, shard)]
+    ids = {c.id for c in every}
+    rows = _by_cell(*(list(t.values()) for t in _sweep_rows(every, out, shard)))
+    done = {k: r for k, r in rows.items() if r.get("status") == "ok" and k in ids}
+    todo = [c for c in plan(cfg, list(done.values()), every) if c.id not in done]
+    a = cfg.ablate
+    waiting = 0
+    if a.selection == "two_stage" and len(learning_rates(cfg)) > 1:
+        waiting = len({c.group for c in todo if c.seed == a.seeds[0]}) * (len(a.seeds) - 1)
+    where = f" (shard {shard[0]}/{shard[1]})" if shard else ""
+    lines = [f"{len(every)} cells{where} in {out}; {len(done)} finished; {len(todo)} to run now"
+             + (f", {waiting} more seed runs once their group's LR grid is in (two_stage)" if waiting else "")]
+    for (rule, variant, swept), members in itertools.groupby(todo, key=lambda c: c.group):
+        members = list(members)
+        point = "".join(f" {k.split('.')[-1]}={_fmt(v)}" for k, v in swept)
+        lrs = ", ".join(_fmt(x) for x in dict.fromkeys(c.lr for c in members))
+        seeds = ", ".join(str(x) for x in dict.fromkeys(c.seed for c in members))
+        lines.append(f"  {rule} {VARIANT_LABELS[variant]}{point}: lr {lrs}; seed {seeds} ({len(members)} run"
+                     f"{'s' if len(members) != 1 else ''})")
+    return "\n".join(lines) + "\n"
+
+
 def _run_sweep(cfg: Config, rerun: bool, shard, quiet: bool, out: Path, runs_path: Path) -> list[dict]:
     every = all_cells(cfg)  # once: resolving and hashing hundreds of configs takes seconds
     ids = {c.id for c in every}
-    seen: dict = {}
-    by_cell = lambda *tables: {r["cell"]: r for r in merge_rows(list(tables))}   # a finished row wins
-    mine = by_cell(identify(read_runs(runs_path), every, out, seen))
-    merged = by_cell(identify(read_runs(out / "runs.csv"), every, out, seen)) if shard is not None else {}
+    mine, merged = _sweep_rows(every, out, shard)
     ran: set[str] = set()
     fresh = {c.id for c in every if in_shard(c, shard)} if rerun else set()  # --rerun: run these again
     t0 = time.perf_counter()
 
     def finished() -> dict:
-        rows = by_cell(list(mine.values()), list(merged.values()))
+        rows = _by_cell(list(mine.values()), list(merged.values()))
         return {k: r for k, r in rows.items() if r.get("status") == "ok" and (k not in fresh or k in ran)}
 
     def record(row: dict) -> None:
@@ -564,7 +607,7 @@ def _run_sweep(cfg: Config, rerun: bool, shard, quiet: bool, out: Path, runs_pat
             return [c for c in plan(cfg, list(done.values()), every)
                     if in_shard(c, shard) and c.id not in done and c.id not in ran]
         _run_cells(todo, cfg, record, more)
-    rows = [r for r in by_cell(list(mine.values()), list(merged.values())).values() if r["cell"] in ids]
+    rows = [r for r in _by_cell(list(mine.values()), list(merged.values())).values() if r["cell"] in ids]
     if shard is None:
         write_results(rows, cfg)
     return rows

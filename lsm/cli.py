@@ -6,7 +6,7 @@
     NCCL_NVLS_ENABLE=0 torchrun --nproc_per_node 2 -m lsm train configs/mqar_gdn_mom.yaml train.parallel=fsdp
     lsm info configs/mqar_gdn_mom.yaml                  # parameters, state and FLOPs of the declared model
     lsm eval runs/text_gdn
-    lsm ablate configs/ablate_rules.yaml ablate.seeds=[0,1,2] ablate.jobs=2   # --shard 1/2, --merge, --rerun
+    lsm ablate configs/ablate_rules.yaml ablate.seeds=[0,1,2] ablate.jobs=2   # --shard 1/2, --merge, --rerun, --plan
     lsm generate runs/text_gdn --prompt "def main("
     lsm export runs/text_gdn out/text_gdn-hf            # a Hugging Face folder (see lsm.hf); eval/generate take it too
 
@@ -74,6 +74,13 @@ def _cmd_ablate(args, config=None) -> int:
     if args.merge and (shard or args.rerun):
         from lsm.config import ConfigError
         raise ConfigError("--merge only merges finished shards: give it without --shard and --rerun")
+    if args.plan:
+        if args.merge or args.rerun:
+            from lsm.config import ConfigError
+            raise ConfigError("--plan shows what a sweep would run: give it without --merge and --rerun")
+        from lsm.ablate import plan_text
+        print(plan_text(cfg, shard), end="")
+        return 0
     t0 = time.perf_counter()
     if args.merge:
         merge(cfg)
@@ -139,6 +146,8 @@ def _sweep_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rerun", action="store_true", help="run the sweep's cells again, even the finished ones")
     p.add_argument("--shard", default=None, metavar="I/N", help="run only the i-th of n shards of the cells")
     p.add_argument("--merge", action="store_true", help="merge out_dir/shards/*/runs.csv, then write the table")
+    p.add_argument("--plan", action="store_true", help="print what the sweep would run now (cells finished, cells "
+                                                      "to run by group), and run nothing")
 
 
 def build_parser() -> argparse.ArgumentParser:

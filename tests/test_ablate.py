@@ -391,6 +391,37 @@ def test_merge_from_the_cli_names_a_config_mismatch(tmp_path, capsys):
     assert "0 of them are cells of this config" in said and "merge with the overrides the shards ran with" in said
 
 
+def test_plan_shows_what_a_sweep_would_run_and_runs_nothing(tmp_path, capsys):
+    """`lsm ablate CONFIG --plan`: the sweep's cells, those finished in its runs.csv, the cells to run now by group
+    (two_stage: a group's seeds at its selected LR once its grid is in; the other groups' seeds counted as waiting),
+    and nothing trained or written; with --merge or --rerun it is a one-line error."""
+    from lsm.config import to_yaml
+
+    over = ["ablate.variants=[single,mom]", "ablate.seeds=[0,1,2]", "ablate.lrs=[1e-3,3e-3]", "ablate.selection=two_stage"]
+    cfg = tiny(tmp_path, *over)
+    every = ablate.all_cells(cfg)
+    out = Path(cfg.ablate.out_dir)
+    assert ablate.plan_text(cfg).splitlines()[0] == (
+        f"12 cells in {out}; 0 finished; 4 to run now, 4 more seed runs once their group's LR grid is in (two_stage)")
+    # single's LR grid is in (3e-3 the better), one of mom's grid cells too
+    done = [c for c in every if c.seed == 0 and (c.variant == "single" or c.lr == 1e-3)]
+    ablate.write_runs([{"cell": c.id, "rule": c.rule, "variant": c.variant, "lr": c.lr, "seed": c.seed, "status": "ok",
+                        "val_accuracy": c.lr * 100} for c in done], out / "runs.csv")
+    text = ablate.plan_text(cfg)
+    assert text.splitlines() == [
+        f"12 cells in {out}; 3 finished; 3 to run now, 2 more seed runs once their group's LR grid is in (two_stage)",
+        "  mamba2 single: lr 0.003; seed 1, 2 (2 runs)",
+        "  mamba2 MoM: lr 0.003; seed 0 (1 run)"]
+    cfg_file = tmp_path / "sweep.yaml"
+    cfg_file.write_text(to_yaml(cfg))
+    before = sorted(p.name for p in out.iterdir())
+    assert main(["ablate", str(cfg_file), "--plan"]) == 0
+    assert capsys.readouterr().out == text
+    assert sorted(p.name for p in out.iterdir()) == before     # nothing trained, nothing written
+    assert main(["ablate", str(cfg_file), "--plan", "--merge"]) == 2
+    assert "--plan shows what a sweep would run" in capsys.readouterr().err
+
+
 def test_failing_cell_is_recorded_and_the_others_finish(tmp_path, monkeypatch):
     import lsm.train
 
