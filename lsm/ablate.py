@@ -552,18 +552,22 @@ def plan_text(cfg: Config, shard: tuple[int, int] | None = None) -> str:
     runs.csv, the cells to run now by group (learning rates x seeds), and, for two_stage, how many seed runs wait
     for their group's LR grid."""
     out = Path(cfg.ablate.out_dir)
-    every = [c for c in all_cells(cfg) if in_shard(c, shard)]
+    every = all_cells(cfg)   # planned as the sweep plans: over every cell and every finished row, then the shard's
     ids = {c.id for c in every}
     rows = _by_cell(*(list(t.values()) for t in _sweep_rows(every, out, shard)))
     done = {k: r for k, r in rows.items() if r.get("status") == "ok" and k in ids}
-    todo = [c for c in plan(cfg, list(done.values()), every) if c.id not in done]
+    planned = plan(cfg, list(done.values()), every)
+    todo = [c for c in planned if in_shard(c, shard) and c.id not in done]
+    mine = [c for c in every if in_shard(c, shard)]
     a = cfg.ablate
     waiting = 0
-    if a.selection == "two_stage" and len(learning_rates(cfg)) > 1:
-        waiting = len({c.group for c in todo if c.seed == a.seeds[0]}) * (len(a.seeds) - 1)
+    if a.selection == "two_stage" and len(learning_rates(cfg)) > 1:   # groups whose LR grid is not in yet
+        open_groups = {c.group for c in planned if c.seed == a.seeds[0] and c.id not in done}
+        waiting = len(open_groups) * (len(a.seeds) - 1)
     where = f" (shard {shard[0]}/{shard[1]})" if shard else ""
-    lines = [f"{len(every)} cells{where} in {out}; {len(done)} finished; {len(todo)} to run now"
-             + (f", {waiting} more seed runs once their group's LR grid is in (two_stage)" if waiting else "")]
+    lines = [f"{len(mine)} cells{where} in {out}; {sum(c.id in done for c in mine)} finished; {len(todo)} to run now"
+             + (f", {waiting} more seed runs{' (all shards)' if shard else ''} once their group's LR grid is in "
+                f"(two_stage)" if waiting else "")]
     for (rule, variant, swept), members in itertools.groupby(todo, key=lambda c: c.group):
         members = list(members)
         point = "".join(f" {k.split('.')[-1]}={_fmt(v)}" for k, v in swept)

@@ -412,6 +412,10 @@ def test_plan_shows_what_a_sweep_would_run_and_runs_nothing(tmp_path, capsys):
         f"12 cells in {out}; 3 finished; 3 to run now, 2 more seed runs once their group's LR grid is in (two_stage)",
         "  mamba2 single: lr 0.003; seed 1, 2 (2 runs)",
         "  mamba2 MoM: lr 0.003; seed 0 (1 run)"]
+    # shards plan as the sweep does (over every cell and row, then the shard's): together they run the same cells
+    import re
+    now = lambda text: int(re.search(r"(\d+) to run now", text).group(1))
+    assert now(ablate.plan_text(cfg, (1, 2))) + now(ablate.plan_text(cfg, (2, 2))) == 3
     cfg_file = tmp_path / "sweep.yaml"
     cfg_file.write_text(to_yaml(cfg))
     before = sorted(p.name for p in out.iterdir())
