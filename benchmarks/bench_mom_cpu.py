@@ -2,12 +2,16 @@
 
     python benchmarks/bench_mom_cpu.py [--rules gated_deltanet gla] [--lengths 64 128 256] [--chunk-sizes 64 16]
                                        [--batch 64] [--reps 5] [--threads 1]
+    python benchmarks/bench_mom_cpu.py --decode [--rules ...] [--batch 16]
 
 float32, d = 64, 2 heads (K = V = 32), backend "torch"; MoM with 4 memories, top-2 and a shared memory.
 Per (rule, T, chunk size): forward + backward of `RuleLayer` and `MixtureOfMemories` on x `[B, T, d]`
 (loss = mean of y^2), median of `--reps` calls after one warm-up. A token touches K + shared = 3 memories,
 so 3x the single layer is the rule's share of the ideal. The last column: the chunk slots that the MoM's one
 packed `rule.chunk` call lays out (its `ChunkLayout`) per routed (token, memory) row; 1 = no padding.
+`--decode`: one decoding step (T = 1, from a cache filled by an 8-token prefill, no grad) of each layer at
+B = `--batch`: the best of `--reps` medians of 200 steps. At these sizes a step is bound by its op count and
+Python, as an eager GPU step is by its launches, so this is where the step's host overhead shows on CPU.
 """
 from __future__ import annotations
 
@@ -37,6 +41,21 @@ def fwd_bwd_ms(layer, x: torch.Tensor, reps: int) -> float:
     return statistics.median(times) * 1e3
 
 
+def decode_ms(layer, B: int, reps: int, steps: int = 200) -> float:
+    with torch.no_grad():
+        cache = layer(torch.randn(B, 8, D), use_cache=True).cache
+        x = torch.randn(B, 1, D)
+        best = float("inf")
+        for _ in range(reps):
+            times = []
+            for _ in range(steps):
+                t0 = time.perf_counter()
+                cache = layer(x, cache=cache, use_cache=True).cache
+                times.append(time.perf_counter() - t0)
+            best = min(best, statistics.median(times))
+    return best * 1e3
+
+
 def chunk_slots(mom: MixtureOfMemories, x: torch.Tensor) -> float:
     """Chunk slots per sequence that the MoM's packed `rule.chunk` call lays out (as `_chunk` calls it on CPU)."""
     B, T, _ = x.shape
@@ -55,8 +74,19 @@ def main():
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--decode", action="store_true", help="time one decoding step instead of forward + backward")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
+    if a.decode:
+        print(f"| rule | single step, B={a.batch} (ms) | MoM step (ms) | MoM / single |")
+        print("|---|---:|---:|---:|")
+        for name in a.rules:
+            torch.manual_seed(0)
+            single = RuleLayer(name, D, H, backend="torch").eval()
+            mom = MixtureOfMemories(name, D, H, num_memories=M, topk=TOPK, shared_memory=True, backend="torch").eval()
+            t1, tm = decode_ms(single, a.batch, a.reps), decode_ms(mom, a.batch, a.reps)
+            print(f"| {name} | {t1:.3f} | {tm:.3f} | {tm / t1:.2f} |", flush=True)
+        return
     print("| rule | T | chunk | single (ms) | MoM (ms) | MoM / single | chunk slots / routed row |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for name in a.rules:

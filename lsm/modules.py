@@ -60,6 +60,8 @@ class ShortConv(nn.Module):
             pos = None if cu_seqlens is None else seq_positions(cu_seqlens, T)
             y = short_conv(x, self.weight, self.bias, pos, self.activation, head)
             return y, conv_tail(x, W)
+        if state is not None and T == 1 and W > 1 and cu_seqlens is None:
+            return self._step(x, state, head)
         past = x.new_zeros(B, W - 1, C) if state is None else state.transpose(1, 2).to(x.dtype)
         xp = torch.cat([past, x], 1)                                   # [B, W-1+T, C]
         if T == 0:
@@ -80,6 +82,18 @@ class ShortConv(nn.Module):
         if head is not None:
             y = F.normalize(y.unflatten(-1, (C // head, head)), dim=-1).flatten(-2)
         return y, xp[:, T:].transpose(1, 2).contiguous() if W > 1 else x.new_zeros(B, C, 0)
+
+    def _step(self, x: Tensor, state: Tensor, head: int | None) -> tuple[Tensor, Tensor]:
+        """One decoding token (x `[B, 1, C]`, tail `[B, C, W-1]`): the W taps as one product and sum in at least
+        float32 (as the kernel accumulates) instead of a conv1d call; a decode step is bound by its op count."""
+        xp = torch.cat([state.to(x.dtype), x.transpose(1, 2)], -1)                # [B, C, W]
+        acc = at_least_float32(x.dtype)
+        y = (xp.to(acc) * self.weight.to(acc)).sum(-1) + self.bias.to(acc)       # [B, C]
+        if self.activation:
+            y = F.silu(y)
+        if head is not None:
+            y = F.normalize(y.unflatten(-1, (-1, head)), dim=-1).flatten(-2)
+        return y.to(x.dtype)[:, None], xp[..., 1:]
 
 
 def conv_tail(x: Tensor, width: int) -> Tensor:
