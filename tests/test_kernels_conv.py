@@ -2,7 +2,8 @@
 
 - `lsm_kernels.conv.short_conv`: causal depthwise conv + bias + SiLU (+ per-head L2 norm), dense and packed
   batches (ragged lengths, empty sequences, sequences shorter than the conv), widths 2..4, gradients of x,
-  weight and bias; its `gather` form (MoM's routed keys/values) equals the full conv followed by a gather.
+  weight and bias; its `gather` form (MoM's routed keys/values) equals the full conv followed by a gather;
+  `ShortConv`'s one-token decoding step (the kernel over the token's window, or torch taps) equals the full conv.
 - `lsm_kernels.norm.gated_rms_norm`: the readout's RMSNorm * silu(gate), gradients of x, weight and gate.
 - the layers: `RuleLayer` and `MixtureOfMemories` training with backend="triton" (fused conv, norm and the
   rule's kernel) equal backend="torch" in outputs and every parameter's gradient (float32, atol 1e-4).
@@ -11,13 +12,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lsm.layers import RuleLayer
 from lsm.mixture import MixtureOfMemories
 from lsm.mixture.routing import dispatch
-from lsm.modules import GatedRMSNorm, ShortConv, seq_positions
+from lsm.modules import GatedRMSNorm, ShortConv, conv_tail, seq_positions
 from lsm_kernels.conv import short_conv
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -141,3 +142,28 @@ def test_layer_training_triton_equals_torch(kind):
     torch.testing.assert_close(y, y_ref, atol=1e-4, rtol=1e-4)
     for (name, _), a, b in zip([("x", x)] + list(layer.named_parameters()), g, g_ref):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4, msg=lambda m: f"{kind} grad of {name}: {m}")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@settings(max_examples=10, deadline=None)
+@given(B=st.integers(1, 3), T=st.integers(0, 6), heads=st.integers(1, 3), head=st.sampled_from([2, 4, 6]),
+       W=st.integers(2, 4), activation=st.booleans(), norm=st.booleans(), seed=st.integers(0, 2**16))
+def test_short_conv_decode_step_equals_the_full_conv(backend, B, T, heads, head, W, activation, norm, seed):
+    """`ShortConv`'s one-token step from a cached tail (the torch taps, or the fused kernel over the token's window)
+    equals token T of one pass over T + 1 tokens (float64, atol 1e-10), its new tail is the last W - 1 inputs, and
+    bf16 inputs (torch: accumulated in float32) land within 2e-2 of the float64 result."""
+    torch.manual_seed(seed)
+    conv = ShortConv(heads * head, W, activation=activation).double().to(DEV)
+    with torch.no_grad():
+        conv.bias.normal_()
+    x = torch.randn(B, T + 1, heads * head, dtype=torch.float64, device=DEV)
+    hn = head if norm else None
+    full, _ = conv(x, head=hn)                                                   # the torch form, one pass
+    _, tail = conv(x[:, :T], head=hn)
+    y, new_tail = conv(x[:, T:], tail, head=hn, backend=backend)
+    torch.testing.assert_close(y, full[:, T:], **F64)
+    torch.testing.assert_close(new_tail, conv_tail(x, W), atol=0, rtol=0)
+    if backend == "torch" or DEV == "cuda":
+        yb, _ = conv.to(torch.bfloat16)(x[:, T:].bfloat16(), tail.bfloat16(), head=hn, backend=backend)
+        assert yb.dtype == torch.bfloat16
+        torch.testing.assert_close(yb.double(), full[:, T:], atol=2e-2, rtol=2e-2)
