@@ -41,8 +41,8 @@ class ShortConv(nn.Module):
     With `cu_seqlens` taps never reach across a sequence boundary. `head`: L2-normalise every group
     of `head` channels after the activation (queries and keys). Without a state and with
     `use_conv_kernel(backend, x, W)` it runs the fused kernel `lsm_kernels.conv.short_conv` (one pass
-    forward, two backward, no host sync); otherwise the plain torch form below. A decoding step (T = 1 with a
-    state) runs the same kernel over the token's W-token window, or sums the taps in torch (`_step`).
+    forward, two backward, no host sync); otherwise the plain torch form below. From a cached tail (decoding,
+    prefill after a cache) the kernel runs over tail + tokens; a torch decoding step sums the W taps.
     """
 
     def __init__(self, channels: int, kernel_size: int = 4, activation: bool = True):
@@ -56,18 +56,24 @@ class ShortConv(nn.Module):
                 head: int | None = None, backend: str = "torch") -> tuple[Tensor, Tensor]:
         B, T, C = x.shape
         W = self.kernel_size
-        if state is None and T > 0 and use_conv_kernel(backend, x, W):
+        kernel = T > 0 and use_conv_kernel(backend, x, W)
+        if state is None and kernel:
             from lsm_kernels.conv import short_conv
             pos = None if cu_seqlens is None else seq_positions(cu_seqlens, T)
             y = short_conv(x, self.weight, self.bias, pos, self.activation, head)
             return y, conv_tail(x, W)
-        if state is not None and T == 1 and W > 1 and cu_seqlens is None:
-            return self._step(x, state, head, backend)
         past = x.new_zeros(B, W - 1, C) if state is None else state.transpose(1, 2).to(x.dtype)
         xp = torch.cat([past, x], 1)                                   # [B, W-1+T, C]
         if T == 0:
             return x, xp.transpose(1, 2).contiguous()
-        if cu_seqlens is None:  # one depthwise conv1d
+        if kernel and cu_seqlens is None:  # from a cached tail: the kernel over tail + tokens, their last T rows
+            from lsm_kernels.conv import short_conv
+            y = short_conv(xp, self.weight, self.bias, None, self.activation, head)[:, W - 1:]
+            return y, xp[:, T:].transpose(1, 2)
+        if cu_seqlens is None and T == 1:  # a decoding step: the W taps as one product and sum (no conv1d call)
+            acc = at_least_float32(x.dtype)
+            y = ((xp.to(acc) * self.weight.t().to(acc)).sum(1, keepdim=True) + self.bias.to(acc)).to(x.dtype)
+        elif cu_seqlens is None:  # one depthwise conv1d
             y = F.conv1d(xp.transpose(1, 2), self.weight.to(x.dtype)[:, None], self.bias.to(x.dtype), groups=C)
             y = y.transpose(1, 2)                                      # [B, T, C]
         else:  # packed: sum the W taps, masking taps that would reach into the previous sequence
@@ -83,24 +89,6 @@ class ShortConv(nn.Module):
         if head is not None:
             y = F.normalize(y.unflatten(-1, (C // head, head)), dim=-1).flatten(-2)
         return y, xp[:, T:].transpose(1, 2).contiguous() if W > 1 else x.new_zeros(B, C, 0)
-
-    def _step(self, x: Tensor, state: Tensor, head: int | None, backend: str) -> tuple[Tensor, Tensor]:
-        """One decoding token (x `[B, 1, C]`, tail `[B, C, W-1]`): its W-token window in one copy, then the fused kernel
-        over the window (the last row is the step's output) or, in torch, the W taps as one product and sum in at
-        least float32 (as the kernel accumulates); no conv1d call, no transposed copies: a decode step is bound by
-        its launches. The new tail is a view of the window."""
-        xp = torch.cat([state.transpose(1, 2).to(x.dtype), x], 1)                # [B, W, C]
-        if use_conv_kernel(backend, x, self.kernel_size):
-            from lsm_kernels.conv import short_conv
-            y = short_conv(xp, self.weight, self.bias, None, self.activation, head)[:, -1:]
-            return y, xp[:, 1:].transpose(1, 2)
-        acc = at_least_float32(x.dtype)
-        y = (xp.to(acc) * self.weight.t().to(acc)).sum(1, keepdim=True) + self.bias.to(acc)   # [B, 1, C]
-        if self.activation:
-            y = F.silu(y)
-        if head is not None:
-            y = F.normalize(y.unflatten(-1, (-1, head)), dim=-1).flatten(-2)
-        return y.to(x.dtype), xp[:, 1:].transpose(1, 2)
 
 
 def conv_tail(x: Tensor, width: int) -> Tensor:

@@ -3,7 +3,7 @@
 - `lsm_kernels.conv.short_conv`: causal depthwise conv + bias + SiLU (+ per-head L2 norm), dense and packed
   batches (ragged lengths, empty sequences, sequences shorter than the conv), widths 2..4, gradients of x,
   weight and bias; its `gather` form (MoM's routed keys/values) equals the full conv followed by a gather;
-  `ShortConv`'s one-token decoding step (the kernel over the token's window, or torch taps) equals the full conv.
+  `ShortConv` from a cached tail (decoding steps and prefills after a cache, both backends) equals the full conv.
 - `lsm_kernels.norm.gated_rms_norm`: the readout's RMSNorm * silu(gate), gradients of x, weight and gate.
 - the layers: `RuleLayer` and `MixtureOfMemories` training with backend="triton" (fused conv, norm and the
   rule's kernel) equal backend="torch" in outputs and every parameter's gradient (float32, atol 1e-4).
@@ -146,17 +146,18 @@ def test_layer_training_triton_equals_torch(kind):
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @settings(max_examples=10, deadline=None)
-@given(B=st.integers(1, 3), T=st.integers(0, 6), heads=st.integers(1, 3), head=st.sampled_from([2, 4, 6]),
-       W=st.integers(2, 4), activation=st.booleans(), norm=st.booleans(), seed=st.integers(0, 2**16))
-def test_short_conv_decode_step_equals_the_full_conv(backend, B, T, heads, head, W, activation, norm, seed):
-    """`ShortConv`'s one-token step from a cached tail (the torch taps, or the fused kernel over the token's window)
-    equals token T of one pass over T + 1 tokens (float64, atol 1e-10), its new tail is the last W - 1 inputs, and
-    bf16 inputs (torch: accumulated in float32) land within 2e-2 of the float64 result."""
+@given(B=st.integers(1, 3), T=st.integers(0, 6), n=st.integers(1, 3), heads=st.integers(1, 3),
+       head=st.sampled_from([2, 4, 6]), W=st.integers(2, 4), activation=st.booleans(), norm=st.booleans(),
+       seed=st.integers(0, 2**16))
+def test_short_conv_from_a_cached_tail_equals_the_full_conv(backend, B, T, n, heads, head, W, activation, norm, seed):
+    """`ShortConv` continuing from a cached tail, split at any T, for n tokens (n = 1: a decoding step, the torch taps
+    or the fused kernel; n > 1: a prefill after a cache) equals those tokens of one pass over T + n tokens (float64,
+    atol 1e-10); its new tail is the last W - 1 inputs; bf16 inputs land within 2e-2 of the float64 result."""
     torch.manual_seed(seed)
     conv = ShortConv(heads * head, W, activation=activation).double().to(DEV)
     with torch.no_grad():
         conv.bias.normal_()
-    x = torch.randn(B, T + 1, heads * head, dtype=torch.float64, device=DEV)
+    x = torch.randn(B, T + n, heads * head, dtype=torch.float64, device=DEV)
     hn = head if norm else None
     full, _ = conv(x, head=hn)                                                   # the torch form, one pass
     _, tail = conv(x[:, :T], head=hn)
