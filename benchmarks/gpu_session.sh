@@ -29,12 +29,21 @@
 # Timed steps autotune alone on the GPU, with LSM_TUNE_MS=5,25 for ours and fla's kernels alike.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-# The triton 3.7.1 wheel (198 MB) travels in 4 parts of 50 MB, one per call, each as `.tw/part.a?` (carry [".whl",
+# Triton 3.7.1 in one call: `.tw/triton371.tar.xz` (54 MB: the wheel's files with libtriton's debug sections
+# stripped and without cupti (profiler only) and ptxas-blackwell, xz -9; make it with benchmarks/pack_triton.sh),
+# carried as [".whl", ".tw"], is unpacked into /tmp/site.
+# Or the wheel itself (198 MB) in 4 parts of 50 MB, one per call, each as `.tw/part.a?` (carry [".whl",
 # ".tw"], with only that call's part in .tw): here: split -b 50M triton-3.7.1-*.whl .tw/part. and keep one at a time.
+if [ -f .tw/triton371.tar.xz ] && [ ! -d /tmp/site/fla ]; then
+  mkdir -p /tmp/site && xz -dc .tw/triton371.tar.xz | tar -xf - -C /tmp/site \
+    && python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
+fi
 [ -d .tw ] && mkdir -p /tmp/tw && cp -n .tw/part.a? /tmp/tw/ 2>/dev/null && echo "triton parts here: $(ls /tmp/tw | tr '\n' ' ')"
-# Until all four parts of the triton wheel (/tmp/tw/part.aa..ad) have arrived, the carried pure-Python wheels run on
-# the image's triton (our kernels compile on 3.6; fla's gated backward refuses it on Hopper): /tmp/site_light.
-if [ "$(ls /tmp/tw/part.a[a-d] 2>/dev/null | wc -l)" = 4 ]; then   # all four parts on this machine
+# Until triton 3.7.1 is there (unpacked, or all four parts of the wheel (/tmp/tw/part.aa..ad) arrived), the carried
+# pure-Python wheels run on the image's triton (our kernels compile on 3.6; fla's gated backward refuses it on
+# Hopper): /tmp/site_light.
+if [ -d /tmp/site/fla ]; then SITE=/tmp/site
+elif [ "$(ls /tmp/tw/part.a[a-d] 2>/dev/null | wc -l)" = 4 ]; then   # all four parts on this machine
   SITE=/tmp/site
   if [ ! -d $SITE/fla ]; then
     cat /tmp/tw/part.* > /tmp/triton-3.7.1-cp312-cp312-manylinux_2_27_x86_64.manylinux_2_28_x86_64.whl

@@ -506,11 +506,12 @@ def diag_fwd(q, k, v, G, g_gamma, h0, scale, meta, BT, kind, output_final_state)
     o = torch.empty_like(v)
     _fwd_o_kernel[(triton.cdiv(V, BV), NT, H)](q, k, v, G, g_gamma, h, A, o, cu, cseq, cloc, N, scale, H, K, V, BT,
                                                BK, BV, kind, _prec(q.dtype))
-    return o, ht
+    return o, ht, A
 
 
-def diag_bwd(q, k, v, G, g_gamma, h0, do, dht, scale, meta, BT, kind, need_dg=True):
-    """Returns dq, dk, dv (input dtype), dg (float32, per token; None for NONE), dh0 (float32 or None)."""
+def diag_bwd(q, k, v, G, g_gamma, h0, do, dht, scale, meta, BT, kind, need_dg=True, A=None):
+    """Returns dq, dk, dv (input dtype), dg (float32, per token; None for NONE), dh0 (float32 or None).
+    A: VECTOR decays' intra-chunk scores as the forward computed them (recomputed when None)."""
     cu, cseq, cloc, coff, N, NT = meta
     B, T, H, K = q.shape
     V = v.shape[-1]
@@ -522,7 +523,8 @@ def diag_bwd(q, k, v, G, g_gamma, h0, do, dht, scale, meta, BT, kind, need_dg=Tr
     _bwd_dh_kernel[(triton.cdiv(K, BK), triton.cdiv(V, BV), N * H)](
         q, do, G, g_gamma, dh, dht, dh0, cu, coff, scale, H, K, V, BT, BK, BV, kind, dht is not None, h0 is not None,
         prec)
-    A = _intra_A(q, k, G, meta, BT) if kind == VECTOR else None
+    if kind == VECTOR and A is None:
+        A = _intra_A(q, k, G, meta, BT)
     dv = torch.empty_like(v)
     _bwd_dv_kernel[(triton.cdiv(V, BV), NT, H)](q, k, do, G, g_gamma, dh, A, dv, cu, cseq, cloc, N, scale, H, K, V,
                                                 BT, BK, BV, kind, prec)
@@ -561,8 +563,10 @@ class DiagChunkFunction(torch.autograd.Function):
         G = _local_cumsum(g.contiguous(), meta, chunk_size) if kind in (SCALAR, VECTOR) else None
         h0 = initial_state.float().contiguous() if initial_state is not None else None
         gam = g_gamma.float().contiguous() if g_gamma is not None else None
-        o, ht = diag_fwd(q, k, v, G, gam, h0, scale, meta, chunk_size, kind, output_final_state)
-        ctx.save_for_backward(q, k, v, G, gam, h0, *meta[:4])
+        o, ht, A = diag_fwd(q, k, v, G, gam, h0, scale, meta, chunk_size, kind, output_final_state)
+        # VECTOR decays: the intra-chunk scores A (float32, BT per token and head) are kept for the backward
+        # rather than formed again there (their diagonal blocks take one exponent per (i, j, k))
+        ctx.save_for_backward(q, k, v, G, gam, h0, A, *meta[:4])
         ctx.meta_n = meta[4:]
         ctx.cfg = (scale, chunk_size, kind, g.dtype if g is not None else None,
                    g_gamma.dtype if g_gamma is not None else None, initial_state.dtype if initial_state is not None else None)
@@ -570,12 +574,12 @@ class DiagChunkFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, dht):
-        q, k, v, G, gam, h0, *maps = ctx.saved_tensors
+        q, k, v, G, gam, h0, A, *maps = ctx.saved_tensors
         meta = (*maps, *ctx.meta_n)
         scale, BT, kind, g_dtype, gamma_dtype, h0_dtype = ctx.cfg
         dht = dht.float().contiguous() if dht is not None else None
         need_dg = ctx.needs_input_grad[3] or ctx.needs_input_grad[4]
-        dq, dk, dv, dg, dh0 = diag_bwd(q, k, v, G, gam, h0, do.contiguous(), dht, scale, meta, BT, kind, need_dg)
+        dq, dk, dv, dg, dh0 = diag_bwd(q, k, v, G, gam, h0, do.contiguous(), dht, scale, meta, BT, kind, need_dg, A)
         dgg = None
         if kind == GAMMA:
             dgg = dg.sum((0, 1)).to(gamma_dtype) if dg is not None else None
