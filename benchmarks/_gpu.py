@@ -42,3 +42,41 @@ def configure_autotuning() -> None:
             return configs[i::n] or configs[:1]
 
         autotuner.Autotuner.prune_configs = prune_shard
+
+
+def kernel_profile(fn, calls: int = 3, top: int = 12, device: str = "cuda") -> list[dict]:
+    """Where one call of fn goes, kernel by kernel: torch.profiler over `calls` calls (after one untimed call),
+    the `top` kernels by self time, as {"name", "ms" (per call of fn), "launches" (per call)}; "(all)" first.
+    device "cpu" profiles the CPU operators instead (what the tests can run)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA if device == "cuda" else ProfilerActivity.CPU]) as prof:
+        for _ in range(calls):
+            fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+    rows = []
+    for e in prof.key_averages():
+        if device == "cuda":
+            us = getattr(e, "self_device_time_total", None)
+            us = us if us is not None else e.self_cuda_time_total
+            if getattr(e, "device_type", None) is not None and "CUDA" not in str(e.device_type):
+                continue
+        else:
+            us = e.self_cpu_time_total
+        if us > 0:
+            rows.append({"name": e.key, "ms": us / 1e3 / calls, "launches": e.count / calls})
+    rows.sort(key=lambda r: -r["ms"])
+    total = {"name": "(all)", "ms": sum(r["ms"] for r in rows), "launches": sum(r["launches"] for r in rows)}
+    return [total] + rows[:top]
+
+
+def format_profile(title: str, rows: list[dict], width: int = 72) -> str:
+    """kernel_profile's rows as a text block: ms per call, share of the total, launches per call, name."""
+    total = rows[0]["ms"] or 1.0
+    lines = [f"## {title}: {rows[0]['ms']:.3f} ms of kernels per call, {rows[0]['launches']:.0f} launches"]
+    lines += [f"  {r['ms']:8.3f} ms {100 * r['ms'] / total:5.1f}% {r['launches']:4.0f}x  {r['name'][:width]}" for r in rows[1:]]
+    return "\n".join(lines)

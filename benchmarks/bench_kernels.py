@@ -7,6 +7,10 @@ faster). Every row is guarded: a failing provider prints its error and the table
 
     python benchmarks/bench_kernels.py                       # the full table
     python benchmarks/bench_kernels.py --rules gla mamba2 --T 2048 --out bench.json --plot bench.png
+    python benchmarks/bench_kernels.py --rules gla deltanet --T 2048 --profile prof.txt   # + kernel by kernel
+
+--profile FILE: after a rule's timings, one forward+backward of ours and of fla's under torch.profiler, the
+kernels by GPU time (ms per call, share, launches), appended to FILE: where each provider spends its time.
 """
 from __future__ import annotations
 
@@ -66,8 +70,8 @@ def check(name: str, B: int, T: int, H: int, D: int) -> str:
     return f"{'MISMATCH ' + ','.join(bad) if bad else 'ok'} (max rel {errs[worst]:.1e} in {worst})"
 
 
-def time_rule(name: str, backend: str, B: int, T: int, H: int, D: int) -> tuple[float, float]:
-    from triton.testing import do_bench
+def calls(name: str, backend: str, B: int, T: int, H: int, D: int):
+    """(forward, forward+backward, the leaves whose .grad the latter fills) of one rule and backend."""
     rule, q, k, v, gates = make_inputs(name, B, T, H, D)
     leaves = [q, k, v, *gates.values()]
     do = torch.randn_like(v)
@@ -80,6 +84,24 @@ def time_rule(name: str, backend: str, B: int, T: int, H: int, D: int) -> tuple[
         o, _ = rule.chunk(q, k, v, backend=backend, **gates)
         o.backward(do)
 
+    return fwd, fwdbwd, leaves
+
+
+def fwdbwd_profile(name: str, backend: str, B: int, T: int, H: int, D: int) -> list[dict]:
+    """The kernels of one forward+backward (the gradients dropped between calls, as do_bench does)."""
+    from _gpu import kernel_profile
+    _, fwdbwd, leaves = calls(name, backend, B, T, H, D)
+
+    def once():
+        fwdbwd()
+        for t in leaves:
+            t.grad = None
+    return kernel_profile(once)
+
+
+def time_rule(name: str, backend: str, B: int, T: int, H: int, D: int) -> tuple[float, float]:
+    from triton.testing import do_bench
+    fwd, fwdbwd, leaves = calls(name, backend, B, T, H, D)
     return (do_bench(fwd, warmup=25, rep=100, return_mode="median"),
             do_bench(fwdbwd, warmup=25, rep=100, grad_to_none=leaves, return_mode="median"))
 
@@ -118,11 +140,12 @@ def main(argv=None) -> int:
     p.add_argument("--no-check", action="store_true", help="skip the correctness check against fla")
     p.add_argument("--out", help="write the rows as JSON here")
     p.add_argument("--plot", help="write a bar chart of forward+backward times here (PNG)")
+    p.add_argument("--profile", help="append each rule's kernel-by-kernel fwd+bwd profile (ours and fla's) here")
     a = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_kernels needs a CUDA GPU", file=sys.stderr)
         return 1
-    from _gpu import configure_autotuning
+    from _gpu import configure_autotuning, format_profile
     configure_autotuning()
     import triton
 
@@ -168,6 +191,17 @@ def main(argv=None) -> int:
                   f"{_ratio(row['fla_fwd'], row['triton_fwd']):>8} | {_fmt(row['triton_fwdbwd'])} "
                   f"{_fmt(row['fla_fwdbwd'])} {_ratio(row['fla_fwdbwd'], row['triton_fwdbwd']):>8} | "
                   f"{_fmt(row['sdpa_fwd'])} {_fmt(row['sdpa_fwdbwd'])} | {row['check']}", flush=True)
+            if a.profile:
+                for backend in ("triton", "fla"):
+                    if row.get(f"{backend}_fwdbwd") is None:
+                        continue
+                    try:
+                        text = format_profile(f"{name} T={T} {'ours' if backend == 'triton' else 'fla'} fwd+bwd",
+                                              fwdbwd_profile(name, backend, B, T, a.heads, a.dim))
+                    except Exception as e:  # noqa: BLE001
+                        text = f"## {name} T={T} {backend}: profile failed: {type(e).__name__}: {e}"
+                    with open(a.profile, "a") as f:
+                        f.write(text + "\n")
             if a.out:  # after every row: a run cut short keeps what it measured
                 with open(a.out, "w") as f:
                     json.dump(rows, f, indent=1)

@@ -1,14 +1,18 @@
 #!/usr/bin/env bash
 # One GPU session on the lent H100/H200 (see benchmarks/README.md): install the carried wheels
 # (fla 0.6.0, triton 3.7.1 reassembled from /tmp/tw), then run the steps named on the command line.
-# Logs go to $OUT.   Usage: bash benchmarks/gpu_session.sh [warm|console|check|mom|kernels|kernels2048|kernels8192|tests|sweep|mps|zoopilot|zoo|zoobg|zoofetch]...
+# Logs go to $OUT.   Usage: bash benchmarks/gpu_session.sh [warm|console|check|mom|profile|kernels|kernels2048|kernels8192|tests|sweep|mps|zoopilot|zoo|zoobg|zoofetch]...
 # (TEST_JOBS, TESTS, TESTS_S, TEST_K, TEST_TIMEOUT, TEST_TAG: pytest workers, paths, time limit, -k expression,
 #  per-test limit and log-name suffix of `tests`; RACE_RULES, RACE_S: the race's rules and limit)
 #
 #   warm     compile every kernel variant the timed steps need, in parallel processes sharing the disk
 #            cache (benchmarks/_gpu.py: LSM_WARM_SHARD splits each autotuner's configs), while the GPU
 #            correctness checks run beside them. Nothing timed here; autotune choices are not kept.
-#   mom      benchmarks/bench_mom.py (issue table: MoM vs single layer vs fla, decode, syncs)
+#   mom      benchmarks/bench_mom.py (issue table: MoM vs single layer vs fla, decode, syncs; MOM_ARGS: more options,
+#            e.g. "--backend triton" for our rule kernel inside the layers)
+#   profile  where the time goes: bench_kernels.py --profile (T = 2048, PROFILE_RULES, default the rules behind fla:
+#            gla deltanet gated_deltanet), ours and fla's fwd+bwd kernel by kernel, then profile_mom.py --real
+#            --backend triton (the MoM layer and the single layer by operator) -> $OUT/kernel_profile.txt, profile_mom.txt
 #   kernels* benchmarks/bench_kernels.py (ours vs fla vs SDPA, every rule), T = 2048 and/or 8192
 #   sweep    benchmarks/bench_sweep_gpu.py: steps/s of the recall study's model, SWEEP_PROCS processes sharing the GPU
 #   mps      start the CUDA MPS control daemon (see start_mps)
@@ -103,7 +107,12 @@ for what in "$@"; do
     tests)   LSM_FAILURE_LOG="$OUT/gpu_failures${TEST_TAG:-}.log" timeout ${TESTS_S:-420} python3 -m pytest -n ${TEST_JOBS:-0} -m gpu -p no:cacheprovider -o addopts= -q -rf \
                --timeout ${TEST_TIMEOUT:-300} -k "${TEST_K:-not nothing}" ${TESTS:-tests} 2>&1 \
                | tee "$OUT/gpu_tests${TEST_TAG:-}.log" | tail -${TEST_TAIL:-40} ;;
-    mom)     timeout 560 python3 benchmarks/bench_mom.py --out "$OUT/bench_mom.md" 2>&1 | tee "$OUT/bench_mom.log" | tail -40 ;;
+    mom)     timeout ${MOM_S:-560} python3 benchmarks/bench_mom.py ${MOM_ARGS:-} --out "$OUT/bench_mom.md" 2>&1 | tee "$OUT/bench_mom.log" | tail -40 ;;
+    profile) timeout ${PROFILE_S:-400} python3 benchmarks/bench_kernels.py --T 2048 --no-check --rules ${PROFILE_RULES:-gla deltanet gated_deltanet} \
+               --profile "$OUT/kernel_profile.txt" 2>&1 | tail -8
+             grep -h "^##" "$OUT/kernel_profile.txt"
+             timeout 200 python3 benchmarks/profile_mom.py --real --backend triton > "$OUT/profile_mom.txt" 2>&1
+             grep -h "fwd+bwd" "$OUT/profile_mom.txt" ;;
     kernels) timeout 580 python3 benchmarks/bench_kernels.py --out "$OUT/bench_kernels.json" --plot "$OUT/bench_kernels.png" 2>&1 | tee "$OUT/bench_kernels.log" | tail -40 ;;
     kernels2048|kernels8192)
       T=${what#kernels}

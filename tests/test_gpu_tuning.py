@@ -66,3 +66,25 @@ def test_tuned_kernels_launch_one_thread_at_a_time(monkeypatch):
     for t in threads:
         t.join()
     assert most[0] == 1 and serial(7) == 7
+
+
+def test_kernel_profile_rows_on_cpu():
+    """kernel_profile (the benchmarks' kernel-by-kernel breakdown) on CPU operators: the total first, then the
+    operators by self time, per call of the function; format_profile prints them with their shares."""
+    import torch
+    gpu = _gpu_module()
+    a = torch.randn(64, 64)
+
+    def fn():
+        return (a @ a).relu().sum()
+
+    rows = gpu.kernel_profile(fn, calls=2, top=5, device="cpu")
+    assert rows[0]["name"] == "(all)" and rows[0]["ms"] > 0
+    names = [r["name"] for r in rows[1:]]
+    assert any("mm" in n for n in names) and any("relu" in n for n in names)
+    assert all(r["ms"] >= s["ms"] for r, s in zip(rows[1:], rows[2:]))       # by time, largest first
+    assert rows[0]["ms"] >= sum(r["ms"] for r in rows[1:]) - 1e-9                 # the total counts every operator
+    mm = next(r for r in rows[1:] if "mm" in r["name"])
+    assert mm["launches"] == 1                                                # per call of fn, not per profile
+    text = gpu.format_profile("matmul", rows)
+    assert text.splitlines()[0].startswith("## matmul:") and "%" in text and len(text.splitlines()) == len(rows)
