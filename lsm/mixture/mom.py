@@ -165,15 +165,20 @@ class MixtureOfMemories(RuleLayer):
             cache = self.init_cache(B, x.device, at_least_float32(x.dtype))
         routing = self.router(self.router_input(x, cache, cu_seqlens))
         mix = self.readout_mode == "sum"
-        sel, w = self.slots(routing)
+        # the slot tensors (routed + shared) are built where they are read: a mixed decoding step takes the routing
+        # as it is (its kernel adds the shared memory), which saves the step four launches
+        sel = w = None
         if cache is not None and T == 1:
             # a decoding step: the balancing loss is a training signal, not computed here
             o, aux_loss = self._step(*self.project(x, cache, cu_seqlens), routing, cache, mix), x.new_zeros(())
         else:
             aux_loss = self.aux_loss_weight * load_balancing_loss(routing, self.num_memories)
+            sel, w = self.slots(routing)
             o = self._chunk(x, sel, w, cache, cu_seqlens, mix)
         if cache is not None:
             cache.seen += T
+        if not mix and sel is None:
+            sel, w = self.slots(routing)
         y = self.readout(o, x) if mix else self.readout_per_memory(o, sel, w, x)
         return MixerOutput(y, cache, aux_loss)
 
