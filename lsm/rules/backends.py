@@ -41,9 +41,9 @@ class TritonFirst:
 #: The "auto" policy on CUDA per compute capability; an unlisted device gets fla wherever fla has the rule.
 #: tests/test_rules.py checks every entry against its `source`.
 TRITON_FIRST: dict[tuple[int, int], TritonFirst] = {
-    (9, 0): TritonFirst(source="benchmarks/results/bench_kernels_h100.json",
+    (9, 0): TritonFirst(source="benchmarks/results/bench_kernels_h200.json",
                         train=frozenset({"linear_attention", "retnet", "lightning", "mamba2"}),
-                        infer=frozenset({"retnet", "lightning"})),
+                        infer=frozenset({"retnet", "deltanet"})),
 }
 
 
