@@ -16,6 +16,7 @@ which the LayerNorm TTT kernels at K = V = 256 take about 10 (`--only ttt`: 39 v
 `--quick` about one minute). Exits non-zero if any variant fails.
 
     python benchmarks/compile_check.py [--arch 90] [--warps 4] [--stages 3] [--jobs 2] [--quick] [--only NAME]
+    python benchmarks/compile_check.py --only _bwd_intra --warps 2,4,8 --resources   # registers, spills, shared
 """
 from __future__ import annotations
 
@@ -172,8 +173,30 @@ def _calls(quick: bool):
             torch.autograd.grad(gated_rms_norm(x, w, gate).float().sum(), [x, w, gate])
 
 
+def _resources(ptx: str, arch: int) -> str:
+    """Registers per thread, spilled bytes and the stack of one compiled kernel: ptxas -v on its PTX (the ptxas
+    that triton ships). Spills mean values the kernel keeps in local memory, i.e. in cache or HBM."""
+    import re
+    import subprocess
+    import tempfile
+
+    from triton.backends.nvidia.compiler import get_ptxas
+    with tempfile.TemporaryDirectory() as d:
+        src = os.path.join(d, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        sm = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
+        out = subprocess.run([get_ptxas(arch).path, "-v", f"--gpu-name={sm}", src, "-o", os.path.join(d, "k.o")],
+                             capture_output=True, text=True).stderr
+    regs = re.search(r"Used (\d+) registers", out)
+    st = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", out)
+    stack = re.search(r"(\d+) bytes stack frame", out)
+    return (f"{regs.group(1) if regs else '?'} registers, spills {st.group(1) if st else '?'} B stored / "
+            f"{st.group(2) if st else '?'} B loaded, stack {stack.group(1) if stack else '?'} B")
+
+
 def _compile(job):
-    i, arch, num_warps, num_stages = job
+    i, arch, num_warps, num_stages = job[:4]
     fn, sig, cx, attrs = list(VARIANTS.values())[i]
     t = time.time()
     try:
@@ -184,6 +207,8 @@ def _compile(job):
         except TypeError:                                        # a release without `attrs`
             cb = triton.compile(ASTSource(fn, sig, cx), **kw)
         assert cb.asm.get("cubin"), "no cubin"
+        if len(job) > 4 and job[4]:
+            return i, num_warps, None, f"{_resources(cb.asm['ptx'], arch)}, shared {cb.metadata.shared} B"
         return i, num_warps, None, time.time() - t
     except Exception as e:                                       # noqa: BLE001 (report and go on)
         chain, x = [], e                                         # innermost cause first (the actual error)
@@ -207,6 +232,8 @@ def main():
     ap.add_argument("--quick", action="store_true", help="bf16, K = V = 64 only")
     ap.add_argument("--only", default=None, help="compile only kernels whose name contains this")
     ap.add_argument("-v", "--verbose", action="store_true", help="one line per compiled variant")
+    ap.add_argument("--resources", action="store_true",
+                    help="one line per variant with its registers, spilled bytes, stack and shared memory (ptxas -v)")
     a = ap.parse_args()
 
     _intercept()
@@ -220,7 +247,7 @@ def main():
         else:
             os.environ["TRITON_INTERPRET"] = prev
     idx = [i for i, key in enumerate(VARIANTS) if a.only is None or a.only in key[0]]
-    jobs = [(i, a.arch, int(w), a.stages) for i in idx for w in a.warps.split(",")]
+    jobs = [(i, a.arch, int(w), a.stages, a.resources) for i in idx for w in a.warps.split(",")]
     print(f"triton {triton.__version__} ({os.path.dirname(triton.__file__)}), sm_{a.arch}: "
           f"{len(idx)} kernel variants x num_warps {a.warps}, num_stages {a.stages}", flush=True)
     keys = list(VARIANTS)
@@ -234,6 +261,8 @@ def main():
             if err is not None:
                 failed.append((name, sig, cx, w, err))
                 print(f"FAIL {name} num_warps={w} {_describe(cx)}", flush=True)
+            elif a.resources:
+                print(f"ok   {name} num_warps={w} {_describe(cx)}: {dt}", flush=True)
             elif a.verbose:
                 print(f"ok   {name} num_warps={w} {_describe(cx)} ({dt:.1f}s)", flush=True)
     for name, (ok, n) in sorted(per.items()):

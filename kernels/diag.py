@@ -22,7 +22,8 @@ chunk's last token), the kernels compute
              A_ij = sum_k q_ik k_jk exp(G_ik - G_jk)                               (_fwd_o, _fwd_A)
 and only ever exponentiate non-positive differences of G, so strong decays cannot overflow. For
 VECTOR decays A needs one exponent per (i, j, k): blocks of BC x BC sub-chunks off the diagonal
-factor through the cumulative decay at a row between them, diagonal blocks are formed elementwise.
+factor through the cumulative decay at a row between them, diagonal blocks are formed elementwise, one row
+or column of the sub-chunk at a time.
 
 Backward (dH_c = gradient of the state at the end of chunk c):
     dH_{c-1} = exp(G_L) dH_c + scale (q exp(G))^T do                              (_bwd_dh)
@@ -148,17 +149,23 @@ def _fwd_A_kernel(q, k, G, A, cu, cseq, cloc, N, H: tl.constexpr, K: tl.constexp
             b_kg = (b_k * tl.exp(tl.where(m_j[:, None], b_Gr[None, :] - b_Gj, float("-inf")))).to(k.dtype.element_ty)
             b_A += tl.dot(b_qg, tl.trans(b_kg), input_precision=PREC)
         tl.store(p_A + (j_c * BC + o_c)[None, :], b_A, mask=m_i[:, None])
+    # the diagonal block, one column j at a time on [BC, BK] tiles (no [BC, BC, BK] broadcast): one exponent per
+    # (i, j, k) with i >= j, each of a non-positive difference
     b_A = tl.zeros([BC, BC], dtype=tl.float32)
-    causal = (o_c[:, None] >= o_c[None, :]) & m_i[:, None] & m_i[None, :]
     for i_k in range(0, tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
         m_k = o_k < K
         p_i = rows_i[:, None] * (H * K) + i_h * K + o_k[None, :]
         b_q = tl.load(q + p_i, mask=m_i[:, None] & m_k[None, :], other=0.).to(tl.float32)
-        b_k = tl.load(k + p_i, mask=m_i[:, None] & m_k[None, :], other=0.).to(tl.float32)
         b_G = tl.load(G + p_i, mask=m_i[:, None] & m_k[None, :], other=0.)
-        b_e = tl.exp(tl.where(causal[:, :, None], b_G[:, None, :] - b_G[None, :, :], float("-inf")))
-        b_A += tl.sum(b_q[:, None, :] * b_k[None, :, :] * b_e, axis=2)
+        for j in range(0, BC):
+            m_r = r0 + j < eos
+            p_r = (r0 + j) * (H * K) + i_h * K + o_k
+            b_kr = tl.load(k + p_r, mask=m_k & m_r, other=0.).to(tl.float32)
+            b_Gr = tl.load(G + p_r, mask=m_k & m_r, other=0.)
+            m_c = (o_c >= j) & m_i & m_r
+            b_col = tl.sum(b_q * b_kr[None, :] * tl.exp(tl.where(m_c[:, None], b_G - b_Gr[None, :], float("-inf"))), axis=1)
+            b_A += tl.where(o_c[None, :] == j, b_col[:, None], 0.)
     tl.store(p_A + (i_c * BC + o_c)[None, :], b_A, mask=m_i[:, None])
     for j_c in range(i_c + 1, NC):
         tl.store(p_A + (j_c * BC + o_c)[None, :], tl.zeros([BC, BC], dtype=tl.float32), mask=m_i[:, None])
@@ -418,12 +425,20 @@ def _bwd_intra_kernel(q, k, G, dA, dq32, dk32, dq, dk, dgx, cu, cseq, cloc, N, H
         b_dk += tl.dot(tl.trans(b_dAb), b_q2 * tl.exp(tl.where(m_2[:, None], b_G2 - b_Grl[None, :], float("-inf"))),
                        input_precision=PREC)
     b_dk *= tl.exp(tl.where(m_i[:, None], b_Grl[None, :] - b_G, float("-inf")))
-    # the diagonal block, elementwise
-    b_dAd = tl.load(dA + rows_i[:, None] * (H * BT) + i_h * BT + (i_c * BC + o_c)[None, :], mask=m_i[:, None], other=0.)
-    causal = (o_c[:, None] >= o_c[None, :]) & m_i[:, None] & m_i[None, :]
-    b_e = tl.exp(tl.where(causal[:, :, None], b_G[:, None, :] - b_G[None, :, :], float("-inf")))   # [i, j, k]
-    b_dq += tl.sum(b_dAd[:, :, None] * b_k[None, :, :] * b_e, axis=1)
-    b_dk += tl.sum(b_dAd[:, :, None] * b_q[:, None, :] * b_e, axis=0)
+    # the diagonal block, one row r of the sub-chunk at a time on [BC, BK] tiles (no [BC, BC, BK] broadcast, no
+    # reduction across rows): dq_i += dA_ir k_r exp(G_i - G_r) for i >= r, dk_i += dA_ri q_r exp(G_r - G_i) for i <= r
+    for j in range(0, BC):
+        m_r = r0 + j < eos
+        p_r = (r0 + j) * (H * K) + i_h * K + o_k
+        b_kr = tl.load(k + p_r, mask=m_k & m_r, other=0.).to(tl.float32)
+        b_qr = tl.load(q + p_r, mask=m_k & m_r, other=0.).to(tl.float32)
+        b_Gx = tl.load(G + p_r, mask=m_k & m_r, other=0.)
+        b_dAc = tl.load(dA + rows_i * (H * BT) + i_h * BT + i_c * BC + j, mask=m_i & m_r, other=0.)       # dA[i, r]
+        b_dAr = tl.load(dA + (r0 + j) * (H * BT) + i_h * BT + i_c * BC + o_c, mask=m_i & m_r, other=0.)   # dA[r, i]
+        m_lo = (o_c >= j) & m_i & m_r
+        m_up = (o_c <= j) & m_i & m_r
+        b_dq += b_dAc[:, None] * b_kr[None, :] * tl.exp(tl.where(m_lo[:, None], b_G - b_Gx[None, :], float("-inf")))
+        b_dk += b_dAr[:, None] * b_qr[None, :] * tl.exp(tl.where(m_up[:, None], b_Gx[None, :] - b_G, float("-inf")))
     b_dq += tl.load(dq32 + p_i, mask=m_ik, other=0.)
     b_dk += tl.load(dk32 + p_i, mask=m_ik, other=0.)
     tl.store(dq + p_i, b_dq.to(dq.dtype.element_ty), mask=m_ik)
