@@ -3,14 +3,19 @@
 # (fla 0.6.0, triton 3.7.1 reassembled from /tmp/tw), then run the steps named on the command line.
 # Logs go to $OUT.   Usage: bash benchmarks/gpu_session.sh [warm|console|check|mom|profile|kernels|kernels2048|kernels8192|tests|sweep|mps|zoopilot|zoo|zoobg|zoofetch]...
 # (TEST_JOBS, TESTS, TESTS_S, TEST_K, TEST_TIMEOUT, TEST_TAG: pytest workers, paths, time limit, -k expression,
-#  per-test limit and log-name suffix of `tests`; RACE_RULES, RACE_S: the race's rules and limit)
+#  per-test limit and log-name suffix of `tests`; RACE_RULES, RACE_S: the race's rules and limit; RACE_PROFILE=1: the
+#  race also writes each rule's kernel-by-kernel profile to $OUT/kernel_profile_<T>.txt; WARM_RULES, WARM_SHARDS,
+#  CHECK_RULES, WARM_MOM=0: what `warm` compiles, in how many processes per rule, the rules gpu_check.py checks
+#  beside it (first autotune config), and no MoM warm-up)
 #
 #   warm     compile every kernel variant the timed steps need, in parallel processes sharing the disk
 #            cache (benchmarks/_gpu.py: LSM_WARM_SHARD splits each autotuner's configs), while the GPU
-#            correctness checks run beside them. Nothing timed here; autotune choices are not kept.
+#            correctness checks run beside them. Nothing timed here; autotune choices are not kept (the timed steps'
+#            are: TRITON_CACHE_AUTOTUNING=1 keeps ours on disk as fla keeps its own, so a later call on the warm
+#            machine, e.g. `profile` after `kernels2048`, does not tune the same shapes again).
 #   mom      benchmarks/bench_mom.py (issue table: MoM vs single layer vs fla, decode, syncs; MOM_ARGS: more options,
 #            e.g. "--backend triton" for our rule kernel inside the layers)
-#   profile  where the time goes: bench_kernels.py --profile (T = 2048, PROFILE_RULES, default the rules behind fla:
+#   profile  where the time goes: bench_kernels.py --profile (T = 2048, PROFILE_RULES (PROFILE_S), default the rules behind fla:
 #            gla deltanet gated_deltanet), ours and fla's fwd+bwd kernel by kernel, then profile_mom.py --real
 #            --backend triton (the MoM layer and the single layer by operator) -> $OUT/kernel_profile.txt, profile_mom.txt
 #   kernels* benchmarks/bench_kernels.py (ours vs fla vs SDPA, every rule), T = 2048 and/or 8192
@@ -60,7 +65,7 @@ else
 fi
 ln -sfn "$PWD/kernels" $SITE/lsm_kernels   # every call runs in a fresh copy of the tree
 export PYTHONPATH=$SITE:$PWD PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TRITON_CACHE_DIR=/tmp/triton-cache
-export LSM_TUNE_MS=${LSM_TUNE_MS:-5,25}
+export LSM_TUNE_MS=${LSM_TUNE_MS:-5,25} TRITON_CACHE_AUTOTUNING=1
 python3 -c "import torch, triton, fla; print('torch', torch.__version__, 'triton', triton.__version__, 'fla', fla.__version__, torch.cuda.get_device_name())"
 RULES="linear_attention retnet lightning gla hgrn2 mamba2 deltanet gated_deltanet ttt"
 Z=${ZOO_DIR:-/tmp/zoology_mqar}   # the study's sweep folder, outside the tree that every call copies afresh
@@ -78,22 +83,24 @@ for what in "$@"; do
   case $what in
     warm)
       W=/tmp/warm; mkdir -p $W
-      for r in $RULES; do
-        for i in 0 1; do
-          ( export FLA_CACHE_RESULTS=0 LSM_WARM_SHARD=$i/2
+      n=${WARM_SHARDS:-2}
+      for r in ${WARM_RULES:-$RULES}; do
+        for i in $(seq 0 $(( n - 1 ))); do
+          ( export FLA_CACHE_RESULTS=0 TRITON_CACHE_AUTOTUNING=0 LSM_WARM_SHARD=$i/$n
             # B = 16 (T=2048 timed) and B = 4 (T=8192 timed): same integer specialisations, smaller T
             timeout ${WARM_S:-300} python3 benchmarks/bench_kernels.py --rules $r --T 1024 --tokens 16384 --no-check
             timeout ${WARM_S:-300} python3 benchmarks/bench_kernels.py --rules $r --T 1024 --tokens 4096 --no-check
           ) > $W/$r.$i.log 2>&1 &
         done
       done
-      for i in 0 1; do
-        FLA_CACHE_RESULTS=0 LSM_WARM_SHARD=$i/2 timeout ${WARM_S:-300} python3 benchmarks/bench_mom.py --shapes 2x2048 \
+      [ "${WARM_MOM:-1}" = 1 ] && for i in 0 1; do
+        FLA_CACHE_RESULTS=0 TRITON_CACHE_AUTOTUNING=0 LSM_WARM_SHARD=$i/2 timeout ${WARM_S:-300} python3 benchmarks/bench_mom.py --shapes 2x2048 \
           --reps 1 --out $W/mom_$i.md > $W/mom.$i.log 2>&1 &
       done
-      timeout ${WARM_S:-300} python3 benchmarks/gpu_check.py --rules ttt > "$OUT/gpu_check_ttt.log" 2>&1 &
+      FLA_CACHE_RESULTS=0 TRITON_CACHE_AUTOTUNING=0 timeout ${WARM_S:-300} python3 benchmarks/gpu_check.py --quick-tune \
+        --rules ${CHECK_RULES:-ttt} > "$OUT/gpu_check_warm.log" 2>&1 &
       wait
-      cat "$OUT/gpu_check_ttt.log"
+      cat "$OUT/gpu_check_warm.log"
       for f in $W/*.log; do echo "$f: $(grep -c '^rule' $f) tables, $(grep -c 'Error' $f) errors"; done
       grep -h "Error" $W/*.log | sort | uniq -c | head -20 ;;
     console) # a training console on the GPU (issue 16), the run exported and read back through transformers
@@ -108,7 +115,7 @@ for what in "$@"; do
                --timeout ${TEST_TIMEOUT:-300} -k "${TEST_K:-not nothing}" ${TESTS:-tests} 2>&1 \
                | tee "$OUT/gpu_tests${TEST_TAG:-}.log" | tail -${TEST_TAIL:-40} ;;
     mom)     timeout ${MOM_S:-560} python3 benchmarks/bench_mom.py ${MOM_ARGS:-} --out "$OUT/bench_mom.md" 2>&1 | tee "$OUT/bench_mom.log" | tail -40 ;;
-    profile) timeout ${PROFILE_S:-400} python3 benchmarks/bench_kernels.py --T 2048 --no-check --rules ${PROFILE_RULES:-gla deltanet gated_deltanet} \
+    profile) timeout ${PROFILE_S:-250} python3 benchmarks/bench_kernels.py --T 2048 --no-check --rules ${PROFILE_RULES:-gla deltanet gated_deltanet} \
                --profile "$OUT/kernel_profile.txt" 2>&1 | tail -8
              grep -h "^##" "$OUT/kernel_profile.txt"
              timeout 200 python3 benchmarks/profile_mom.py --real --backend triton > "$OUT/profile_mom.txt" 2>&1
@@ -116,7 +123,8 @@ for what in "$@"; do
     kernels) timeout 580 python3 benchmarks/bench_kernels.py --out "$OUT/bench_kernels.json" --plot "$OUT/bench_kernels.png" 2>&1 | tee "$OUT/bench_kernels.log" | tail -40 ;;
     kernels2048|kernels8192)
       T=${what#kernels}
-      timeout ${RACE_S:-580} python3 benchmarks/bench_kernels.py --T $T --rules ${RACE_RULES:-$RULES} --out "$OUT/bench_kernels_$T.json" 2>&1 | tee "$OUT/bench_kernels_$T.log" | tail -40 ;;
+      timeout ${RACE_S:-580} python3 benchmarks/bench_kernels.py --T $T --rules ${RACE_RULES:-$RULES} --out "$OUT/bench_kernels_$T.json" \
+        ${RACE_PROFILE:+--profile "$OUT/kernel_profile_$T.txt"} 2>&1 | tee "$OUT/bench_kernels_$T.log" | tail -40 ;;
     sweep)   # the n-th sweep step of the command line writes $OUT/sweep_n (e.g. before and after `mps`)
       n_sweep=$(( ${n_sweep:-0} + 1 )); mkdir -p "$OUT/sweep_$n_sweep"
       timeout ${SWEEP_S:-560} python3 benchmarks/bench_sweep_gpu.py --procs ${SWEEP_PROCS:-1 4 8} ${SWEEP_ARGS:-} \
