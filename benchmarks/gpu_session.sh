@@ -17,7 +17,8 @@
 #            e.g. "--backend triton" for our rule kernel inside the layers)
 #   profile  where the time goes: bench_kernels.py --profile (T = 2048, PROFILE_RULES (PROFILE_S), default the rules behind fla:
 #            gla deltanet gated_deltanet), ours and fla's fwd+bwd kernel by kernel, then profile_mom.py --real
-#            --backend triton (the MoM layer and the single layer by operator) -> $OUT/kernel_profile.txt, profile_mom.txt
+#            --backend triton (the MoM layer and the single layer by operator) and profile_mom.py --decode (the eager
+#            decoding step by host time, its kernel count) -> $OUT/kernel_profile.txt, profile_mom.txt, profile_mom_decode.txt
 #   kernels* benchmarks/bench_kernels.py (ours vs fla vs SDPA, every rule), T = 2048 and/or 8192
 #   sweep    benchmarks/bench_sweep_gpu.py: steps/s of the recall study's model, SWEEP_PROCS processes sharing the GPU
 #   mps      start the CUDA MPS control daemon (see start_mps)
@@ -115,11 +116,15 @@ for what in "$@"; do
                --timeout ${TEST_TIMEOUT:-300} -k "${TEST_K:-not nothing}" ${TESTS:-tests} 2>&1 \
                | tee "$OUT/gpu_tests${TEST_TAG:-}.log" | tail -${TEST_TAIL:-40} ;;
     mom)     timeout ${MOM_S:-560} python3 benchmarks/bench_mom.py ${MOM_ARGS:-} --out "$OUT/bench_mom.md" 2>&1 | tee "$OUT/bench_mom.log" | tail -40 ;;
-    profile) timeout ${PROFILE_S:-250} python3 benchmarks/bench_kernels.py --T 2048 --no-check --rules ${PROFILE_RULES:-gla deltanet gated_deltanet} \
-               --profile "$OUT/kernel_profile.txt" 2>&1 | tail -8
-             grep -h "^##" "$OUT/kernel_profile.txt"
-             timeout 200 python3 benchmarks/profile_mom.py --real --backend triton > "$OUT/profile_mom.txt" 2>&1
-             grep -h "fwd+bwd" "$OUT/profile_mom.txt" ;;
+    profile) if [ -n "${PROFILE_RULES-gla deltanet gated_deltanet}" ]; then   # PROFILE_RULES="": the MoM profiles only
+               timeout ${PROFILE_S:-250} python3 benchmarks/bench_kernels.py --T 2048 --no-check \
+                 --rules ${PROFILE_RULES-gla deltanet gated_deltanet} --profile "$OUT/kernel_profile.txt" 2>&1 | tail -8
+               grep -h "^##" "$OUT/kernel_profile.txt"
+             fi
+             timeout ${PROFILE_MOM_S:-200} python3 benchmarks/profile_mom.py --real --backend triton > "$OUT/profile_mom.txt" 2>&1
+             grep -h "fwd+bwd" "$OUT/profile_mom.txt"
+             timeout 120 python3 benchmarks/profile_mom.py --decode --backend triton > "$OUT/profile_mom_decode.txt" 2>&1
+             grep -h "decode step" "$OUT/profile_mom_decode.txt" ;;
     kernels) timeout 580 python3 benchmarks/bench_kernels.py --out "$OUT/bench_kernels.json" --plot "$OUT/bench_kernels.png" 2>&1 | tee "$OUT/bench_kernels.log" | tail -40 ;;
     kernels2048|kernels8192)
       T=${what#kernels}

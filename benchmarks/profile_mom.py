@@ -1,6 +1,7 @@
 """Where the time of the MoM layer goes, outside the rule's kernel (GPU).
 
     python benchmarks/profile_mom.py [--shape 8x4096] [--real] [--rows 30]
+    python benchmarks/profile_mom.py --decode [--batch 16] [--backend triton]
 
 The benchmark configuration of bench_mom.py (bf16, d = 1024, 4 heads x 256, 4 memories, top-2,
 shared memory, gated_deltanet). By default `rule.chunk` is replaced by a stand-in that costs one
@@ -10,6 +11,11 @@ on any GPU image (no fla, no kernel compilation). `--real` keeps the rule's back
 
 Prints the median forward+backward time of both layers and the torch.profiler table of the
 operators by GPU time for one forward+backward of each.
+
+`--decode`: one eager decoding step (T = 1, B = `--batch`, after a 32-token prefill, the rule's own backend)
+of each layer: the median step time, the host time of one step (wall clock of the Python call, before the GPU
+has run it), the kernels it launches, and the operators by host (self CPU) time: where an eager step that is
+bound by its launches spends the host's time.
 """
 from __future__ import annotations
 
@@ -37,7 +43,11 @@ def main() -> None:
     ap.add_argument("--real", action="store_true", help="run the rule's own backend instead of the stand-in")
     ap.add_argument("--backend", default="auto")
     ap.add_argument("--rows", type=int, default=30)
+    ap.add_argument("--decode", action="store_true", help="profile the eager decoding step instead")
+    ap.add_argument("--batch", type=int, default=16, help="--decode: the batch size")
     args = ap.parse_args()
+    if args.decode:
+        return profile_decode(args)
     B, T = (int(s) for s in args.shape.split("x"))
     if not args.real:
         rules.get("gated_deltanet").chunk = stand_in
@@ -62,6 +72,40 @@ def main() -> None:
             step()
             torch.cuda.synchronize()
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=60))
+
+
+def profile_decode(args) -> None:
+    import time
+
+    import bench_mom
+    bench_mom.BACKEND = args.backend
+    for name in ("lsm MoM", "lsm GDN"):
+        m, fwd, new_cache = bench_mom.build(name)
+        m = m.to("cuda", bench_mom.DTYPE).eval()
+        with torch.no_grad():
+            dt = bench_mom.DTYPE
+            _, cache = fwd(torch.randn(args.batch, 32, D, device="cuda", dtype=dt), new_cache(), use_cache=True)
+            x = torch.randn(args.batch, 1, D, device="cuda", dtype=dt)
+            state = {"cache": cache}
+
+            def step():
+                _, state["cache"] = fwd(x, state["cache"], use_cache=True)
+            step_ms = cuda_time(step, 50)
+            host = []
+            for _ in range(50):   # the host's share: the call returns once its kernels are queued
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                step()
+                host.append(time.perf_counter() - t0)
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+                step()
+                torch.cuda.synchronize()
+        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        host.sort()
+        print(f"{name} decode step, B = {args.batch}, backend {args.backend}: {step_ms:.3f} ms per step, host "
+              f"{host[len(host) // 2] * 1e3:.3f} ms (median of 50), {len(kernels)} kernels launched")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows, max_name_column_width=60))
 
 
 if __name__ == "__main__":
