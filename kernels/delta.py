@@ -25,10 +25,8 @@ Backward: all Triton. When a gradient is needed the forward keeps T (`[B, T, H, 
 backward recomputes W, U from it (kernel 1) and h_c, V_new (kernel 2) instead of storing them.
 With dS the gradient of the state leaving chunk c and dV_new the gradient of V_new:
 
-    4. _bwd_dv_local_kernel (per chunk, head): dV_local = scale tril(Q K^T * D)^T dO, all V tiles from one score
-       tile, so the sequential kernel below forms no [BT, BT] scores;
-       _bwd_dhu_kernel  (per V tile, sequence x head, chunks in reverse; stores dh_c = dS)
-       dV_new = dV_local + (K exp(G_L - G)) dS
+    4. _bwd_dhu_kernel  (per V tile, sequence x head, chunks in reverse; stores dh_c = dS)
+       dV_new = scale tril(Q K^T * D)^T dO + (K exp(G_L - G)) dS
        dS    <- exp(G_L) dS + scale (Q exp(G))^T dO - W^T dV_new        (dh0 = dS at the start)
     5. _bwd_dqkw_kernel (per K tile, chunk, head), with M = scale tril(dO V_new^T * D):
        dq = scale exp(G) (dO h_c^T) + M K,   dk = M^T Q + exp(G_L - G) (V_new dS^T),   dW = -dV_new h_c^T
@@ -215,47 +213,12 @@ def _fwd_h_kernel(k, w, u, G, h, vn, h0, ht, cu, coff, H: tl.constexpr, K: tl.co
 # ----------------------------------------------------------------------------------------- backward
 @_tune(["H", "K", "V", "BT", "BK", "BV", "GATED"])
 @triton.jit
-def _bwd_dv_local_kernel(q, k, G, do, dvl, cu, cseq, cloc, N, scale, H: tl.constexpr, K: tl.constexpr,
-                         V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, GATED: tl.constexpr,
-                         PREC: tl.constexpr):
-    """One (chunk, head): the in-chunk part of dV_new, scale tril(Q K^T * D)^T dO (float32), every V tile from
-    one [BT, BT] score tile (the state kernel below then walks the chunks without forming it)."""
-    i_t, i_h = tl.program_id(0), tl.program_id(1)
-    t0, eos = _chunk_rows(cu, cseq, cloc, i_t, N, BT)
-    o_t = tl.arange(0, BT)
-    rows = t0 + o_t
-    m_t = rows < eos
-    b_At = tl.zeros([BT, BT], dtype=tl.float32)
-    for i_k in range(0, tl.cdiv(K, BK)):
-        o_k = i_k * BK + tl.arange(0, BK)
-        p = rows[:, None] * (H * K) + i_h * K + o_k[None, :]
-        m = m_t[:, None] & (o_k < K)[None, :]
-        b_q = tl.load(q + p, mask=m, other=0.)
-        b_k = tl.load(k + p, mask=m, other=0.)
-        b_At += tl.dot(b_k, tl.trans(b_q), input_precision=PREC)                   # [j, i] = k_j . q_i
-    causal_t = (o_t[:, None] <= o_t[None, :]) & m_t[:, None] & m_t[None, :]
-    if GATED:
-        b_G, b_Gl = _load_G_head(G, G, t0, eos, i_h, H, BT, 2)
-        b_At *= tl.exp(tl.where(causal_t, b_G[None, :] - b_G[:, None], float("-inf")))
-    else:
-        b_At = tl.where(causal_t, b_At, 0.)
-    b_At = (b_At * scale).to(do.dtype.element_ty)
-    for i_v in range(0, tl.cdiv(V, BV)):
-        o_v = i_v * BV + tl.arange(0, BV)
-        p = rows[:, None] * (H * V) + i_h * V + o_v[None, :]
-        m = m_t[:, None] & (o_v < V)[None, :]
-        b_do = tl.load(do + p, mask=m, other=0.)
-        tl.store(dvl + p, tl.dot(b_At, b_do, input_precision=PREC), mask=m)
-
-
-@_tune(["H", "K", "V", "BT", "BK", "BV", "GATED"])
-@triton.jit
-def _bwd_dhu_kernel(q, k, w, G, do, dvl, dh, dv, dht, dh0, cu, coff, scale, H: tl.constexpr, K: tl.constexpr,
+def _bwd_dhu_kernel(q, k, w, G, do, dh, dv, dht, dh0, cu, coff, scale, H: tl.constexpr, K: tl.constexpr,
                     V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, GATED: tl.constexpr,
                     USE_DHT: tl.constexpr, STORE_DH0: tl.constexpr, PREC: tl.constexpr):
     """Walk a sequence's chunks backwards (one V tile, all of K); dS = gradient of the state leaving chunk c.
-    Stores dh_c = dS and dV_new = dV_local + (K exp(G_L - G)) dS (float32; dV_local = scale tril(Q K^T * D)^T dO
-    from _bwd_dv_local_kernel), then dS <- exp(G_L) dS + scale (Q exp(G))^T dO - W^T dV_new."""
+    Stores dh_c = dS and dV_new = scale tril(Q K^T * D)^T dO + (K exp(G_L - G)) dS (float32), then
+    dS <- exp(G_L) dS + scale (Q exp(G))^T dO - W^T dV_new."""
     i_v, i_nh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     i_n, i_h = i_nh // H, i_nh % H
     bos = tl.load(cu + i_n).to(tl.int64)
@@ -285,14 +248,19 @@ def _bwd_dhu_kernel(q, k, w, G, do, dvl, dh, dv, dht, dh0, cu, coff, scale, H: t
         b_k = tl.load(k + p_tk, mask=m_tk, other=0.)
         b_w = tl.load(w + p_tk, mask=m_tk, other=0.)
         b_do = tl.load(do + p_tv, mask=m_tv, other=0.)
+        b_At = tl.dot(b_k, tl.trans(b_q), input_precision=PREC)                    # [j, i] = k_j . q_i
+        causal_t = (o_t[:, None] <= o_t[None, :]) & m_t[:, None] & m_t[None, :]
         if GATED:
             b_G, b_Gl = _load_G_head(G, G, t0, eos, i_h, H, BT, 2)
+            b_At *= tl.exp(tl.where(causal_t, b_G[None, :] - b_G[:, None], float("-inf")))
             b_kd = (b_k * tl.exp(tl.where(m_t, b_Gl - b_G, float("-inf")))[:, None]).to(b_k.dtype)
             b_qg = (b_q * tl.exp(b_G)[:, None]).to(b_q.dtype)
         else:
+            b_At = tl.where(causal_t, b_At, 0.)
             b_kd = b_k
             b_qg = b_q
-        b_dv = tl.load(dvl + p_tv, mask=m_tv, other=0.) + tl.dot(b_kd, b_dS.to(b_kd.dtype), input_precision=PREC)
+        b_dv = tl.dot(b_At.to(b_do.dtype), b_do, input_precision=PREC) * scale \
+            + tl.dot(b_kd, b_dS.to(b_kd.dtype), input_precision=PREC)
         tl.store(dv + p_tv, b_dv, mask=m_tv)
         if GATED:
             b_dS *= tl.exp(b_Gl)
@@ -481,10 +449,8 @@ def delta_bwd(q, k, v, beta, G, Tm, h0, do, dht, scale, meta, BT):
     dh = q.new_empty(NT, H, K, V)
     du = torch.empty(B, T, H, V, **f32)
     dh0 = torch.empty(N, H, K, V, **f32) if h0 is not None else None
-    dvl = torch.empty(B, T, H, V, **f32)
-    _bwd_dv_local_kernel[(NT, H)](q, k, G, do, dvl, cu, cseq, cloc, N, scale, H, K, V, BT, BKw, BVw, gated, prec)
-    _bwd_dhu_kernel[(triton.cdiv(V, BVs), N * H)](q, k, w, G, do, dvl, dh, du, dht, dh0, cu, coff, scale, H, K, V,
-                                                  BT, BKs, BVs, gated, dht is not None, h0 is not None, prec)
+    _bwd_dhu_kernel[(triton.cdiv(V, BVs), N * H)](q, k, w, G, do, dh, du, dht, dh0, cu, coff, scale, H, K, V, BT,
+                                                  BKs, BVs, gated, dht is not None, h0 is not None, prec)
     dq = torch.empty_like(q)
     dk32, dw = torch.empty(B, T, H, K, **f32), torch.empty(B, T, H, K, **f32)
     dG = torch.empty(NK, B * T, H, **f32) if gated else None
