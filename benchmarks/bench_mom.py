@@ -121,8 +121,9 @@ def bench_train(name: str, B: int, T: int, reps: int) -> dict:
     return {"fwd_ms": cuda_time(f, reps), "fwdbwd_ms": cuda_time(fb, reps), "peak_gib": peak_gib(fb)}
 
 
-def bench_decode(name: str, B: int, reps: int, prefill: int = 32) -> dict:
-    """Median ms of one decoding step; "(CUDA graph)" rows replay the step captured by lsm.decoding.GraphedStep."""
+def decode_step(name: str, B: int, prefill: int = 32):
+    """One decoding step of layer `name` at batch B as a closure (no grad), from a cache filled by a `prefill`-token
+    prefill; "(CUDA graph)" names replay the step captured by lsm.decoding.GraphedStep."""
     graph = name.endswith(" (CUDA graph)")
     m, fwd, new_cache = build(name.removesuffix(" (CUDA graph)"))
     m = m.to("cuda", DTYPE).eval()
@@ -134,13 +135,18 @@ def bench_decode(name: str, B: int, reps: int, prefill: int = 32) -> dict:
             from lsm.decoding import GraphedStep
             graphed = GraphedStep(lambda xt, c: fwd(xt, c, use_cache=True), x, cache)
 
-            def step():
-                graphed(x)
+    @torch.no_grad()
+    def step():
+        if graph:
+            graphed(x)
         else:
-            def step():
-                _, state["cache"] = fwd(x, state["cache"], use_cache=True)
-        row = {"decode_ms": cuda_time(step, reps * 5)}
-    return row
+            _, state["cache"] = fwd(x, state["cache"], use_cache=True)
+    return step
+
+
+def bench_decode(name: str, B: int, reps: int) -> dict:
+    """Median ms of one decoding step (see decode_step)."""
+    return {"decode_ms": cuda_time(decode_step(name, B), reps * 5)}
 
 
 def count_syncs(backend: str, B: int = 2, T: int = 512) -> int | str:

@@ -75,38 +75,28 @@ def main() -> None:
 
 
 def profile_decode(args) -> None:
+    import statistics
     import time
 
     import bench_mom
     bench_mom.BACKEND = args.backend
     for name in ("lsm MoM", "lsm GDN"):
-        m, fwd, new_cache = bench_mom.build(name)
-        m = m.to("cuda", bench_mom.DTYPE).eval()
-        with torch.no_grad():
-            dt = bench_mom.DTYPE
-            _, cache = fwd(torch.randn(args.batch, 32, D, device="cuda", dtype=dt), new_cache(), use_cache=True)
-            x = torch.randn(args.batch, 1, D, device="cuda", dtype=dt)
-            state = {"cache": cache}
-
-            def step():
-                _, state["cache"] = fwd(x, state["cache"], use_cache=True)
-            step_ms = cuda_time(step, 50)
-            host = []
-            for _ in range(50):   # the host's share: the call returns once its kernels are queued
-                torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                step()
-                host.append(time.perf_counter() - t0)
+        step = bench_mom.decode_step(name, args.batch)
+        step_ms = cuda_time(step, 50)
+        host = []
+        for _ in range(50):   # the host's share: the call returns once its kernels are queued
             torch.cuda.synchronize()
-            with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
-                step()
-                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            step()
+            host.append(time.perf_counter() - t0)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+            step()
+            torch.cuda.synchronize()
         kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-        host.sort()
         print(f"{name} decode step, B = {args.batch}, backend {args.backend}: {step_ms:.3f} ms per step, host "
-              f"{host[len(host) // 2] * 1e3:.3f} ms (median of 50), {len(kernels)} kernels launched")
+              f"{statistics.median(host) * 1e3:.3f} ms (median of 50), {len(kernels)} kernels launched")
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows, max_name_column_width=60))
-
 
 if __name__ == "__main__":
     main()
